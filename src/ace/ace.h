@@ -1,0 +1,57 @@
+/* ACE box: the background thread that learns refill counts.
+ *
+ * Off unless HAKMEM_ACE=1.  The refill path reports one event per refill
+ * through hm_ace_record(); the ACE thread drains them on a cadence, folds
+ * them into per-class windows, and publishes new refill counts with one
+ * atomic store each (hm_refill_count_store), which the refill engine reads
+ * at the next refill only (Contract B).  It never touches thread caches. */
+#ifndef HM_ACE_H
+#define HM_ACE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../queue/queue.h"
+#include "../refill/refill.h"
+
+extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
+
+/* Reads HAKMEM_ACE and HAKMEM_ACE_INTERVAL_MS.  Called during process init,
+ * before anything may allocate: it must not allocate. */
+void hm_ace_module_init(void);
+
+/* Called by the refill path (only when hm_ace_on) after the refill is done
+ * and the allocator's state is consistent: starts the ACE thread on first
+ * use (pthread_create may allocate) and pushes the event.  False: dropped. */
+bool hm_ace_record(const struct hm_event *ev);
+
+/* Fork: the child has no ACE thread; it starts its own at its next refill. */
+void hm_ace_fork_child(void);
+
+/* What the learner sees of one class over one window. */
+struct hm_ace_window {
+    uint64_t window_ns;         /* length of the window */
+    uint64_t refills;
+    uint64_t blocks_refilled;
+    uint64_t blocks_flushed;
+    uint64_t interval_ns_sum;   /* sum of events' nonzero intervals */
+    uint64_t interval_count;
+    uint64_t remote_collected;
+};
+
+/* The learning rule, a pure function: the next refill count of a class. */
+uint32_t hm_ace_next_count(uint32_t current, const struct hm_ace_window *w,
+                           struct hm_refill_bounds bounds);
+
+/* In-process view for tests and acectl. */
+struct hm_ace_counters {
+    uint64_t events, drops, decisions, changes;
+    bool running;
+};
+void hm_ace_counters(struct hm_ace_counters *out);
+uint64_t hm_ace_class_events(unsigned cls);
+
+/* Test hook: run one drain-and-decide step now, on the caller's thread. */
+void hm_ace_step(void);
+
+#endif

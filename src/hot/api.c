@@ -1,0 +1,282 @@
+/* Hot box: the allocation API.  malloc and free of a cached size touch only
+ * the thread cache: no locks, no atomics, no syscalls, no learning code.
+ * Everything else is one call away in the refill box. */
+#define _GNU_SOURCE
+#include "hot.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../process/process.h"
+#include "../refill/refill.h"
+#include "../segment/segment.h"
+
+#define likely(x)   __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* Initial-exec: one %fs-relative access, no __tls_get_addr (which could
+ * allocate) and usable before the program's own TLS set-up finished. */
+static __thread struct hm_tcache hm_tc __attribute__((tls_model("initial-exec")));
+
+struct hm_tcache *hm_tcache_self(void)
+{
+    return &hm_tc;
+}
+
+static inline void *bin_pop(struct hm_bin *bin)
+{
+    void *p = bin->head;
+    if (likely(p)) {
+        bin->head = *(void **)p;
+        bin->count--;
+        ((uintptr_t *)p)[1] = 0;    /* no longer looks free */
+    }
+    return p;
+}
+
+/* An empty bin: refill it, or serve set-up's own re-entrant calls. */
+__attribute__((noinline)) static void *alloc_refill(unsigned cls)
+{
+    void *p = hm_refill(&hm_tc, cls);
+    if (likely(p))
+        return p;
+    if (!hm_process_init())
+        return hm_bootstrap_alloc(hm_size_class_size(cls), 16);
+    errno = ENOMEM;
+    return NULL;
+}
+
+static inline void *alloc_class(unsigned cls)
+{
+    void *p = bin_pop(&hm_tc.bins[cls]);
+    return likely(p) ? p : alloc_refill(cls);
+}
+
+static void *alloc_large(size_t size, size_t alignment)
+{
+    /* Re-entered during set-up: large blocks need only the segment map. */
+    if (!hm_process_init() && !hm_segmap.entries)
+        return hm_bootstrap_alloc(size, alignment);
+    return hm_large_alloc(size, alignment);   /* sets ENOMEM itself */
+}
+
+__attribute__((noinline)) static void *malloc_generic(size_t size)
+{
+    if (size <= HM_MAX_CLASS_SIZE)
+        return alloc_class(hm_size_class(size));
+    return alloc_large(size, 16);
+}
+
+void *hakmem_malloc(size_t size)
+{
+    if (likely(size <= HM_SMALL_LOOKUP_MAX))
+        return alloc_class(hm_small_size_class(size));
+    return malloc_generic(size);
+}
+
+void hakmem_free(void *p)
+{
+    uintptr_t u = (uintptr_t)p;
+    struct hm_segment *seg = hm_segment_of(u);
+    if (likely(seg != NULL && (u & 15) == 0)) {
+        struct hm_span *sp = hm_span_of(seg, u);
+        uintptr_t *b = p;
+        /* A span of this thread, and a block that does not look free. */
+        if (likely(hm_span_owner(sp) == hm_tc.owner && b[1] != hm_free_key)) {
+            struct hm_bin *bin = &hm_tc.bins[sp->size_class];
+            b[0] = (uintptr_t)bin->head;
+            b[1] = hm_free_key;
+            bin->head = p;
+            if (unlikely(++bin->count > bin->cap))
+                hm_flush(&hm_tc, sp->size_class);
+            return;
+        }
+    }
+    hm_free_slow(&hm_tc, p, "free");
+}
+
+void hakmem_free_sized(void *p, size_t size)
+{
+    (void)size;
+    hakmem_free(p);
+}
+
+void hakmem_free_aligned_sized(void *p, size_t alignment, size_t size)
+{
+    (void)alignment;
+    (void)size;
+    hakmem_free(p);
+}
+
+void *hakmem_calloc(size_t n, size_t size)
+{
+    size_t total;
+    if (unlikely(__builtin_mul_overflow(n, size, &total))) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (total > HM_MAX_CLASS_SIZE)
+        return alloc_large(total, 16);      /* fresh pages are already zero */
+    void *p = hakmem_malloc(total);
+    if (likely(p))
+        memset(p, 0, total);
+    return p;
+}
+
+static void *realloc_move(void *p, size_t old_size, size_t size)
+{
+    void *q = hakmem_malloc(size);
+    if (!q)
+        return NULL;                        /* p stays valid */
+    memcpy(q, p, old_size < size ? old_size : size);
+    hakmem_free(p);
+    return q;
+}
+
+void *hakmem_realloc(void *p, size_t size)
+{
+    if (!p)
+        return hakmem_malloc(size);
+    if (size == 0) {                        /* glibc: free, return NULL */
+        hakmem_free(p);
+        return NULL;
+    }
+    size_t old_size = hm_usable_size(p, "realloc");
+    if (hm_bootstrap_owns(p))
+        return realloc_move(p, old_size, size);
+    struct hm_segment *seg = hm_segment_of((uintptr_t)p);
+    if (seg->kind == HM_SEGMENT_LARGE && size > HM_MAX_CLASS_SIZE) {
+        void *q = hm_large_resize(seg, size);
+        return q ? q : realloc_move(p, old_size, size);
+    }
+    /* Keep the block when the new size still uses at least half of it. */
+    if (size <= old_size && size >= old_size / 2)
+        return p;
+    return realloc_move(p, old_size, size);
+}
+
+void *hakmem_reallocarray(void *p, size_t n, size_t size)
+{
+    size_t total;
+    if (__builtin_mul_overflow(n, size, &total)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return hakmem_realloc(p, total);
+}
+
+int hakmem_trim(void)
+{
+    return hm_trim(&hm_tc) ? 1 : 0;
+}
+
+size_t hakmem_malloc_usable_size(void *p)
+{
+    return hm_usable_size(p, "malloc_usable_size");
+}
+
+/* ---- aligned allocation ------------------------------------------------ */
+
+/* alignment is a power of two.  A class whose block size is a multiple of
+ * the alignment gives aligned blocks, since spans start on 64 KiB pages. */
+static void *alloc_aligned(size_t alignment, size_t size)
+{
+    if (alignment <= HM_ALIGNMENT)
+        return hakmem_malloc(size);
+    if (alignment <= HM_PAGE_SIZE && size <= HM_MAX_CLASS_SIZE) {
+        size_t want = size > alignment ? size : alignment;
+        if (want <= HM_MAX_CLASS_SIZE) {
+            for (unsigned c = hm_size_class(want); c < HM_NUM_CLASSES; c++)
+                if ((hm_size_class_size(c) & (alignment - 1)) == 0)
+                    return alloc_class(c);
+        }
+    }
+    return alloc_large(size, alignment);
+}
+
+static bool is_pow2(size_t a)
+{
+    return a && !(a & (a - 1));
+}
+
+int hakmem_posix_memalign(void **out, size_t alignment, size_t size)
+{
+    if (alignment % sizeof(void *) != 0 || !is_pow2(alignment))
+        return EINVAL;
+    int saved = errno;
+    void *p = alloc_aligned(alignment, size);
+    errno = saved;
+    if (!p)
+        return ENOMEM;
+    *out = p;
+    return 0;
+}
+
+void *hakmem_aligned_alloc(size_t alignment, size_t size)
+{
+    if (!is_pow2(alignment)) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return alloc_aligned(alignment, size);
+}
+
+/* glibc's memalign: rounds an alignment that is not a power of two up. */
+void *hakmem_memalign(size_t alignment, size_t size)
+{
+    if (alignment <= HM_ALIGNMENT)
+        return hakmem_malloc(size);
+    if (alignment > SIZE_MAX / 2 + 1) {
+        errno = EINVAL;
+        return NULL;
+    }
+    if (!is_pow2(alignment))
+        alignment = (size_t)1 << (64 - __builtin_clzll(alignment));
+    return alloc_aligned(alignment, size);
+}
+
+static size_t os_page_size(void)
+{
+    return (size_t)sysconf(_SC_PAGESIZE);
+}
+
+void *hakmem_valloc(size_t size)
+{
+    return alloc_aligned(os_page_size(), size);
+}
+
+void *hakmem_pvalloc(size_t size)
+{
+    size_t page = os_page_size();
+    size_t rounded;
+    if (__builtin_add_overflow(size, page - 1, &rounded)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    rounded &= ~(page - 1);
+    return alloc_aligned(page, rounded ? rounded : page);
+}
+
+/* ---- the standard names ------------------------------------------------ */
+
+#ifdef HM_OVERRIDE
+/* Aliases, not wrappers: malloc *is* hakmem_malloc, no extra call. */
+#define HM_ALIAS(target) __attribute__((alias(#target), visibility("default"), used))
+void *malloc(size_t) HM_ALIAS(hakmem_malloc);
+void free(void *) HM_ALIAS(hakmem_free);
+void *calloc(size_t, size_t) HM_ALIAS(hakmem_calloc);
+void *realloc(void *, size_t) HM_ALIAS(hakmem_realloc);
+void *reallocarray(void *, size_t, size_t) HM_ALIAS(hakmem_reallocarray);
+int posix_memalign(void **, size_t, size_t) HM_ALIAS(hakmem_posix_memalign);
+void *aligned_alloc(size_t, size_t) HM_ALIAS(hakmem_aligned_alloc);
+void *memalign(size_t, size_t) HM_ALIAS(hakmem_memalign);
+void *valloc(size_t) HM_ALIAS(hakmem_valloc);
+void *pvalloc(size_t) HM_ALIAS(hakmem_pvalloc);
+size_t malloc_usable_size(void *) HM_ALIAS(hakmem_malloc_usable_size);
+void free_sized(void *, size_t) HM_ALIAS(hakmem_free_sized);
+void free_aligned_sized(void *, size_t, size_t) HM_ALIAS(hakmem_free_aligned_sized);
+void cfree(void *) HM_ALIAS(hakmem_free);
+#endif

@@ -1,0 +1,62 @@
+/* glibc's malloc extras, exported by the shared library only, so programs
+ * that call them talk to the allocator that owns their blocks. */
+#define _GNU_SOURCE
+#include <malloc.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "hot.h"
+
+#define HM_EXPORT __attribute__((visibility("default")))
+
+HM_EXPORT int malloc_trim(size_t pad)
+{
+    (void)pad;
+    return hakmem_trim();
+}
+
+HM_EXPORT int mallopt(int param, int value)
+{
+    (void)param;
+    (void)value;
+    return 1;   /* accepted: hakmem tunes itself */
+}
+
+HM_EXPORT struct mallinfo2 mallinfo2(void)
+{
+    struct hakmem_stats s;
+    hakmem_stats(&s);
+    struct mallinfo2 mi = { 0 };
+    mi.arena = s.bytes_mapped - s.large_bytes;
+    mi.hblks = s.large_blocks;
+    mi.hblkhd = s.large_bytes;
+    mi.uordblks = s.bytes_mapped;
+    return mi;
+}
+
+HM_EXPORT struct mallinfo mallinfo(void)
+{
+    struct mallinfo2 m2 = mallinfo2();
+    struct mallinfo mi = { 0 };
+    mi.arena = (int)m2.arena;
+    mi.hblks = (int)m2.hblks;
+    mi.hblkhd = (int)m2.hblkhd;
+    mi.uordblks = (int)m2.uordblks;
+    return mi;
+}
+
+HM_EXPORT void malloc_stats(void)
+{
+    hakmem_stats_print(STDERR_FILENO);
+}
+
+HM_EXPORT int malloc_info(int options, FILE *fp)
+{
+    if (options != 0)
+        return -1;
+    struct hakmem_stats s;
+    hakmem_stats(&s);
+    fprintf(fp, "<malloc version=\"hakmem-%s\">\n<system type=\"current\" size=\"%llu\"/>\n</malloc>\n",
+            HAKMEM_VERSION, (unsigned long long)s.bytes_mapped);
+    return 0;
+}

@@ -1,0 +1,134 @@
+/* Process-wide set-up, fork handlers, and the bootstrap arena. */
+#define _GNU_SOURCE
+#include "process.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "../../include/hakmem.h"
+#include "../ace/ace.h"
+#include "../diag/diag.h"
+#include "../refill/refill.h"
+#include "../segment/segment.h"
+
+_Atomic int hm_process_state;
+struct hm_options hm_options;
+void (*hm_init_test_hook)(void);
+
+/* Set while this thread runs phase 1: a malloc it makes then must not wait
+ * for itself. */
+static __thread bool in_phase1 __attribute__((tls_model("initial-exec")));
+
+static bool env_flag(const char *name)
+{
+    const char *v = getenv(name);   /* reads environ; never allocates */
+    return v && v[0] == '1' && v[1] == '\0';
+}
+
+static void fork_prepare(void)
+{
+    hm_refill_fork_prepare();
+}
+
+static void fork_parent(void)
+{
+    hm_refill_fork_parent();
+}
+
+static void fork_child(void)
+{
+    hm_refill_fork_child();
+    hm_ace_fork_child();
+}
+
+static void phase1(void)
+{
+    in_phase1 = true;
+    if (hm_segment_module_init() != 0)
+        hm_fatal("malloc", "cannot reserve the segment map, size", (void *)HM_SEGMENT_SIZE);
+    hm_options.stats = env_flag("HAKMEM_STATS");
+    /* Programs may close stderr before exit (coreutils do): keep our own
+     * copy for the report, close-on-exec so children do not inherit it. */
+    hm_options.stats_fd = hm_options.stats ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 100) : -1;
+    hm_refill_module_init();
+    hm_ace_module_init();
+    if (hm_init_test_hook)
+        hm_init_test_hook();
+    in_phase1 = false;
+}
+
+bool hm_process_init(void)
+{
+    int state = atomic_load_explicit(&hm_process_state, memory_order_acquire);
+    if (__builtin_expect(state == HM_PROCESS_READY, 1))
+        return true;
+    if (in_phase1)
+        return false;
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&hm_process_state, &expected, 1)) {
+        phase1();
+        atomic_store_explicit(&hm_process_state, HM_PROCESS_READY, memory_order_release);
+        /* Phase 2: may allocate, which now works. */
+        pthread_atfork(fork_prepare, fork_parent, fork_child);
+        return true;
+    }
+    while (atomic_load_explicit(&hm_process_state, memory_order_acquire) != HM_PROCESS_READY)
+        sched_yield();
+    return true;
+}
+
+/* Set up at load time too, so the fork handlers exist before main. */
+__attribute__((constructor)) static void hm_on_load(void)
+{
+    hm_process_init();
+}
+
+__attribute__((destructor)) static void hm_on_unload(void)
+{
+    if (hm_options.stats)
+        hakmem_stats_print(hm_options.stats_fd >= 0 ? hm_options.stats_fd : STDERR_FILENO);
+}
+
+/* ---- bootstrap arena --------------------------------------------------- */
+
+#define BOOTSTRAP_SIZE (64 * 1024)
+static char bootstrap[BOOTSTRAP_SIZE] __attribute__((aligned(4096)));
+static _Atomic size_t bootstrap_used;
+
+/* Each block is preceded by 16 bytes holding its size, so realloc can copy. */
+void *hm_bootstrap_alloc(size_t size, size_t alignment)
+{
+    if (alignment < 16)
+        alignment = 16;
+    if (size > BOOTSTRAP_SIZE || alignment > 4096)
+        return NULL;
+    size_t need = (size + 15) & ~(size_t)15;
+    size_t old = atomic_load_explicit(&bootstrap_used, memory_order_relaxed);
+    size_t at, end;
+    do {
+        at = (old + 16 + alignment - 1) & ~(alignment - 1);
+        end = at + need;
+        if (end > BOOTSTRAP_SIZE)
+            return NULL;
+    } while (!atomic_compare_exchange_weak(&bootstrap_used, &old, end));
+    memcpy(bootstrap + at - 16, &size, sizeof size);
+    return bootstrap + at;
+}
+
+bool hm_bootstrap_owns(const void *p)
+{
+    return (const char *)p >= bootstrap && (const char *)p < bootstrap + BOOTSTRAP_SIZE;
+}
+
+size_t hm_bootstrap_usable_size(const void *p)
+{
+    size_t size;
+    memcpy(&size, (const char *)p - 16, sizeof size);
+    return size;
+}

@@ -1,0 +1,102 @@
+/* The in-process view: per-class and process counters, and the report
+ * that HAKMEM_STATS=1 prints at exit. */
+#include <string.h>
+
+#include "../../include/hakmem.h"
+#include "../diag/diag.h"
+#include "../refill/refill.h"
+#include "../segment/segment.h"
+
+const char *hakmem_version(void)
+{
+    return "hakmem " HAKMEM_VERSION;
+}
+
+unsigned hakmem_class_count(void)
+{
+    return HM_NUM_CLASSES;
+}
+
+int hakmem_class_info(unsigned cls, struct hakmem_class_info *out)
+{
+    if (cls >= HM_NUM_CLASSES || !out)
+        return -1;
+    struct hm_class_counters c;
+    hm_class_counters(cls, &c);
+    struct hm_refill_bounds b = hm_refill_bounds(cls);
+    memset(out, 0, sizeof *out);
+    out->size_class = cls;
+    out->block_size = (uint32_t)hm_size_class_size(cls);
+    out->refill_count = hm_refill_count_load(cls);
+    out->refill_default = b.def;
+    out->refill_min = b.min;
+    out->refill_max = b.max;
+    out->refills = c.refills;
+    out->blocks_refilled = c.blocks_refilled;
+    out->flushes = c.flushes;
+    out->blocks_flushed = c.blocks_flushed;
+    out->remote_frees = c.remote_frees;
+    out->blocks_cached = c.blocks_cached;
+    return 0;
+}
+
+void hakmem_stats(struct hakmem_stats *out)
+{
+    struct hm_heap_counters h;
+    hm_heap_counters(&h);
+    memset(out, 0, sizeof *out);
+    out->bytes_mapped = atomic_load(&hm_segment_counters.bytes_mapped);
+    out->segments = atomic_load(&hm_segment_counters.segments);
+    out->large_blocks = atomic_load(&hm_segment_counters.large_blocks);
+    out->large_bytes = atomic_load(&hm_segment_counters.large_bytes);
+    out->threads_live = h.threads_live;
+    out->threads_exited = h.threads_exited;
+    out->segments_abandoned = h.segments_abandoned;
+    out->segments_adopted = h.segments_adopted;
+}
+
+static void field(struct hm_line *l, const char *name, uint64_t v)
+{
+    hm_line_str(l, " ");
+    hm_line_str(l, name);
+    hm_line_str(l, "=");
+    hm_line_u64(l, v, 0);
+}
+
+void hakmem_stats_print(int fd)
+{
+    struct hm_line l = { .len = 0 };
+    hm_line_str(&l, "hakmem stats: class  size  refill  refills  blocks_refilled  flushes  blocks_flushed  remote_frees  cached\n");
+    hm_line_write(&l, fd);
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        struct hakmem_class_info ci;
+        hakmem_class_info(c, &ci);
+        if (!ci.refills && !ci.remote_frees)
+            continue;
+        hm_line_str(&l, "hakmem stats: ");
+        hm_line_u64(&l, c, 5);
+        hm_line_u64(&l, ci.block_size, 7);
+        hm_line_u64(&l, ci.refill_count, 7);
+        hm_line_u64(&l, ci.refills, 9);
+        hm_line_u64(&l, ci.blocks_refilled, 17);
+        hm_line_u64(&l, ci.flushes, 9);
+        hm_line_u64(&l, ci.blocks_flushed, 16);
+        hm_line_u64(&l, ci.remote_frees, 14);
+        hm_line_u64(&l, ci.blocks_cached, 8);
+        hm_line_str(&l, "\n");
+        hm_line_write(&l, fd);
+    }
+    struct hakmem_stats s;
+    hakmem_stats(&s);
+    hm_line_str(&l, "hakmem stats: totals");
+    field(&l, "bytes_mapped", s.bytes_mapped);
+    field(&l, "segments", s.segments);
+    field(&l, "large_blocks", s.large_blocks);
+    field(&l, "large_bytes", s.large_bytes);
+    field(&l, "threads_live", s.threads_live);
+    field(&l, "threads_exited", s.threads_exited);
+    field(&l, "abandoned", s.segments_abandoned);
+    field(&l, "adopted", s.segments_adopted);
+    hm_line_str(&l, "\n");
+    hm_line_write(&l, fd);
+}

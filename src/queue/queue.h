@@ -1,0 +1,52 @@
+/* Queue box: a bounded lock-free MPSC ring of refill events.
+ *
+ * Producers are the refill paths of any thread; the one consumer is the ACE
+ * thread.  The ring is a fixed array inside struct hm_queue, which its owner
+ * declares statically (Contract C: nothing is malloc'd at run time).  A push
+ * never blocks, never allocates and never makes a syscall: when the ring is
+ * full the event is dropped and counted (Contract A). */
+#ifndef HM_QUEUE_H
+#define HM_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define HM_QUEUE_CAPACITY 4096u   /* slots; a power of two */
+
+/* What one refill reports. */
+struct hm_event {
+    uint32_t size_class;
+    uint32_t refill_count;      /* blocks the refill was asked to carve */
+    uint64_t interval_ns;       /* since this thread's previous refill of the class; 0 if none */
+    uint32_t blocks_flushed;    /* blocks the bin sent back (overflow) since that refill */
+    uint32_t remote_collected;  /* blocks of other threads' frees collected by this refill */
+};
+
+struct hm_queue_slot {
+    unsigned long seq;          /* liburcu uatomic: ticket that owns the slot */
+    struct hm_event ev;
+};
+
+struct hm_queue {
+    unsigned long tail __attribute__((aligned(64)));   /* producers' ticket */
+    unsigned long head __attribute__((aligned(64)));   /* consumer's ticket */
+    unsigned long pushed __attribute__((aligned(64)));
+    unsigned long dropped;
+    struct hm_queue_slot slots[HM_QUEUE_CAPACITY] __attribute__((aligned(64)));
+};
+
+/* Sets every slot free; also used in a fork child, whose parent may have
+ * been mid-push in a thread the child does not have. */
+void hm_queue_init(struct hm_queue *q);
+
+/* Returns false (and counts a drop) when the ring is full. */
+bool hm_queue_push(struct hm_queue *q, const struct hm_event *ev);
+
+/* Single consumer: moves up to max events into out; returns how many. */
+size_t hm_queue_drain(struct hm_queue *q, struct hm_event *out, size_t max);
+
+uint64_t hm_queue_pushed(const struct hm_queue *q);
+uint64_t hm_queue_dropped(const struct hm_queue *q);
+
+#endif

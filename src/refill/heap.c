@@ -1,0 +1,332 @@
+/* Per-thread heaps: set-up, spans from segments, thread exit, and handing
+ * the segments of exited threads to the threads that still run. */
+#define _GNU_SOURCE
+#include "heap_internal.h"
+
+#include <pthread.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "../diag/diag.h"
+#include "../process/process.h"
+
+/* Heaps live in chunks of memory mapped for them and are recycled, never
+ * unmapped: a heap id must not be reused while a span still names it, and
+ * exit abandons every span before the heap goes back to the pool. */
+#define HEAP_CHUNK (256 * 1024)
+
+static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hm_heap *heaps_live;
+static struct hm_heap *heaps_free;
+static char *heap_chunk_next, *heap_chunk_end;
+static uint64_t threads_exited;
+
+/* Totals of heaps that have exited, so reports keep their counts. */
+static struct hm_heap_class_stats retired[HM_NUM_CLASSES];
+
+/* Segments of exited threads that still hold live blocks. */
+static pthread_mutex_t abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hm_segment *abandoned;
+static uint64_t segments_abandoned, segments_adopted;
+
+static pthread_key_t thread_exit_key;
+
+static void on_thread_exit(void *arg)
+{
+    hm_thread_exit(arg);
+}
+
+void hm_refill_module_init(void)
+{
+    hm_free_key_init();
+    if (pthread_key_create(&thread_exit_key, on_thread_exit) != 0)
+        hm_fatal("malloc", "cannot create the thread-exit key", NULL);
+}
+
+static struct hm_heap *heap_take(void)
+{
+    struct hm_heap *h = heaps_free;
+    if (h) {
+        heaps_free = h->next_free;
+        return h;
+    }
+    if (heap_chunk_next + sizeof *h > heap_chunk_end) {
+        char *c = mmap(NULL, HEAP_CHUNK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (c == MAP_FAILED)
+            return NULL;
+        heap_chunk_next = c;
+        heap_chunk_end = c + HEAP_CHUNK;
+    }
+    h = (struct hm_heap *)heap_chunk_next;
+    heap_chunk_next += (sizeof *h + 63) & ~(size_t)63;
+    return h;
+}
+
+static void set_caps(struct hm_tcache *tc)
+{
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        tc->bins[c].cap = 2 * hm_refill_count_load(c);
+}
+
+struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
+{
+    if (!hm_process_init())
+        return NULL;
+    if (tc->heap)                      /* set up by a re-entrant call */
+        return tc->heap;
+    pthread_mutex_lock(&heaps_lock);
+    struct hm_heap *h = heap_take();
+    if (h) {
+        memset(h, 0, sizeof *h);
+        h->id = (uintptr_t)h;
+        h->tcache = tc;
+        h->next_live = heaps_live;
+        if (heaps_live)
+            heaps_live->prev_live = h;
+        heaps_live = h;
+    }
+    pthread_mutex_unlock(&heaps_lock);
+    if (!h)
+        return NULL;
+    set_caps(tc);
+    tc->heap = h;
+    tc->owner = h->id;
+    /* May allocate (keys past the first 32): the cache already works. */
+    pthread_setspecific(thread_exit_key, tc);
+    return h;
+}
+
+/* ---- segments ---------------------------------------------------------- */
+
+static void segment_link(struct hm_heap *h, struct hm_segment *seg)
+{
+    seg->prev = NULL;
+    seg->next = h->segments;
+    if (h->segments)
+        h->segments->prev = seg;
+    h->segments = seg;
+}
+
+static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
+{
+    if (seg->prev)
+        seg->prev->next = seg->next;
+    else
+        h->segments = seg->next;
+    if (seg->next)
+        seg->next->prev = seg->prev;
+    seg->next = seg->prev = NULL;
+}
+
+void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg)
+{
+    segment_unlink(h, seg);
+    if (!h->reserve) {
+        h->reserve = seg;
+        return;
+    }
+    hm_segment_free(seg);
+}
+
+/* Takes over a segment of an exited thread: its spans become ours, and
+ * those with blocks to hand out join our partial lists. */
+static struct hm_segment *adopt_segment(struct hm_heap *h)
+{
+    if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
+        return NULL;
+    pthread_mutex_lock(&abandoned_lock);
+    struct hm_segment *seg = abandoned;
+    if (seg) {
+        abandoned = seg->next;
+        segments_adopted++;
+    }
+    pthread_mutex_unlock(&abandoned_lock);
+    if (!seg)
+        return NULL;
+    atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
+    segment_link(h, seg);
+    for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
+        struct hm_span *sp = seg->page_span[i];
+        if (sp != &seg->spans[i])
+            continue;
+        atomic_store_explicit(&sp->owner, h->id, memory_order_relaxed);
+        if (sp->free || sp->bump < sp->end)
+            hm_partial_push(h, sp);
+    }
+    return seg;
+}
+
+static void abandon_segment(struct hm_segment *seg)
+{
+    atomic_store_explicit(&seg->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
+    pthread_mutex_lock(&abandoned_lock);
+    seg->prev = NULL;
+    seg->next = abandoned;
+    abandoned = seg;
+    segments_abandoned++;
+    pthread_mutex_unlock(&abandoned_lock);
+}
+
+static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, unsigned cls)
+{
+    return hm_span_alloc(seg, hm_class_span_pages[cls], cls,
+                         (uint32_t)hm_size_class_size(cls), h->id);
+}
+
+/* A fresh span for cls: room in our segments, then segments of exited
+ * threads, then the reserve, then a new segment. */
+struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
+{
+    for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
+        struct hm_span *sp = span_in(h, seg, cls);
+        if (sp)
+            return sp;
+    }
+    for (int tries = 0; tries < 8; tries++) {
+        struct hm_segment *seg = adopt_segment(h);
+        if (!seg)
+            break;
+        hm_heap_collect(h);
+        if (h->partial[cls])
+            return h->partial[cls];
+        struct hm_span *sp = span_in(h, seg, cls);
+        if (sp)
+            return sp;
+    }
+    struct hm_segment *seg = h->reserve;
+    h->reserve = NULL;
+    if (!seg)
+        seg = hm_segment_alloc(h->id);
+    if (!seg)
+        return NULL;
+    atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
+    segment_link(h, seg);
+    return span_in(h, seg, cls);
+}
+
+/* ---- thread exit ------------------------------------------------------- */
+
+static void retire_stats(struct hm_heap *h)
+{
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        retired[c].refills += h->stats[c].refills;
+        retired[c].blocks_refilled += h->stats[c].blocks_refilled;
+        retired[c].flushes += h->stats[c].flushes;
+        retired[c].blocks_flushed += h->stats[c].blocks_flushed;
+        retired[c].remote_frees += h->stats[c].remote_frees;
+    }
+}
+
+/* Gives back what the thread holds: cached blocks to their spans, empty
+ * spans and segments to the OS, and segments with live blocks to the
+ * abandoned list for another thread to adopt. */
+void hm_thread_exit(struct hm_tcache *tc)
+{
+    struct hm_heap *h = tc->heap;
+    if (!h)
+        return;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        hm_bin_return_all(h, tc, c);
+    hm_heap_collect(h);
+    memset(h->partial, 0, sizeof h->partial);
+
+    struct hm_segment *seg = h->segments;
+    while (seg) {
+        struct hm_segment *next = seg->next;
+        for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
+            struct hm_span *sp = seg->page_span[i];
+            if (sp != &seg->spans[i])
+                continue;
+            sp->in_partial = 0;
+            sp->next = sp->prev = NULL;
+            if (sp->used == 0)
+                hm_span_release(seg, sp);
+            else
+                atomic_store_explicit(&sp->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
+        }
+        if (hm_segment_is_empty(seg))
+            hm_segment_free(seg);
+        else
+            abandon_segment(seg);
+        seg = next;
+    }
+    h->segments = NULL;
+    if (h->reserve)
+        hm_segment_free(h->reserve);
+    h->reserve = NULL;
+
+    /* From here a malloc on this thread (a later destructor) starts over. */
+    tc->owner = HM_OWNER_NONE;
+    tc->heap = NULL;
+
+    pthread_mutex_lock(&heaps_lock);
+    retire_stats(h);
+    threads_exited++;
+    if (h->prev_live)
+        h->prev_live->next_live = h->next_live;
+    else
+        heaps_live = h->next_live;
+    if (h->next_live)
+        h->next_live->prev_live = h->prev_live;
+    h->next_free = heaps_free;
+    heaps_free = h;
+    pthread_mutex_unlock(&heaps_lock);
+}
+
+/* ---- counters ---------------------------------------------------------- */
+
+void hm_class_counters(unsigned cls, struct hm_class_counters *out)
+{
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&heaps_lock);
+    out->refills = retired[cls].refills;
+    out->blocks_refilled = retired[cls].blocks_refilled;
+    out->flushes = retired[cls].flushes;
+    out->blocks_flushed = retired[cls].blocks_flushed;
+    out->remote_frees = retired[cls].remote_frees;
+    for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
+        const struct hm_heap_class_stats *s = &h->stats[cls];
+        out->refills += __atomic_load_n(&s->refills, __ATOMIC_RELAXED);
+        out->blocks_refilled += __atomic_load_n(&s->blocks_refilled, __ATOMIC_RELAXED);
+        out->flushes += __atomic_load_n(&s->flushes, __ATOMIC_RELAXED);
+        out->blocks_flushed += __atomic_load_n(&s->blocks_flushed, __ATOMIC_RELAXED);
+        out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
+        out->blocks_cached += __atomic_load_n(&h->tcache->bins[cls].count, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&heaps_lock);
+}
+
+void hm_heap_counters(struct hm_heap_counters *out)
+{
+    memset(out, 0, sizeof *out);
+    pthread_mutex_lock(&heaps_lock);
+    for (struct hm_heap *h = heaps_live; h; h = h->next_live)
+        out->threads_live++;
+    out->threads_exited = threads_exited;
+    pthread_mutex_unlock(&heaps_lock);
+    pthread_mutex_lock(&abandoned_lock);
+    out->segments_abandoned = segments_abandoned;
+    out->segments_adopted = segments_adopted;
+    pthread_mutex_unlock(&abandoned_lock);
+}
+
+/* ---- fork -------------------------------------------------------------- */
+
+void hm_refill_fork_prepare(void)
+{
+    pthread_mutex_lock(&heaps_lock);
+    pthread_mutex_lock(&abandoned_lock);
+}
+
+void hm_refill_fork_parent(void)
+{
+    pthread_mutex_unlock(&abandoned_lock);
+    pthread_mutex_unlock(&heaps_lock);
+}
+
+void hm_refill_fork_child(void)
+{
+    pthread_mutex_init(&abandoned_lock, NULL);
+    pthread_mutex_init(&heaps_lock, NULL);
+}

@@ -1,0 +1,42 @@
+/* Refill box internals: the per-thread heap.  Only src/refill/ includes this. */
+#ifndef HM_HEAP_INTERNAL_H
+#define HM_HEAP_INTERNAL_H
+
+#include "refill.h"
+#include "../segment/segment.h"
+
+struct hm_heap_class_stats {
+    uint64_t refills, blocks_refilled, flushes, blocks_flushed, remote_frees;
+    uint64_t last_refill_ns;          /* for ACE events */
+    uint32_t flushed_since_refill;    /* for ACE events */
+    uint32_t remote_since_refill;
+};
+
+/* A thread's heap: the spans it owns, per class, and the segments they live
+ * in.  Only its thread touches it, except the registry link and the
+ * counters that reports read. */
+struct hm_heap {
+    uintptr_t id;                           /* == its address; spans' owner */
+    struct hm_tcache *tcache;
+    struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
+    struct hm_segment *segments;            /* segments this heap owns */
+    struct hm_segment *reserve;             /* one empty segment kept for reuse */
+    struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
+    struct hm_heap *next_free;
+    struct hm_heap_class_stats stats[HM_NUM_CLASSES];
+};
+
+/* heap.c */
+struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
+struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
+void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
+
+/* refill.c */
+void hm_free_key_init(void);
+void hm_heap_collect(struct hm_heap *h);
+void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
+void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
+void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
+void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
+
+#endif

@@ -1,0 +1,436 @@
+/* The refill engine: batches from spans into thread caches and back. */
+#define _GNU_SOURCE
+#include "heap_internal.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "../ace/ace.h"
+#include "../diag/diag.h"
+#include "../process/process.h"
+
+uintptr_t hm_free_key;
+
+/* ---- refill counts ----------------------------------------------------- */
+
+/* Defaults: about 16 KiB per batch, 2 to 64 blocks, so small classes move
+ * many blocks per refill and large ones few.  The learner may move a count
+ * within [min, max]; max caps a batch at 256 KiB. */
+static _Atomic uint32_t refill_count[HM_NUM_CLASSES];
+
+static uint32_t clamp_u32(uint64_t v, uint32_t lo, uint32_t hi)
+{
+    return v < lo ? lo : v > hi ? hi : (uint32_t)v;
+}
+
+struct hm_refill_bounds hm_refill_bounds(unsigned cls)
+{
+    uint64_t size = hm_size_class_size(cls);
+    struct hm_refill_bounds b;
+    b.def = clamp_u32(16384 / size, 2, 64);
+    b.min = 1;
+    b.max = clamp_u32(262144 / size, 2, 256);
+    return b;
+}
+
+uint32_t hm_refill_count_load(unsigned cls)
+{
+    uint32_t n = atomic_load_explicit(&refill_count[cls], memory_order_relaxed);
+    return n ? n : hm_refill_bounds(cls).def;
+}
+
+void hm_refill_count_store(unsigned cls, uint32_t count)
+{
+    struct hm_refill_bounds b = hm_refill_bounds(cls);
+    atomic_store_explicit(&refill_count[cls], clamp_u32(count, b.min, b.max),
+                          memory_order_relaxed);
+}
+
+/* ---- partial lists ----------------------------------------------------- */
+
+void hm_partial_push(struct hm_heap *h, struct hm_span *sp)
+{
+    unsigned cls = sp->size_class;
+    sp->prev = NULL;
+    sp->next = h->partial[cls];
+    if (sp->next)
+        sp->next->prev = sp;
+    h->partial[cls] = sp;
+    sp->in_partial = 1;
+}
+
+void hm_partial_remove(struct hm_heap *h, struct hm_span *sp)
+{
+    if (sp->prev)
+        sp->prev->next = sp->next;
+    else
+        h->partial[sp->size_class] = sp->next;
+    if (sp->next)
+        sp->next->prev = sp->prev;
+    sp->next = sp->prev = NULL;
+    sp->in_partial = 0;
+}
+
+static void span_release(struct hm_heap *h, struct hm_span *sp)
+{
+    struct hm_segment *seg = hm_segment_of_span(sp);
+    if (sp->in_partial)
+        hm_partial_remove(h, sp);
+    hm_span_release(seg, sp);
+    if (hm_segment_is_empty(seg))
+        hm_heap_segment_emptied(h, seg);
+}
+
+/* After blocks came back: list the span again if it was full, and give it
+ * back to its segment once nothing is out, unless it is the class's only
+ * span (a class that cycles through one span would thrash otherwise). */
+static void span_settle(struct hm_heap *h, struct hm_span *sp)
+{
+    if (!sp->in_partial)
+        hm_partial_push(h, sp);
+    if (sp->used == 0 && (sp->next || sp->prev))
+        span_release(h, sp);
+}
+
+void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
+{
+    *(void **)block = sp->free;
+    sp->free = block;
+    sp->used--;
+    span_settle(h, sp);
+}
+
+/* ---- remote frees ------------------------------------------------------ */
+
+/* A block of a span this thread does not own goes on the span's remote
+ * list.  Whoever makes that list non-empty also announces the span on its
+ * segment's pending stack, so the owner finds it without scanning. */
+static void remote_free(struct hm_span *sp, void *p)
+{
+    void *old = atomic_load_explicit(&sp->remote, memory_order_relaxed);
+    do {
+        *(void **)p = old;
+    } while (!atomic_compare_exchange_weak_explicit(&sp->remote, &old, p,
+                                                    memory_order_release,
+                                                    memory_order_relaxed));
+    if (old)
+        return;
+    struct hm_segment *seg = hm_segment_of_span(sp);
+    struct hm_span *top = atomic_load_explicit(&seg->pending, memory_order_relaxed);
+    do {
+        sp->pending_next = top;
+    } while (!atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp,
+                                                    memory_order_release,
+                                                    memory_order_relaxed));
+}
+
+/* Moves one span's remote list onto its local free list. */
+static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
+{
+    void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acquire);
+    if (!list)
+        return 0;
+    uint32_t n = 1;
+    void *tail = list;
+    while (*(void **)tail) {
+        tail = *(void **)tail;
+        n++;
+    }
+    *(void **)tail = sp->free;
+    sp->free = list;
+    sp->used -= n;
+    h->stats[sp->size_class].remote_frees += n;
+    h->stats[sp->size_class].remote_since_refill += n;
+    span_settle(h, sp);
+    return n;
+}
+
+void hm_heap_collect(struct hm_heap *h)
+{
+    struct hm_segment *seg = h->segments;
+    while (seg) {
+        /* Collecting may empty and free this segment: step first. */
+        struct hm_segment *next = seg->next;
+        if (atomic_load_explicit(&seg->pending, memory_order_relaxed)) {
+            struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL,
+                                                          memory_order_acquire);
+            while (sp) {
+                /* Read the link before the list: once the remote list is
+                 * empty a remote free may push the span again. */
+                struct hm_span *next_sp = sp->pending_next;
+                collect_span(h, sp);
+                sp = next_sp;
+            }
+        }
+        seg = next;
+    }
+}
+
+/* ---- refill ------------------------------------------------------------ */
+
+/* Takes up to n blocks from a span, handed back first, then never-carved
+ * ones, and prepends them to *list.  Returns how many. */
+static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
+{
+    uint32_t got = 0;
+    while (got < n && sp->free) {
+        void *b = sp->free;
+        sp->free = *(void **)b;
+        *(void **)b = *list;
+        *list = b;
+        got++;
+    }
+    if (got < n && sp->bump < sp->end) {
+        /* Carve k blocks in address order, touching only those k. */
+        size_t bs = sp->block_size;
+        uint32_t room = (uint32_t)((size_t)(sp->end - sp->bump) / bs);
+        uint32_t k = n - got < room ? n - got : room;
+        char *first = sp->bump;
+        char *last = first + (size_t)(k - 1) * bs;
+        for (char *b = first; b < last; b += bs)
+            *(void **)b = b + bs;
+        *(void **)last = *list;
+        *list = first;
+        sp->bump = last + bs;
+        got += k;
+    }
+    sp->used += got;
+    return got;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One event per refill for the learner, sent once the refill is complete. */
+static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
+{
+    struct hm_heap_class_stats *s = &h->stats[cls];
+    uint64_t t = now_ns();
+    struct hm_event ev = {
+        .size_class = cls,
+        .refill_count = want,
+        .interval_ns = s->last_refill_ns ? t - s->last_refill_ns : 0,
+        .blocks_flushed = s->flushed_since_refill,
+        .remote_collected = s->remote_since_refill,
+    };
+    s->last_refill_ns = t;
+    s->flushed_since_refill = 0;
+    s->remote_since_refill = 0;
+    hm_ace_record(&ev);
+}
+
+void *hm_refill(struct hm_tcache *tc, unsigned cls)
+{
+    struct hm_heap *h = tc->heap;
+    if (__builtin_expect(!h, 0)) {
+        h = hm_heap_attach(tc);
+        if (!h)
+            return NULL;
+    }
+    /* The count is read here and only here (Contract B). */
+    uint32_t want = hm_refill_count_load(cls);
+    struct hm_bin *bin = &tc->bins[cls];
+    bin->cap = 2 * want;
+
+    void *list = NULL;
+    uint32_t got = 0;
+    while (got < want) {
+        struct hm_span *sp = h->partial[cls];
+        if (!sp) {
+            hm_heap_collect(h);
+            sp = h->partial[cls];
+        }
+        if (!sp) {
+            if (got)
+                break;
+            sp = hm_heap_new_span(h, cls);
+            if (!sp)
+                return NULL;
+            if (!sp->in_partial)
+                hm_partial_push(h, sp);
+        }
+        uint32_t k = span_take(sp, want - got, &list);
+        got += k;
+        if (!sp->free && sp->bump >= sp->end)
+            hm_partial_remove(h, sp);       /* full: back on a list when a block returns */
+    }
+    void *p = list;
+    bin->head = *(void **)p;
+    bin->count += got - 1;
+    ((uintptr_t *)p)[1] = 0;
+
+    struct hm_heap_class_stats *s = &h->stats[cls];
+    s->refills++;
+    s->blocks_refilled += got;
+    if (hm_ace_on)
+        report_refill(h, cls, want);
+    return p;
+}
+
+/* ---- flush ------------------------------------------------------------- */
+
+static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *call)
+{
+    uintptr_t u = (uintptr_t)b;
+    struct hm_segment *seg = hm_segment_of(u);
+    struct hm_span *sp = seg ? hm_span_of(seg, u) : NULL;
+    if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, u))
+        hm_fatal(call, "invalid pointer (found in a thread cache)", b);
+    return sp;
+}
+
+/* Returns the blocks after the first `keep` of tc's bin to their spans. */
+static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint32_t keep)
+{
+    struct hm_bin *bin = &tc->bins[cls];
+    if (bin->count <= keep)
+        return;
+    void **link = &bin->head;
+    for (uint32_t i = 0; i < keep; i++)
+        link = (void **)*link;
+    void *b = *link;
+    *link = NULL;
+    uint32_t n = 0;
+    while (b) {
+        void *next = *(void **)b;
+        hm_span_put(h, own_span_of(h, b, "free"), b);
+        b = next;
+        n++;
+    }
+    bin->count = keep;
+    h->stats[cls].blocks_flushed += n;
+    h->stats[cls].flushed_since_refill += n;
+}
+
+void hm_flush(struct hm_tcache *tc, unsigned cls)
+{
+    struct hm_heap *h = tc->heap;
+    /* Keep the newest half: they are the likeliest to be in cache. */
+    bin_trim(h, tc, cls, tc->bins[cls].cap / 2);
+    h->stats[cls].flushes++;
+}
+
+void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
+{
+    bin_trim(h, tc, cls, 0);
+}
+
+/* ---- slow frees -------------------------------------------------------- */
+
+/* Whether p is already free in this thread's cache or its span's list. */
+static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
+{
+    for (void *b = tc->bins[sp->size_class].head; b; b = *(void **)b)
+        if (b == p)
+            return true;
+    for (void *b = sp->free; b; b = *(void **)b)
+        if (b == p)
+            return true;
+    return false;
+}
+
+void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
+{
+    if (!p)
+        return;
+    uintptr_t u = (uintptr_t)p;
+    struct hm_segment *seg = hm_segment_of(u);
+    if (!seg) {
+        if (hm_bootstrap_owns(p))
+            return;
+        hm_fatal(call, "invalid pointer", p);
+    }
+    if (seg->kind == HM_SEGMENT_LARGE) {
+        if (p != seg->user)
+            hm_fatal(call, "invalid pointer", p);
+        hm_large_free(seg);
+        return;
+    }
+    struct hm_span *sp = hm_span_of(seg, u);
+    if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
+        hm_fatal(call, "invalid pointer", p);
+    if (hm_span_owner(sp) != tc->owner) {
+        remote_free(sp, p);
+        return;
+    }
+    /* Our own block whose second word holds the free key: a double free,
+     * unless the program happened to store that value there. */
+    if (is_free_here(tc, sp, p))
+        hm_fatal(call, "double free detected", p);
+    struct hm_bin *bin = &tc->bins[sp->size_class];
+    ((void **)p)[0] = bin->head;
+    ((uintptr_t *)p)[1] = hm_free_key;
+    bin->head = p;
+    if (++bin->count > bin->cap)
+        hm_flush(tc, sp->size_class);
+}
+
+size_t hm_usable_size(void *p, const char *call)
+{
+    if (!p)
+        return 0;
+    uintptr_t u = (uintptr_t)p;
+    struct hm_segment *seg = hm_segment_of(u);
+    if (!seg) {
+        if (hm_bootstrap_owns(p))
+            return hm_bootstrap_usable_size(p);
+        hm_fatal(call, "invalid pointer", p);
+    }
+    if (seg->kind == HM_SEGMENT_LARGE) {
+        if (p != seg->user)
+            hm_fatal(call, "invalid pointer", p);
+        return hm_large_usable_size(seg);
+    }
+    struct hm_span *sp = hm_span_of(seg, u);
+    if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
+        hm_fatal(call, "invalid pointer", p);
+    return sp->block_size;
+}
+
+/* ---- set-up ------------------------------------------------------------ */
+
+/* A random key: a freed block's second word, so a double free costs one
+ * compare to suspect.  getrandom never allocates; fall back to the clock. */
+void hm_free_key_init(void)
+{
+    uintptr_t k = 0;
+    if (getrandom(&k, sizeof k, GRND_NONBLOCK) != sizeof k)
+        k = now_ns() * 0x9e3779b97f4a7c15ull ^ (uintptr_t)&k;
+    hm_free_key = k | 1;   /* never 0: fresh blocks hold 0 there */
+}
+
+/* ---- trim -------------------------------------------------------------- */
+
+/* malloc_trim: this thread's cached blocks go back, and every span and
+ * segment left empty goes back to the OS. */
+bool hm_trim(struct hm_tcache *tc)
+{
+    struct hm_heap *h = tc->heap;
+    if (!h)
+        return false;
+    uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
+                                           memory_order_relaxed);
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        hm_bin_return_all(h, tc, c);
+    hm_heap_collect(h);
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        struct hm_span *sp = h->partial[c];
+        while (sp) {
+            struct hm_span *next = sp->next;
+            if (sp->used == 0)
+                span_release(h, sp);
+            sp = next;
+        }
+    }
+    if (h->reserve) {
+        hm_segment_free(h->reserve);
+        h->reserve = NULL;
+    }
+    return atomic_load_explicit(&hm_segment_counters.bytes_mapped, memory_order_relaxed) < before;
+}

@@ -1,0 +1,92 @@
+/* Refill box: everything between the thread caches and the segments.
+ *
+ * It fills an empty thread-cache bin with a batch of blocks (the class's
+ * current refill count), takes back a bin that grew past its cap, collects
+ * blocks that other threads freed, and hands a thread's memory on when the
+ * thread exits.  It owns the per-thread heaps (span lists per class) and the
+ * refill-count table that the ACE box tunes. */
+#ifndef HM_REFILL_H
+#define HM_REFILL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../size_class/size_class.h"
+
+/* One bin of a thread cache: a LIFO list linked through each block's first
+ * word.  A free block's second word holds hm_free_key, which lets free()
+ * notice a likely double free with one compare. */
+struct hm_bin {
+    void *head;
+    uint32_t count;
+    uint32_t cap;       /* set at each refill from the refill count */
+};
+
+struct hm_heap;
+
+/* The thread cache: the only state the malloc/free fast paths touch. */
+struct hm_tcache {
+    uintptr_t owner;    /* id of the heap whose spans this thread owns */
+    struct hm_heap *heap;
+    struct hm_bin bins[HM_NUM_CLASSES];
+};
+
+extern uintptr_t hm_free_key;
+
+/* Fills tc's bin for cls and returns one block, or NULL when out of memory.
+ * Sets the thread up (and the process) on first use. */
+void *hm_refill(struct hm_tcache *tc, unsigned cls);
+
+/* tc's bin for cls is over its cap: return its older blocks to their spans. */
+void hm_flush(struct hm_tcache *tc, unsigned cls);
+
+/* Every free the fast path did not take: NULL, large blocks, blocks of other
+ * threads' spans, invalid pointers and suspected double frees.  `call` names
+ * the API for the diagnostic ("free", "realloc", ...). */
+void hm_free_slow(struct hm_tcache *tc, void *p, const char *call);
+
+/* Usable size of a block we own; aborts with a diagnostic naming `call`
+ * for a pointer we do not own.  0 for NULL. */
+size_t hm_usable_size(void *p, const char *call);
+
+/* malloc_trim: returns this thread's cache and every empty span and
+ * segment it holds.  True when memory went back to the OS. */
+bool hm_trim(struct hm_tcache *tc);
+
+/* Thread exit: gives the thread's cached blocks and spans back. */
+void hm_thread_exit(struct hm_tcache *tc);
+
+/* Refill counts: defaults and bounds are fixed per class; the current count
+ * is read once per refill (Contract B: a change affects the next refill). */
+struct hm_refill_bounds {
+    uint32_t min, def, max;
+};
+uint32_t hm_refill_count_load(unsigned cls);
+void hm_refill_count_store(unsigned cls, uint32_t count);
+struct hm_refill_bounds hm_refill_bounds(unsigned cls);
+
+/* Per-class counters summed over all heaps (racy reads of live threads). */
+struct hm_class_counters {
+    uint64_t refills, blocks_refilled, flushes, blocks_flushed;
+    uint64_t remote_frees, blocks_cached;
+};
+void hm_class_counters(unsigned cls, struct hm_class_counters *out);
+
+struct hm_heap_counters {
+    uint64_t threads_live, threads_exited;
+    uint64_t segments_abandoned, segments_adopted;
+};
+void hm_heap_counters(struct hm_heap_counters *out);
+
+/* Fork: the prepare handler takes every lock of the box; parent and child
+ * release them (heaps of threads the child does not have stay as they are: their blocks are never handed out again). */
+void hm_refill_fork_prepare(void);
+void hm_refill_fork_parent(void);
+void hm_refill_fork_child(void);
+
+/* Process set-up hooks the init box calls. */
+void hm_refill_module_init(void);
+
+#endif

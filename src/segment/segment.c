@@ -1,0 +1,304 @@
+/* Segments, spans and large blocks: the OS memory under the allocator. */
+#define _GNU_SOURCE
+#include "segment.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+struct hm_segmap hm_segmap;
+struct hm_segment_counters hm_segment_counters;
+
+/* Owns no blocks: every page of a segment that carries no span points here,
+ * so free() needs no NULL check before reading the owner. */
+struct hm_span hm_sentinel_span = { .owner = HM_OWNER_SENTINEL };
+
+/* Where a large block's user memory starts in its mapping when the header
+ * shares the first granule (alignment below half a segment). */
+#define HM_LARGE_HEADER_SIZE \
+    ((offsetof(struct hm_segment, spans) + 63) & ~(size_t)63)
+#define HM_OS_PAGE ((size_t)4096)
+
+_Static_assert(sizeof(struct hm_span) == 192, "span layout");
+_Static_assert(sizeof(struct hm_segment) <= HM_PAGE_SIZE, "header fits page 0");
+
+int hm_segment_module_init(void)
+{
+    size_t entries = (size_t)1 << (HM_ADDRESS_BITS - HM_SEGMENT_SHIFT);
+    void *t = mmap(NULL, entries * sizeof(void *), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (t == MAP_FAILED)
+        return -1;
+    hm_segmap.table = t;
+    __atomic_store_n(&hm_segmap.entries, entries, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void segmap_set(uintptr_t u, struct hm_segment *seg)
+{
+    atomic_store_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], seg,
+                          memory_order_release);
+}
+
+static size_t round_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
+
+/* Maps `size` bytes at an address base such that base + offset is a
+ * multiple of `align`.  Tries the plain mapping first: the kernel often
+ * hands out addresses right below the previous mapping, which keeps
+ * segment-sized requests aligned without trimming. */
+static char *os_map(size_t size, size_t align, size_t offset)
+{
+    char *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    if ((((uintptr_t)p + offset) & (align - 1)) == 0)
+        return p;
+    munmap(p, size);
+
+    size_t span = size + align;
+    if (span < size)
+        return NULL;
+    p = mmap(NULL, span, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    uintptr_t want = (((uintptr_t)p + offset + align - 1) & ~(uintptr_t)(align - 1)) - offset;
+    char *base = (char *)want;
+    if (base > p)
+        munmap(p, (size_t)(base - p));
+    char *end = p + span;
+    if (end > base + size)
+        munmap(base + size, (size_t)(end - (base + size)));
+    return base;
+}
+
+static void os_unmap(void *p, size_t size)
+{
+    munmap(p, size);
+}
+
+static void count_mapped(int64_t bytes)
+{
+    atomic_fetch_add_explicit(&hm_segment_counters.bytes_mapped, (uint64_t)bytes,
+                              memory_order_relaxed);
+}
+
+/* ---- segments and spans ------------------------------------------------ */
+
+struct hm_segment *hm_segment_alloc(uintptr_t owner)
+{
+    struct hm_segment *seg = (struct hm_segment *)os_map(HM_SEGMENT_SIZE, HM_SEGMENT_SIZE, 0);
+    if (!seg)
+        return NULL;
+    /* Fresh mapping: already zero.  Only the header page is written. */
+    seg->kind = HM_SEGMENT_SPANS;
+    seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
+    atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
+        seg->page_span[i] = &hm_sentinel_span;
+    segmap_set((uintptr_t)seg, seg);
+    count_mapped((int64_t)HM_SEGMENT_SIZE);
+    atomic_fetch_add_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
+    return seg;
+}
+
+void hm_segment_free(struct hm_segment *seg)
+{
+    segmap_set((uintptr_t)seg, NULL);
+    os_unmap(seg, HM_SEGMENT_SIZE);
+    count_mapped(-(int64_t)HM_SEGMENT_SIZE);
+    atomic_fetch_sub_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
+}
+
+bool hm_segment_is_empty(const struct hm_segment *seg)
+{
+    return seg->pages_used == 0;
+}
+
+struct hm_segment *hm_segment_of_span(const struct hm_span *sp)
+{
+    return (struct hm_segment *)((uintptr_t)sp & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
+}
+
+/* First run of `pages` free pages, or -1. */
+static int find_free_run(uint64_t free_pages, unsigned pages)
+{
+    uint64_t want = pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1);
+    for (unsigned i = 1; i + pages <= HM_SEGMENT_PAGES; i++) {
+        if (((free_pages >> i) & want) == want)
+            return (int)i;
+        if (!(free_pages >> i))
+            break;
+    }
+    return -1;
+}
+
+struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
+                              unsigned cls, uint32_t block_size, uintptr_t owner)
+{
+    int at = find_free_run(seg->free_pages, pages);
+    if (at < 0)
+        return NULL;
+    uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
+    seg->free_pages &= ~run;
+    seg->pages_used += pages;
+
+    struct hm_span *sp = &seg->spans[at];
+    char *start = (char *)seg + (size_t)at * HM_PAGE_SIZE;
+    size_t bytes = (size_t)pages * HM_PAGE_SIZE;
+    sp->size_class = cls;
+    sp->block_size = block_size;
+    sp->start = start;
+    sp->capacity = (uint32_t)(bytes / block_size);
+    sp->page_index = (uint8_t)at;
+    sp->pages = (uint8_t)pages;
+    atomic_store_explicit(&sp->remote, NULL, memory_order_relaxed);
+    sp->pending_next = NULL;
+    sp->free = NULL;
+    sp->bump = start;
+    sp->end = start + (size_t)sp->capacity * block_size;
+    sp->used = 0;
+    sp->in_partial = 0;
+    sp->next = sp->prev = NULL;
+    atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);
+    for (unsigned i = 0; i < pages; i++)
+        seg->page_span[at + (int)i] = sp;
+    return sp;
+}
+
+void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
+{
+    unsigned at = sp->page_index, pages = sp->pages;
+    for (unsigned i = 0; i < pages; i++)
+        seg->page_span[at + i] = &hm_sentinel_span;
+    atomic_store_explicit(&sp->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
+    uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
+    seg->free_pages |= run;
+    seg->pages_used -= pages;
+}
+
+/* ---- large blocks ------------------------------------------------------ */
+
+/* A large block's header sits at the start of the granule that holds its
+ * user pointer when the alignment allows (below half a segment); otherwise
+ * on the OS page right before the (granule-aligned) user pointer.  Either
+ * way the granule of the user pointer maps to the header. */
+static bool large_layout(size_t size, size_t alignment, size_t *offset, size_t *map_size,
+                         size_t *map_align)
+{
+    if (alignment < HM_SEGMENT_SIZE / 2) {
+        *offset = round_up(HM_LARGE_HEADER_SIZE, alignment < 16 ? 16 : alignment);
+        *map_align = HM_SEGMENT_SIZE;
+    } else {
+        *offset = HM_OS_PAGE;
+        *map_align = alignment;
+    }
+    size_t limit = (size_t)PTRDIFF_MAX - *offset - *map_align - HM_OS_PAGE;
+    if (size > limit)
+        return false;
+    *map_size = round_up(*offset + size, HM_OS_PAGE);
+    return true;
+}
+
+static void large_init(struct hm_segment *seg, size_t map_size, size_t offset, size_t alignment)
+{
+    seg->kind = HM_SEGMENT_LARGE;
+    atomic_store_explicit(&seg->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
+    seg->map_base = (char *)seg;
+    seg->map_size = map_size;
+    seg->user = (char *)seg + offset;
+    seg->alignment = alignment;
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
+        seg->page_span[i] = &hm_sentinel_span;
+    segmap_set((uintptr_t)seg->user, seg);
+}
+
+void *hm_large_alloc(size_t size, size_t alignment)
+{
+    size_t offset, map_size, map_align;
+    if (!large_layout(size, alignment, &offset, &map_size, &map_align)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    char *base = os_map(map_size, map_align, alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    if (!base) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    struct hm_segment *seg = (struct hm_segment *)base;
+    large_init(seg, map_size, offset, alignment);
+    count_mapped((int64_t)map_size);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
+    return seg->user;
+}
+
+void hm_large_free(struct hm_segment *seg)
+{
+    size_t map_size = seg->map_size;
+    segmap_set((uintptr_t)seg->user, NULL);
+    os_unmap(seg->map_base, map_size);
+    count_mapped(-(int64_t)map_size);
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
+}
+
+size_t hm_large_usable_size(const struct hm_segment *seg)
+{
+    return (size_t)(seg->map_base + seg->map_size - seg->user);
+}
+
+static void large_resized(int64_t delta)
+{
+    count_mapped(delta);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, (uint64_t)delta,
+                              memory_order_relaxed);
+}
+
+void *hm_large_resize(struct hm_segment *seg, size_t size)
+{
+    size_t offset = (size_t)(seg->user - seg->map_base);
+    size_t old_map = seg->map_size;
+    if (size > (size_t)PTRDIFF_MAX - offset - HM_SEGMENT_SIZE)
+        return NULL;
+    size_t new_map = round_up(offset + size, HM_OS_PAGE);
+    if (new_map == old_map)
+        return seg->user;
+    if (new_map < old_map) {
+        os_unmap(seg->map_base + new_map, old_map - new_map);
+        seg->map_size = new_map;
+        large_resized(-(int64_t)(old_map - new_map));
+        return seg->user;
+    }
+    /* Grow in place when the address space after the block is free. */
+    if (mremap(seg->map_base, old_map, new_map, 0) != MAP_FAILED) {
+        seg->map_size = new_map;
+        large_resized((int64_t)(new_map - old_map));
+        return seg->user;
+    }
+    /* Move the pages (no copy) to a place with the same alignment: reserve
+     * it, then let mremap replace the reservation. */
+    size_t map_align = seg->alignment < HM_SEGMENT_SIZE / 2 ? HM_SEGMENT_SIZE : seg->alignment;
+    char *dest = os_map(new_map, map_align, seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    if (!dest)
+        return NULL;
+    char *old_base = seg->map_base;
+    uintptr_t old_user = (uintptr_t)seg->user;
+    void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+    if (moved == MAP_FAILED) {
+        os_unmap(dest, new_map);
+        return NULL;
+    }
+    segmap_set(old_user, NULL);
+    struct hm_segment *nseg = (struct hm_segment *)dest;
+    nseg->map_base = dest;
+    nseg->map_size = new_map;
+    nseg->user = dest + offset;
+    segmap_set((uintptr_t)nseg->user, nseg);
+    large_resized((int64_t)(new_map - old_map));
+    return nseg->user;
+}

@@ -1,0 +1,145 @@
+/* Segment box: memory from the OS, and the map from an address to its owner.
+ *
+ * A segment is 4 MiB, aligned to 4 MiB, cut into 64 pages of 64 KiB.  Page 0
+ * holds the segment header; spans are runs of pages that carve blocks of one
+ * size class.  A large block (above the largest class) is its own mapping
+ * whose header sits at the start of its first 4 MiB granule.
+ *
+ * The segment map has one entry per 4 MiB granule of the 47-bit address
+ * space.  free() finds a pointer's header in one load, and an address we
+ * never mapped finds NULL: that is how invalid frees are caught without a
+ * per-block header. */
+#ifndef HM_SEGMENT_H
+#define HM_SEGMENT_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define HM_SEGMENT_SHIFT 22
+#define HM_SEGMENT_SIZE  ((size_t)1 << HM_SEGMENT_SHIFT)
+#define HM_PAGE_SHIFT    16
+#define HM_PAGE_SIZE     ((size_t)1 << HM_PAGE_SHIFT)
+#define HM_SEGMENT_PAGES 64u
+#define HM_ADDRESS_BITS  47
+
+/* Span owners.  A live span's owner is its heap's id (the heap's address);
+ * these values are never heap ids. */
+#define HM_OWNER_NONE      ((uintptr_t)0)   /* a thread cache not set up yet */
+#define HM_OWNER_ABANDONED ((uintptr_t)1)   /* its thread exited */
+#define HM_OWNER_SENTINEL  (~(uintptr_t)0)  /* not a span: a free or header page */
+
+enum hm_segment_kind { HM_SEGMENT_SPANS = 1, HM_SEGMENT_LARGE = 2 };
+
+/* One span.  The first cache line is read by every thread that frees into
+ * the span; the second is written by remote frees; the third belongs to the
+ * owner thread alone. */
+struct hm_span {
+    _Atomic uintptr_t owner;
+    uint32_t size_class;
+    uint32_t block_size;
+    char *start;                    /* first block */
+    uint32_t capacity;              /* blocks the span holds */
+    uint8_t page_index;
+    uint8_t pages;
+    char pad0[64 - 8 - 8 - 8 - 4 - 2];
+
+    _Atomic(void *) remote;          /* blocks freed by other threads */
+    struct hm_span *pending_next;   /* link in the segment's pending stack */
+    char pad1[64 - 16];
+
+    void *free;                     /* blocks given back to the span */
+    char *bump;                     /* next never-carved block */
+    char *end;                      /* end of the carvable area */
+    uint32_t used;                  /* blocks out of the span (users, caches, remote lists) */
+    uint8_t in_partial;             /* on its heap's list for the class */
+    struct hm_span *next, *prev;    /* heap's partial list for the class */
+    char pad2[64 - 48];
+} __attribute__((aligned(64)));
+
+struct hm_segment {
+    uint32_t kind;
+    uint32_t pages_used;            /* spans' pages in use, header excluded */
+    _Atomic uintptr_t owner;        /* heap id, or HM_OWNER_ABANDONED */
+    uint64_t free_pages;            /* bit i set: page i is free (owner only) */
+    struct hm_segment *next, *prev; /* the heap's list, or the abandoned stack */
+    _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
+    /* Large blocks only. */
+    char *map_base;
+    size_t map_size;
+    char *user;
+    size_t alignment;
+    struct hm_span *page_span[HM_SEGMENT_PAGES];
+    struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
+};
+
+struct hm_segmap {
+    struct hm_segment *_Atomic *table;
+    uintptr_t entries;              /* 0 until the map exists */
+};
+
+extern struct hm_segmap hm_segmap;
+extern struct hm_span hm_sentinel_span;
+
+/* The header of the segment or large block that owns address u, or NULL. */
+static inline struct hm_segment *hm_segment_of(uintptr_t u)
+{
+    uintptr_t i = u >> HM_SEGMENT_SHIFT;
+    if (__builtin_expect(i >= hm_segmap.entries, 0))
+        return 0;
+    return atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed);
+}
+
+/* The span of a block in a span segment; &hm_sentinel_span for pages that
+ * carry no span and for every page of a large block's header. */
+static inline struct hm_span *hm_span_of(const struct hm_segment *seg, uintptr_t u)
+{
+    return seg->page_span[(u >> HM_PAGE_SHIFT) & (HM_SEGMENT_PAGES - 1)];
+}
+
+static inline uintptr_t hm_span_owner(const struct hm_span *sp)
+{
+    return atomic_load_explicit(&sp->owner, memory_order_relaxed);
+}
+
+/* Whether p is the start of a block of sp (a division: slow paths only). */
+static inline bool hm_span_is_block(const struct hm_span *sp, uintptr_t u)
+{
+    uintptr_t off = u - (uintptr_t)sp->start;
+    return u >= (uintptr_t)sp->start && off % sp->block_size == 0
+        && off / sp->block_size < sp->capacity;
+}
+
+/* Reserves the segment map (address space only).  0 on success. */
+int hm_segment_module_init(void);
+
+struct hm_segment *hm_segment_alloc(uintptr_t owner);
+void hm_segment_free(struct hm_segment *seg);
+bool hm_segment_is_empty(const struct hm_segment *seg);
+
+/* A span of `pages` pages for class cls, or NULL when the segment has no
+ * run that long.  The span's blocks are carved lazily (bump pointer). */
+struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
+                              unsigned cls, uint32_t block_size, uintptr_t owner);
+void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
+struct hm_segment *hm_segment_of_span(const struct hm_span *sp);
+
+/* Large blocks: one mapping each, fresh (zeroed) memory. */
+void *hm_large_alloc(size_t size, size_t alignment);
+void hm_large_free(struct hm_segment *seg);
+size_t hm_large_usable_size(const struct hm_segment *seg);
+/* Resizes in place or by moving the pages (mremap): the new user pointer,
+ * or NULL when the OS refuses (the block is then unchanged). */
+void *hm_large_resize(struct hm_segment *seg, size_t size);
+
+/* Process-wide counters of the OS memory we hold. */
+struct hm_segment_counters {
+    _Atomic uint64_t bytes_mapped;
+    _Atomic uint64_t segments;
+    _Atomic uint64_t large_blocks;
+    _Atomic uint64_t large_bytes;
+};
+extern struct hm_segment_counters hm_segment_counters;
+
+#endif

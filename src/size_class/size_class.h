@@ -1,0 +1,47 @@
+/* Size classes: the one place that maps a request size to a class and back.
+ *
+ * Classes are 16..128 in steps of 16, then eight per power of two up to
+ * HM_MAX_CLASS_SIZE (128 KiB), so every block is a multiple of 16 and the
+ * waste above 128 bytes is at most 12.5%.  The tables are generated at build
+ * time (scripts/gen_size_classes.py) so the hot path never depends on
+ * run-time initialisation. */
+#ifndef HM_SIZE_CLASS_H
+#define HM_SIZE_CLASS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "size_class_table.h"
+
+#define HM_ALIGNMENT       16u
+#define HM_SMALL_LOOKUP_MAX 1024u          /* sizes served by the byte table */
+#define HM_MAX_CLASS_SIZE  (128u * 1024u)  /* above this: a large block */
+
+extern const uint8_t  hm_small_class[65];
+extern const uint32_t hm_class_size[HM_NUM_CLASSES];
+extern const uint8_t  hm_class_span_pages[HM_NUM_CLASSES];
+
+/* Class of a size of at most HM_SMALL_LOOKUP_MAX: one table load. */
+static inline unsigned hm_small_size_class(size_t size)
+{
+    return hm_small_class[(size + 15) >> 4];
+}
+
+/* Class of any size up to HM_MAX_CLASS_SIZE, by formula: for s = size - 1
+ * above 127, the class is the position of its top bit (one group of eight
+ * per power of two) plus its next three bits. */
+static inline unsigned hm_size_class(size_t size)
+{
+    if (size <= HM_SMALL_LOOKUP_MAX)
+        return hm_small_size_class(size);
+    size_t s = size - 1;
+    unsigned top = 63u - (unsigned)__builtin_clzll(s);
+    return 8u + (top - 7u) * 8u + (unsigned)((s >> (top - 3u)) - 8u);
+}
+
+static inline size_t hm_size_class_size(unsigned cls)
+{
+    return hm_class_size[cls];
+}
+
+#endif

@@ -1,0 +1,302 @@
+/* API conformance: every allocation function, as glibc defines it. */
+#include "test_util.h"
+
+#include <errno.h>
+#include <malloc.h>
+#include <stdbool.h>
+
+#include "hakmem.h"
+
+static bool aligned(const void *p, size_t a)
+{
+    return ((uintptr_t)p & (a - 1)) == 0;
+}
+
+static void malloc_zero_and_alignment(void **state)
+{
+    (void)state;
+    void *z = hakmem_malloc(0);
+    assert_non_null(z);
+    assert_true(hakmem_malloc_usable_size(z) >= 1);
+    hakmem_free(z);
+    for (size_t n = 1; n <= 70000; n += (n < 1100 ? 1 : 997)) {
+        void *p = hakmem_malloc(n);
+        assert_non_null(p);
+        assert_true(aligned(p, 16));
+        size_t u = hakmem_malloc_usable_size(p);
+        assert_true(u >= n);
+        memset(p, 0x5a, u);             /* the whole usable size is ours */
+        hakmem_free(p);
+    }
+}
+
+static void every_class_boundary(void **state)
+{
+    (void)state;
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        struct hakmem_class_info ci;
+        assert_int_equal(hakmem_class_info(c, &ci), 0);
+        size_t s = ci.block_size;
+        void *a = hakmem_malloc(s), *b = hakmem_malloc(s + 1);
+        assert_int_equal(hakmem_malloc_usable_size(a), s);
+        assert_true(hakmem_malloc_usable_size(b) > s);
+        fill(a, s, c);
+        fill(b, s + 1, c + 1);
+        assert_true(check(a, s, c));
+        assert_true(check(b, s + 1, c + 1));
+        hakmem_free(a);
+        hakmem_free(b);
+    }
+    assert_int_equal(hakmem_class_info(hakmem_class_count(), &(struct hakmem_class_info){0}), -1);
+}
+
+static void huge_sizes_fail_with_enomem(void **state)
+{
+    (void)state;
+    size_t sizes[] = { SIZE_MAX, SIZE_MAX - 4096, (size_t)PTRDIFF_MAX + 1, (size_t)1 << 62 };
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        errno = 0;
+        assert_null(hakmem_malloc(sizes[i]));
+        assert_int_equal(errno, ENOMEM);
+    }
+    errno = 0;
+    assert_null(hakmem_calloc(SIZE_MAX / 2, 3));
+    assert_int_equal(errno, ENOMEM);
+    errno = 0;
+    assert_null(hakmem_calloc((size_t)1 << 33, (size_t)1 << 33));
+    assert_int_equal(errno, ENOMEM);
+}
+
+static void calloc_zeroes_reused_blocks(void **state)
+{
+    (void)state;
+    size_t sizes[] = { 1, 16, 100, 1024, 5000, 40000, 131072, 200000, 3 << 20 };
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) {
+        size_t n = sizes[i];
+        void *p = hakmem_malloc(n);
+        memset(p, 0xff, n);
+        hakmem_free(p);
+        unsigned char *q = hakmem_calloc(1, n);
+        assert_non_null(q);
+        for (size_t j = 0; j < n; j++)
+            assert_int_equal(q[j], 0);
+        hakmem_free(q);
+    }
+    unsigned char *z = hakmem_calloc(0, 10);
+    assert_non_null(z);
+    hakmem_free(z);
+}
+
+static void realloc_keeps_content(void **state)
+{
+    (void)state;
+    size_t n = 1;
+    char *p = hakmem_malloc(n);
+    fill(p, n, 7);
+    while (n < (6u << 20)) {
+        size_t m = n + n / 3 + 1;
+        p = hakmem_realloc(p, m);
+        assert_non_null(p);
+        assert_true(aligned(p, 16));
+        assert_true(check(p, n, 7));
+        fill(p, m, 7);
+        n = m;
+    }
+    while (n > 1) {
+        size_t m = n / 2;
+        p = hakmem_realloc(p, m);
+        assert_non_null(p);
+        assert_true(check(p, m, 7));
+        n = m;
+    }
+    hakmem_free(p);
+}
+
+static void realloc_edge_cases(void **state)
+{
+    (void)state;
+    void *p = hakmem_realloc(NULL, 100);
+    assert_non_null(p);
+    fill(p, 100, 3);
+    errno = 0;
+    assert_null(hakmem_realloc(p, SIZE_MAX));
+    assert_int_equal(errno, ENOMEM);
+    assert_true(check(p, 100, 3));          /* failure leaves the block alone */
+    errno = 0;
+    assert_null(hakmem_reallocarray(p, SIZE_MAX / 4, 8));
+    assert_int_equal(errno, ENOMEM);
+    assert_true(check(p, 100, 3));
+    p = hakmem_reallocarray(p, 10, 20);
+    assert_non_null(p);
+    assert_true(check(p, 100, 3));
+    assert_null(hakmem_realloc(p, 0));      /* frees, as glibc does */
+
+    /* Large blocks grow in place or move, and keep their bytes. */
+    char *big = hakmem_malloc(300000);
+    fill(big, 300000, 9);
+    big = hakmem_realloc(big, 40u << 20);
+    assert_true(check(big, 300000, 9));
+    big[(40u << 20) - 1] = 1;
+    big = hakmem_realloc(big, 250000);
+    assert_true(check(big, 250000, 9));
+    hakmem_free(big);
+}
+
+static void posix_memalign_rules(void **state)
+{
+    (void)state;
+    void *p = (void *)1;
+    assert_int_equal(hakmem_posix_memalign(&p, 0, 10), EINVAL);
+    assert_int_equal(hakmem_posix_memalign(&p, 3, 10), EINVAL);
+    assert_int_equal(hakmem_posix_memalign(&p, 4, 10), EINVAL);    /* below sizeof(void *) */
+    assert_int_equal(hakmem_posix_memalign(&p, 24, 10), EINVAL);
+    assert_ptr_equal(p, (void *)1);
+    assert_int_equal(hakmem_posix_memalign(&p, 64, SIZE_MAX - 100), ENOMEM);
+    for (size_t a = 8; a <= (16u << 20); a <<= 1) {
+        size_t sizes[] = { 1, a / 2 + 1, a, 3 * a + 5, 100000 };
+        for (size_t i = 0; i < 5; i++) {
+            void *q = NULL;
+            assert_int_equal(hakmem_posix_memalign(&q, a, sizes[i]), 0);
+            assert_true(aligned(q, a));
+            size_t u = hakmem_malloc_usable_size(q);
+            assert_true(u >= sizes[i]);
+            memset(q, 1, sizes[i]);
+            hakmem_free(q);
+        }
+    }
+}
+
+static void aligned_alloc_memalign_valloc(void **state)
+{
+    (void)state;
+    errno = 0;
+    assert_null(hakmem_aligned_alloc(3, 10));
+    assert_int_equal(errno, EINVAL);
+    errno = 0;
+    assert_null(hakmem_aligned_alloc(0, 10));
+    assert_int_equal(errno, EINVAL);
+    void *p = hakmem_aligned_alloc(4096, 10);
+    assert_true(aligned(p, 4096));
+    hakmem_free(p);
+    p = hakmem_aligned_alloc(1u << 20, 1u << 20);
+    assert_true(aligned(p, 1u << 20));
+    memset(p, 2, 1u << 20);
+    hakmem_free(p);
+
+    p = hakmem_memalign(24, 100);           /* glibc rounds up to 32 */
+    assert_true(aligned(p, 32));
+    hakmem_free(p);
+    errno = 0;
+    assert_null(hakmem_memalign(SIZE_MAX / 2 + 2, 1));
+    assert_int_equal(errno, EINVAL);
+    p = hakmem_memalign(8, 5);
+    assert_true(aligned(p, 16));
+    hakmem_free(p);
+
+    p = hakmem_valloc(100);
+    assert_true(aligned(p, 4096));
+    hakmem_free(p);
+    p = hakmem_pvalloc(1);
+    assert_true(aligned(p, 4096));
+    assert_true(hakmem_malloc_usable_size(p) >= 4096);
+    memset(p, 3, 4096);
+    hakmem_free(p);
+    p = hakmem_pvalloc(0);
+    assert_non_null(p);
+    hakmem_free(p);
+    errno = 0;
+    assert_null(hakmem_pvalloc(SIZE_MAX - 10));
+    assert_int_equal(errno, ENOMEM);
+}
+
+static void usable_size_and_sized_free(void **state)
+{
+    (void)state;
+    assert_int_equal(hakmem_malloc_usable_size(NULL), 0);
+    hakmem_free(NULL);
+    void *p = hakmem_malloc(40);
+    hakmem_free_sized(p, 40);
+    p = hakmem_aligned_alloc(256, 40);
+    hakmem_free_aligned_sized(p, 256, 40);
+    const char *v = hakmem_version();
+    assert_non_null(strstr(v, "hakmem"));
+}
+
+/* ---- bad input dies with a diagnostic ---------------------------------- */
+
+static void free_stack_pointer(void)
+{
+    int x;
+    hakmem_free(&x);
+}
+
+static void free_twice(void)
+{
+    void *p = hakmem_malloc(48);
+    hakmem_free(p);
+    hakmem_free(p);
+}
+
+static void free_large_twice(void)
+{
+    void *p = hakmem_malloc(1 << 20);
+    hakmem_free(p);
+    hakmem_free(p);
+}
+
+static void free_misaligned(void)
+{
+    char *p = hakmem_malloc(64);
+    hakmem_free(p + 8);
+}
+
+static void free_interior_then_trim(void)
+{
+    char *p = hakmem_malloc(64);
+    hakmem_free(p + 16);
+    hakmem_trim();
+}
+
+static void usable_size_of_foreign(void)
+{
+    void *p = malloc(10);
+    hakmem_malloc_usable_size(p);
+}
+
+static void expect_abort(void (*fn)(void), const char *message)
+{
+    char buf[512];
+    int status = run_child(fn, buf, sizeof buf);
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGABRT);
+    if (!strstr(buf, message))
+        fail_msg("expected \"%s\", got \"%s\"", message, buf);
+}
+
+static void invalid_frees_abort(void **state)
+{
+    (void)state;
+    expect_abort(free_stack_pointer, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_twice, "hakmem: free(): double free detected 0x");
+    expect_abort(free_large_twice, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_misaligned, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
+    expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(malloc_zero_and_alignment),
+        cmocka_unit_test(every_class_boundary),
+        cmocka_unit_test(huge_sizes_fail_with_enomem),
+        cmocka_unit_test(calloc_zeroes_reused_blocks),
+        cmocka_unit_test(realloc_keeps_content),
+        cmocka_unit_test(realloc_edge_cases),
+        cmocka_unit_test(posix_memalign_rules),
+        cmocka_unit_test(aligned_alloc_memalign_valloc),
+        cmocka_unit_test(usable_size_and_sized_free),
+        cmocka_unit_test(invalid_frees_abort),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

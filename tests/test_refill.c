@@ -1,0 +1,178 @@
+/* Refill box: batches, caps, the refill-count table (Contract B), flushes,
+ * remote frees and thread exit. */
+#include "test_util.h"
+
+#include <pthread.h>
+
+#include "hakmem.h"
+#include "hot/hot.h"
+#include "refill/refill.h"
+#include "segment/segment.h"
+
+#define CLS 3   /* 64-byte blocks */
+
+static void drain_bin(struct hm_tcache *tc, unsigned cls, void **out, unsigned *n)
+{
+    while (tc->bins[cls].count)
+        out[(*n)++] = hakmem_malloc(hm_size_class_size(cls));
+}
+
+static void refill_carves_one_batch(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    void *blocks[512];
+    unsigned n = 0;
+    blocks[n++] = hakmem_malloc(64);            /* thread set up */
+    drain_bin(tc, CLS, blocks, &n);
+    assert_int_equal(tc->bins[CLS].count, 0);
+
+    uint32_t want = hm_refill_count_load(CLS);
+    void *p = hm_refill(tc, CLS);
+    assert_non_null(p);
+    assert_int_equal(tc->bins[CLS].count, want - 1);
+    assert_int_equal(tc->bins[CLS].cap, 2 * want);
+    /* A batch is contiguous blocks in address order when freshly carved. */
+    blocks[n++] = p;
+    drain_bin(tc, CLS, blocks, &n);
+    for (unsigned i = 0; i < n; i++)
+        hakmem_free(blocks[i]);
+}
+
+/* Contract B: a new count changes nothing already handed out; the next
+ * refill uses it. */
+static void refill_count_next_refill_only(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    void *blocks[1024];
+    unsigned n = 0;
+    blocks[n++] = hakmem_malloc(64);
+    drain_bin(tc, CLS, blocks, &n);
+    blocks[n++] = hakmem_malloc(64);            /* refill with the default */
+    struct hm_refill_bounds b = hm_refill_bounds(CLS);
+    assert_int_equal(tc->bins[CLS].count, b.def - 1);
+    uint32_t cap_before = tc->bins[CLS].cap;
+
+    hm_refill_count_store(CLS, 5);
+    assert_int_equal(hm_refill_count_load(CLS), 5);
+    assert_int_equal(tc->bins[CLS].count, b.def - 1);   /* untouched */
+    assert_int_equal(tc->bins[CLS].cap, cap_before);
+
+    drain_bin(tc, CLS, blocks, &n);
+    blocks[n++] = hakmem_malloc(64);            /* next refill: 5 */
+    assert_int_equal(tc->bins[CLS].count, 4);
+    assert_int_equal(tc->bins[CLS].cap, 10);
+
+    hm_refill_count_store(CLS, 100000);         /* clamped to the bound */
+    assert_int_equal(hm_refill_count_load(CLS), b.max);
+    hm_refill_count_store(CLS, 0);
+    assert_int_equal(hm_refill_count_load(CLS), b.min);
+    hm_refill_count_store(CLS, b.def);
+    for (unsigned i = 0; i < n; i++)
+        hakmem_free(blocks[i]);
+}
+
+static void bins_flush_past_their_cap(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    struct hakmem_class_info before, after;
+    hakmem_class_info(CLS, &before);
+    enum { N = 1000 };
+    void *blocks[N];
+    for (int i = 0; i < N; i++)
+        blocks[i] = hakmem_malloc(64);
+    for (int i = 0; i < N; i++) {
+        hakmem_free(blocks[i]);
+        assert_true(tc->bins[CLS].count <= tc->bins[CLS].cap);
+    }
+    hakmem_class_info(CLS, &after);
+    assert_true(after.flushes > before.flushes);
+    assert_true(after.blocks_flushed - before.blocks_flushed >= N - tc->bins[CLS].cap);
+}
+
+struct handoff {
+    void **blocks;
+    int n;
+};
+
+static void *free_all(void *arg)
+{
+    struct handoff *h = arg;
+    for (int i = 0; i < h->n; i++)
+        hakmem_free(h->blocks[i]);
+    return NULL;
+}
+
+static void remote_frees_come_back_to_the_owner(void **state)
+{
+    (void)state;
+    enum { N = 20000 };
+    static void *blocks[N];
+    struct hakmem_class_info before, after;
+    hakmem_class_info(CLS, &before);
+    for (int i = 0; i < N; i++) {
+        blocks[i] = hakmem_malloc(64);
+        fill(blocks[i], 64, (unsigned)i);
+    }
+    struct handoff h = { blocks, N };
+    pthread_t t;
+    pthread_create(&t, NULL, free_all, &h);
+    pthread_join(t, NULL);
+    /* The owner collects them when its spans run dry. */
+    for (int i = 0; i < N; i++)
+        blocks[i] = hakmem_malloc(64);
+    hakmem_class_info(CLS, &after);
+    assert_true(after.remote_frees - before.remote_frees >= N / 2);
+    for (int i = 0; i < N; i++)
+        hakmem_free(blocks[i]);
+}
+
+static void *alloc_and_exit(void *arg)
+{
+    void **out = arg;
+    for (int i = 0; i < 1000; i++)
+        out[i] = hakmem_malloc(100 + (size_t)i);
+    for (int i = 0; i < 1000; i += 2)
+        hakmem_free(out[i]);                   /* some go back before exit */
+    return NULL;
+}
+
+static void exited_threads_segments_are_adopted(void **state)
+{
+    (void)state;
+    static void *out[1000];
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    pthread_t t;
+    pthread_create(&t, NULL, alloc_and_exit, out);
+    pthread_join(t, NULL);
+    hakmem_stats(&s1);
+    assert_int_equal(s1.threads_exited, s0.threads_exited + 1);
+    assert_true(s1.segments_abandoned > s0.segments_abandoned);
+    /* The blocks the dead thread left are still ours and intact. */
+    for (int i = 1; i < 1000; i += 2) {
+        assert_true(hakmem_malloc_usable_size(out[i]) >= 100 + (size_t)i);
+        hakmem_free(out[i]);
+    }
+    /* A new thread needing memory takes the abandoned segment over. */
+    pthread_create(&t, NULL, alloc_and_exit, out);
+    pthread_join(t, NULL);
+    hakmem_stats(&s1);
+    assert_true(s1.segments_adopted > s0.segments_adopted);
+    for (int i = 1; i < 1000; i += 2)
+        hakmem_free(out[i]);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(refill_carves_one_batch),
+        cmocka_unit_test(refill_count_next_refill_only),
+        cmocka_unit_test(bins_flush_past_their_cap),
+        cmocka_unit_test(remote_frees_come_back_to_the_owner),
+        cmocka_unit_test(exited_threads_segments_are_adopted),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

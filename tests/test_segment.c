@@ -1,0 +1,100 @@
+/* Segment box: the segment map, spans in a segment, and large blocks. */
+#include "test_util.h"
+
+#include "hakmem.h"
+#include "segment/segment.h"
+
+static int setup(void **state)
+{
+    (void)state;
+    hakmem_free(hakmem_malloc(1));   /* sets the process up */
+    return 0;
+}
+
+static void segmap_knows_only_our_memory(void **state)
+{
+    (void)state;
+    int local;
+    assert_null(hm_segment_of((uintptr_t)&local));
+    assert_null(hm_segment_of(0));
+    assert_null(hm_segment_of(~(uintptr_t)0));
+    void *g = malloc(100);
+    assert_null(hm_segment_of((uintptr_t)g));
+    free(g);
+
+    struct hm_segment *seg = hm_segment_alloc(12345);
+    assert_non_null(seg);
+    assert_int_equal((uintptr_t)seg % HM_SEGMENT_SIZE, 0);
+    assert_ptr_equal(hm_segment_of((uintptr_t)seg + HM_SEGMENT_SIZE - 1), seg);
+    assert_ptr_equal(hm_span_of(seg, (uintptr_t)seg + 5 * HM_PAGE_SIZE), &hm_sentinel_span);
+    hm_segment_free(seg);
+    assert_null(hm_segment_of((uintptr_t)seg));
+}
+
+static void spans_take_and_return_pages(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = hm_segment_alloc(777);
+    assert_true(hm_segment_is_empty(seg));
+    struct hm_span *a = hm_span_alloc(seg, 1, 0, 16, 777);
+    struct hm_span *b = hm_span_alloc(seg, 16, 87, 131072, 777);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_int_equal(a->page_index, 1);
+    assert_int_equal(b->page_index, 2);
+    assert_int_equal(b->capacity, 8);
+    assert_int_equal(a->capacity, 4096);
+    for (unsigned i = 0; i < 16; i++)
+        assert_ptr_equal(seg->page_span[2 + i], b);
+    uintptr_t blk = (uintptr_t)b->start + 3 * 131072;
+    assert_ptr_equal(hm_span_of(seg, blk + 1000), b);
+    assert_true(hm_span_is_block(b, blk));
+    assert_false(hm_span_is_block(b, blk + 16));
+    assert_int_equal(hm_span_owner(b), 777);
+
+    /* Fill the rest: 63 usable pages minus 17 used, in runs of 16. */
+    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777));
+    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777));
+    assert_null(hm_span_alloc(seg, 16, 87, 131072, 777));
+    hm_span_release(seg, a);
+    assert_ptr_equal(seg->page_span[1], &hm_sentinel_span);
+    assert_int_equal(hm_span_alloc(seg, 1, 0, 16, 777)->page_index, 1);
+    hm_segment_free(seg);
+}
+
+static void large_blocks_map_align_and_resize(void **state)
+{
+    (void)state;
+    size_t aligns[] = { 16, 4096, 65536, 1u << 20, 2u << 20, 4u << 20, 16u << 20 };
+    for (size_t i = 0; i < sizeof aligns / sizeof *aligns; i++) {
+        char *p = hm_large_alloc(300000, aligns[i]);
+        assert_non_null(p);
+        assert_int_equal((uintptr_t)p % aligns[i], 0);
+        struct hm_segment *seg = hm_segment_of((uintptr_t)p);
+        assert_non_null(seg);
+        assert_int_equal(seg->kind, HM_SEGMENT_LARGE);
+        assert_ptr_equal(seg->user, p);
+        assert_true(hm_large_usable_size(seg) >= 300000);
+        assert_ptr_equal(hm_span_of(seg, (uintptr_t)p), &hm_sentinel_span);
+        fill(p, 300000, 5);
+        char *q = hm_large_resize(seg, 50u << 20);
+        assert_non_null(q);
+        assert_int_equal((uintptr_t)q % aligns[i], 0);
+        assert_true(check(q, 300000, 5));
+        seg = hm_segment_of((uintptr_t)q);
+        assert_ptr_equal(seg->user, q);
+        q[(50u << 20) - 1] = 1;
+        hm_large_free(seg);
+        assert_null(hm_segment_of((uintptr_t)q));
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(segmap_knows_only_our_memory),
+        cmocka_unit_test(spans_take_and_return_pages),
+        cmocka_unit_test(large_blocks_map_align_and_resize),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}

@@ -1,0 +1,53 @@
+/* Size classes: the generated tables agree with the rule they come from. */
+#include "test_util.h"
+
+#include "size_class/size_class.h"
+
+static void classes_grow_by_at_most_one_eighth(void **state)
+{
+    (void)state;
+    assert_int_equal(hm_size_class_size(0), 16);
+    assert_int_equal(hm_size_class_size(HM_NUM_CLASSES - 1), HM_MAX_CLASS_SIZE);
+    for (unsigned c = 1; c < HM_NUM_CLASSES; c++) {
+        size_t prev = hm_size_class_size(c - 1), cur = hm_size_class_size(c);
+        assert_true(cur > prev);
+        assert_int_equal(cur % 16, 0);
+        if (prev >= 128)
+            assert_true((cur - prev) * 8 <= prev);   /* waste <= 12.5% */
+    }
+}
+
+static void every_size_maps_to_the_smallest_class_that_fits(void **state)
+{
+    (void)state;
+    unsigned expect = 0;
+    for (size_t n = 0; n <= HM_MAX_CLASS_SIZE; n++) {
+        while (hm_size_class_size(expect) < (n ? n : 1))
+            expect++;
+        assert_int_equal(hm_size_class(n), expect);
+        if (n <= HM_SMALL_LOOKUP_MAX)
+            assert_int_equal(hm_small_size_class(n), expect);
+    }
+}
+
+static void spans_hold_at_least_eight_blocks(void **state)
+{
+    (void)state;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        size_t bytes = (size_t)hm_class_span_pages[c] * 65536;
+        assert_true(bytes / hm_size_class_size(c) >= 8);
+        /* and no larger than needed */
+        if (hm_class_span_pages[c] > 1)
+            assert_true((bytes - 65536) / hm_size_class_size(c) < 8);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(classes_grow_by_at_most_one_eighth),
+        cmocka_unit_test(every_size_maps_to_the_smallest_class_that_fits),
+        cmocka_unit_test(spans_hold_at_least_eight_blocks),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,252 @@
+/* Threads: stress with content checks, cross-thread frees at volume,
+ * thread churn without RSS growth, and fork while other threads are busy. */
+#include "test_util.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "hakmem.h"
+
+static uint64_t next_rand(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static size_t rand_size(uint64_t *s)
+{
+    uint64_t r = next_rand(s);
+    switch (r % 16) {
+    case 0: return 1 + (r >> 8) % 300000;         /* sometimes large */
+    case 1: case 2: return 1 + (r >> 8) % 32768;
+    default: return 1 + (r >> 8) % 512;
+    }
+}
+
+/* Each slot's block is stamped with its slot and size: an overlap shows up
+ * as a wrong stamp. */
+struct slot {
+    unsigned char *p;
+    size_t n;
+    unsigned tag;
+};
+
+static void stamp(struct slot *s)
+{
+    fill(s->p, s->n < 256 ? s->n : 256, s->tag);
+    if (s->n >= 512)                        /* the tail too, apart from the head */
+        fill(s->p + s->n - 16, 16, s->tag);
+}
+
+static int verify(const struct slot *s)
+{
+    if (!check(s->p, s->n < 256 ? s->n : 256, s->tag))
+        return 0;
+    return s->n < 512 || check(s->p + s->n - 16, 16, s->tag);
+}
+
+struct stress_arg {
+    unsigned id;
+    int ops;
+    atomic_int *errors;
+};
+
+static void *stress(void *argp)
+{
+    struct stress_arg *a = argp;
+    enum { SLOTS = 512 };
+    struct slot slots[SLOTS] = { 0 };
+    uint64_t seed = a->id * 7919u + 1;
+    for (int i = 0; i < a->ops; i++) {
+        struct slot *s = &slots[next_rand(&seed) % SLOTS];
+        if (s->p) {
+            if (!verify(s))
+                atomic_fetch_add(a->errors, 1);
+            hakmem_free(s->p);
+        }
+        s->n = rand_size(&seed);
+        s->p = hakmem_malloc(s->n);
+        s->tag = a->id * 1000003u + (unsigned)i;
+        stamp(s);
+    }
+    for (int i = 0; i < SLOTS; i++) {
+        if (slots[i].p && !verify(&slots[i]))
+            atomic_fetch_add(a->errors, 1);
+        hakmem_free(slots[i].p);
+    }
+    return NULL;
+}
+
+static void stress_no_overlap(void **state)
+{
+    (void)state;
+    enum { T = 4 };
+    atomic_int errors = 0;
+    pthread_t t[T];
+    struct stress_arg args[T];
+    for (unsigned i = 0; i < T; i++) {
+        args[i] = (struct stress_arg){ i, 200000, &errors };
+        pthread_create(&t[i], NULL, stress, &args[i]);
+    }
+    for (unsigned i = 0; i < T; i++)
+        pthread_join(t[i], NULL);
+    assert_int_equal(atomic_load(&errors), 0);
+}
+
+/* Producer/consumer through a ring: every free is a cross-thread free. */
+enum { RING = 4096 };
+static struct slot ring[RING];
+static atomic_uint ring_head, ring_tail;
+static atomic_int xerrors;
+
+static void *producer(void *arg)
+{
+    (void)arg;
+    uint64_t seed = 42;
+    for (unsigned i = 0; i < 300000; i++) {
+        while (atomic_load(&ring_head) - atomic_load(&ring_tail) >= RING)
+            sched_yield();
+        struct slot *s = &ring[atomic_load(&ring_head) % RING];
+        s->n = 1 + next_rand(&seed) % 2048;
+        s->p = hakmem_malloc(s->n);
+        s->tag = i;
+        stamp(s);
+        atomic_fetch_add(&ring_head, 1);
+    }
+    return NULL;
+}
+
+static void *consumer(void *arg)
+{
+    (void)arg;
+    for (unsigned i = 0; i < 300000; i++) {
+        while (atomic_load(&ring_tail) == atomic_load(&ring_head))
+            sched_yield();
+        struct slot *s = &ring[atomic_load(&ring_tail) % RING];
+        if (!verify(s))
+            atomic_fetch_add(&xerrors, 1);
+        hakmem_free(s->p);
+        atomic_fetch_add(&ring_tail, 1);
+    }
+    return NULL;
+}
+
+static void cross_thread_frees_at_volume(void **state)
+{
+    (void)state;
+    struct hakmem_class_info ci;
+    uint64_t remote_before = 0, remote_after = 0;
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        hakmem_class_info(c, &ci);
+        remote_before += ci.remote_frees;
+    }
+    pthread_t p, c;
+    pthread_create(&p, NULL, producer, NULL);
+    pthread_create(&c, NULL, consumer, NULL);
+    pthread_join(p, NULL);
+    pthread_join(c, NULL);
+    assert_int_equal(atomic_load(&xerrors), 0);
+    for (unsigned k = 0; k < hakmem_class_count(); k++) {
+        hakmem_class_info(k, &ci);
+        remote_after += ci.remote_frees;
+    }
+    /* Most of them were collected by the producer (the rest by whoever
+     * adopted its segments). */
+    assert_true(remote_after - remote_before > 100000);
+}
+
+static void *short_life(void *arg)
+{
+    void **handoff = arg;
+    hakmem_free(*handoff);                  /* the previous thread's block */
+    void *keep[64];
+    for (int i = 0; i < 64; i++)
+        keep[i] = hakmem_malloc(16 + (size_t)i * 40);
+    for (int i = 0; i < 63; i++)
+        hakmem_free(keep[i]);
+    *handoff = keep[63];
+    return NULL;
+}
+
+static void thread_churn_keeps_rss_bounded(void **state)
+{
+    (void)state;
+    void *handoff = NULL;
+    long rss_after_warmup = 0;
+    struct hakmem_stats s;
+    for (int i = 0; i < 10000; i++) {
+        pthread_t t;
+        pthread_create(&t, NULL, short_life, &handoff);
+        pthread_join(t, NULL);
+        if (i == 1000)
+            rss_after_warmup = rss_kb();
+    }
+    hakmem_free(handoff);
+    long rss_end = rss_kb();
+    hakmem_stats(&s);
+    /* 9000 more threads must not have grown what we hold. */
+    assert_true(rss_end < rss_after_warmup + 4096);
+    assert_true(s.segments < 8);
+}
+
+static atomic_int busy_stop;
+
+static void *busy(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg;
+    void *held[64] = { 0 };
+    while (!atomic_load(&busy_stop)) {
+        unsigned i = next_rand(&seed) % 64;
+        hakmem_free(held[i]);
+        held[i] = hakmem_malloc(rand_size(&seed));
+    }
+    for (int i = 0; i < 64; i++)
+        hakmem_free(held[i]);
+    return NULL;
+}
+
+static void fork_while_busy(void **state)
+{
+    (void)state;
+    pthread_t t[3];
+    for (uintptr_t i = 0; i < 3; i++)
+        pthread_create(&t[i], NULL, busy, (void *)(i + 1));
+    for (int k = 0; k < 50; k++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            /* The child allocates, frees, starts a thread, and exits. */
+            uint64_t seed = 9;
+            void *p[100];
+            for (int i = 0; i < 100; i++)
+                p[i] = hakmem_malloc(rand_size(&seed));
+            for (int i = 0; i < 100; i++)
+                hakmem_free(p[i]);
+            pthread_t ct;
+            void *h = hakmem_malloc(10);
+            pthread_create(&ct, NULL, short_life, &h);
+            pthread_join(ct, NULL);
+            hakmem_free(h);
+            _exit(0);
+        }
+        int status;
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+    atomic_store(&busy_stop, 1);
+    for (int i = 0; i < 3; i++)
+        pthread_join(t[i], NULL);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(stress_no_overlap),
+        cmocka_unit_test(cross_thread_frees_at_volume),
+        cmocka_unit_test(thread_churn_keeps_rss_bounded),
+        cmocka_unit_test(fork_while_busy),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
