@@ -110,9 +110,9 @@ static void test_rule_shrinks_under_overflow(void **state)
     (void)state;
     uint32_t t[STEPS + 1];
 
-    /* 90% of the refilled blocks come back by overflow: x3/4 each step,
-     * down to min, also while refills are frequent. */
-    struct hm_ace_window w = win(100 * MS, 500, 32, 200000, 900);
+    /* 90% of the refilled blocks come back by overflow, refills not
+     * frequent (5 ms per thread): x3/4 each step, down to min. */
+    struct hm_ace_window w = win(100 * MS, 20, 32, 5 * MS, 900);
     trajectory(B.max, &w, B, t);
     assert_nonincreasing(t, STEPS + 1);
     assert_int_equal(t[1], 384);
@@ -129,6 +129,15 @@ static void test_rule_shrinks_under_overflow(void **state)
     w = win(100 * MS, 10, 100, 0, 501);
     assert_int_equal(hm_ace_next_count(100, &w, B), 75);
     w = win(100 * MS, 10, 100, 0, 500);
+    assert_int_equal(hm_ace_next_count(100, &w, B), 100);
+
+    /* Overflow with frequent refills is thrash (bursts larger than the bin:
+     * flushed ~= refilled at any count): keep, shrinking would only add
+     * refills. */
+    w = win(100 * MS, 500, 32, 200000, 900);
+    for (uint32_t c = B.min; c <= B.max; c += 7)
+        assert_int_equal(hm_ace_next_count(c, &w, B), c);
+    w = win(100 * MS, 500, 32, 0, 1000);           /* aggregate 5000/s */
     assert_int_equal(hm_ace_next_count(100, &w, B), 100);
 }
 
@@ -301,27 +310,47 @@ static void test_rule_converges(void **state)
     assert_true(settled_at(t) <= 5);
     assert_no_oscillation(t, STEPS + 1);
 
-    /* Feedback through overflow: frequent refills, overflow ratio growing
-     * with the count (count / 2048).  Up from def: grows while the ratio is
-     * <= 1/8 (up to 256), one doubling lands in the band (512: 1/4), stays. */
-    for (int from = 0; from < 2; from++) {
-        t[0] = from ? b.max : b.def;
-        for (int i = 0; i < STEPS; i++) {
-            struct hm_ace_window w = win(100 * MS, 500, t[i], 200000,
-                                         (unsigned)(t[i] * 1000ull / 2048));
-            t[i + 1] = hm_ace_next_count(t[i], &w, b);
-        }
-        assert_no_oscillation(t, STEPS + 1);
-        assert_true(settled_at(t) <= 8);
-        if (from == 0) {
-            assert_nondecreasing(t, STEPS + 1);
-            assert_int_equal(t[STEPS], 512);
-        } else {
-            /* Down from max (ratio 2): x3/4 until the ratio is <= 1/2. */
-            assert_nonincreasing(t, STEPS + 1);
-            assert_true(t[STEPS] <= 1024 && t[STEPS] > 1024 * 3 / 8);
-        }
+    /* Feedback through overflow, up: frequent refills, overflow ratio
+     * growing with the count (count / 2048).  Grows while the ratio is
+     * <= 1/8 (up to 256); one doubling lands in the band (512: 1/4): stays. */
+    t[0] = b.def;
+    for (int i = 0; i < STEPS; i++) {
+        struct hm_ace_window w = win(100 * MS, 500, t[i], 200000,
+                                     (unsigned)(t[i] * 1000ull / 2048));
+        t[i + 1] = hm_ace_next_count(t[i], &w, b);
     }
+    assert_no_oscillation(t, STEPS + 1);
+    assert_nondecreasing(t, STEPS + 1);
+    assert_true(settled_at(t) <= 8);
+    assert_int_equal(t[STEPS], 512);
+
+    /* Feedback through overflow, down: slow refills (5 ms), same ratio:
+     * from max (ratio 2) x3/4 until the ratio is <= 1/2, then stays. */
+    t[0] = b.max;
+    for (int i = 0; i < STEPS; i++) {
+        struct hm_ace_window w = win(100 * MS, 20, t[i], 5 * MS,
+                                     (unsigned)(t[i] * 1000ull / 2048));
+        t[i + 1] = hm_ace_next_count(t[i], &w, b);
+    }
+    assert_no_oscillation(t, STEPS + 1);
+    assert_nonincreasing(t, STEPS + 1);
+    assert_true(settled_at(t) <= 8);
+    assert_true(t[STEPS] <= 1024 && t[STEPS] > 1024 * 3 / 8);
+
+    /* Feedback through the rate while overflowing: 90% overflow, one thread
+     * using 100k blocks/s.  Shrinking raises the refill rate; once it passes
+     * 1000/s per thread the overflow is thrash and the count stays. */
+    t[0] = 256;
+    for (int i = 0; i < STEPS; i++) {
+        uint64_t rate = 100000 / t[i];
+        struct hm_ace_window w = win(100 * MS, rate / 10 ? rate / 10 : 1, t[i],
+                                     SEC / rate, 900);
+        t[i + 1] = hm_ace_next_count(t[i], &w, b);
+    }
+    assert_no_oscillation(t, STEPS + 1);
+    assert_nonincreasing(t, STEPS + 1);
+    assert_true(settled_at(t) <= 8);
+    assert_int_equal(t[STEPS], 81);                  /* 256 192 144 108 81 */
 
     /* Steady moderate input (300 refills/s, 15% overflow): constant. */
     struct hm_ace_window w = win(100 * MS, 30, 64, 3333333, 150);

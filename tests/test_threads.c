@@ -7,6 +7,13 @@
 
 #include "hakmem.h"
 
+/* HAKMEM_TEST_QUICK=1 (sanitizer runs) divides the work by ten. */
+static int scaled(int n)
+{
+    const char *q = getenv("HAKMEM_TEST_QUICK");
+    return q && q[0] == '1' ? n / 10 : n;
+}
+
 static uint64_t next_rand(uint64_t *s)
 {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
@@ -87,7 +94,7 @@ static void stress_no_overlap(void **state)
     pthread_t t[T];
     struct stress_arg args[T];
     for (unsigned i = 0; i < T; i++) {
-        args[i] = (struct stress_arg){ i, 200000, &errors };
+        args[i] = (struct stress_arg){ i, scaled(200000), &errors };
         pthread_create(&t[i], NULL, stress, &args[i]);
     }
     for (unsigned i = 0; i < T; i++)
@@ -100,12 +107,13 @@ enum { RING = 4096 };
 static struct slot ring[RING];
 static atomic_uint ring_head, ring_tail;
 static atomic_int xerrors;
+static int xcount;
 
 static void *producer(void *arg)
 {
     (void)arg;
     uint64_t seed = 42;
-    for (unsigned i = 0; i < 300000; i++) {
+    for (unsigned i = 0; i < (unsigned)xcount; i++) {
         while (atomic_load(&ring_head) - atomic_load(&ring_tail) >= RING)
             sched_yield();
         struct slot *s = &ring[atomic_load(&ring_head) % RING];
@@ -121,7 +129,7 @@ static void *producer(void *arg)
 static void *consumer(void *arg)
 {
     (void)arg;
-    for (unsigned i = 0; i < 300000; i++) {
+    for (unsigned i = 0; i < (unsigned)xcount; i++) {
         while (atomic_load(&ring_tail) == atomic_load(&ring_head))
             sched_yield();
         struct slot *s = &ring[atomic_load(&ring_tail) % RING];
@@ -142,6 +150,7 @@ static void cross_thread_frees_at_volume(void **state)
         hakmem_class_info(c, &ci);
         remote_before += ci.remote_frees;
     }
+    xcount = scaled(300000);
     pthread_t p, c;
     pthread_create(&p, NULL, producer, NULL);
     pthread_create(&c, NULL, consumer, NULL);
@@ -154,7 +163,7 @@ static void cross_thread_frees_at_volume(void **state)
     }
     /* Most of them were collected by the producer (the rest by whoever
      * adopted its segments). */
-    assert_true(remote_after - remote_before > 100000);
+    assert_true(remote_after - remote_before > (uint64_t)xcount / 3);
 }
 
 static void *short_life(void *arg)
@@ -176,11 +185,12 @@ static void thread_churn_keeps_rss_bounded(void **state)
     void *handoff = NULL;
     long rss_after_warmup = 0;
     struct hakmem_stats s;
-    for (int i = 0; i < 10000; i++) {
+    int threads = scaled(10000);
+    for (int i = 0; i < threads; i++) {
         pthread_t t;
         pthread_create(&t, NULL, short_life, &handoff);
         pthread_join(t, NULL);
-        if (i == 1000)
+        if (i == threads / 10)
             rss_after_warmup = rss_kb();
     }
     hakmem_free(handoff);
@@ -213,7 +223,7 @@ static void fork_while_busy(void **state)
     pthread_t t[3];
     for (uintptr_t i = 0; i < 3; i++)
         pthread_create(&t[i], NULL, busy, (void *)(i + 1));
-    for (int k = 0; k < 50; k++) {
+    for (int k = 0; k < scaled(50); k++) {
         pid_t pid = fork();
         if (pid == 0) {
             /* The child allocates, frees, starts a thread, and exits. */
@@ -223,10 +233,12 @@ static void fork_while_busy(void **state)
                 p[i] = hakmem_malloc(rand_size(&seed));
             for (int i = 0; i < 100; i++)
                 hakmem_free(p[i]);
-            pthread_t ct;
             void *h = hakmem_malloc(10);
+#ifndef __SANITIZE_THREAD__     /* TSan cannot start threads in such a child */
+            pthread_t ct;
             pthread_create(&ct, NULL, short_life, &h);
             pthread_join(ct, NULL);
+#endif
             hakmem_free(h);
             _exit(0);
         }

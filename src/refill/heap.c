@@ -138,7 +138,7 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
     pthread_mutex_lock(&abandoned_lock);
     struct hm_segment *seg = abandoned;
     if (seg) {
-        abandoned = seg->next;
+        __atomic_store_n(&abandoned, seg->next, __ATOMIC_RELAXED);
         segments_adopted++;
     }
     pthread_mutex_unlock(&abandoned_lock);
@@ -163,7 +163,7 @@ static void abandon_segment(struct hm_segment *seg)
     pthread_mutex_lock(&abandoned_lock);
     seg->prev = NULL;
     seg->next = abandoned;
-    abandoned = seg;
+    __atomic_store_n(&abandoned, seg, __ATOMIC_RELAXED);   /* read unlocked as a hint */
     segments_abandoned++;
     pthread_mutex_unlock(&abandoned_lock);
 }

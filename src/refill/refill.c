@@ -113,7 +113,7 @@ static void remote_free(struct hm_span *sp, void *p)
     do {
         *(void **)p = old;
     } while (!atomic_compare_exchange_weak_explicit(&sp->remote, &old, p,
-                                                    memory_order_release,
+                                                    memory_order_acq_rel,
                                                     memory_order_relaxed));
     if (old)
         return;
@@ -129,7 +129,9 @@ static void remote_free(struct hm_span *sp, void *p)
 /* Moves one span's remote list onto its local free list. */
 static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
 {
-    void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acquire);
+    /* acq_rel: the pusher that next finds the list empty rewrites
+     * sp->pending_next, which the caller read just before. */
+    void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acq_rel);
     if (!list)
         return 0;
     uint32_t n = 1;
