@@ -60,6 +60,8 @@ struct hakmem_class_info {
     uint64_t blocks_flushed;    /* blocks sent back by overflows */
     uint64_t remote_frees;      /* blocks freed by a thread that does not own them */
     uint64_t blocks_cached;     /* blocks sitting in thread caches now */
+    uint64_t ace_events;        /* refill events the ACE thread received */
+    uint64_t ace_drops;         /* refill events dropped (queue full) */
 };
 
 struct hakmem_stats {

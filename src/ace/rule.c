@@ -13,41 +13,34 @@
  *      decays below def, and an idle class at or below def keeps its count
  *      (an idle class costs nothing; the next activity decides).  A window
  *      shorter than 1 s with no refills says nothing: keep.
- *   2. "Frequent" refills: the mean interval between a thread's consecutive
- *      refills of the class is under 1 ms (HM_ACE_GROW_INTERVAL_NS, i.e.
- *      more than 1000 refills/s per thread).  When no event of the window
- *      carries an interval (each was its thread's first refill of the
- *      class), the window's aggregate rate stands in: refills / window >
- *      1000/s.
- *   3. Overflow: blocks_flushed > blocks_refilled / 2 (more than half of
- *      what was carved came back through bin overflows).  If refills are
- *      not frequent: shrink by a quarter, cur - max(1, cur / 4), not below
- *      min.  If they are frequent, keep: a thread that allocates and frees
- *      in bursts larger than its bin refills and flushes the same blocks
- *      (flushed ~= refilled whatever the count), and shrinking would only
- *      multiply its refills.
- *   4. Frequent refills with low overflow (blocks_flushed <= blocks_refilled
- *      / 8): grow x2, not above max.
- *   5. Otherwise keep: overflow between 1/8 and 1/2 is the hysteresis band,
- *      and a low refill rate alone is no reason to change.
+ *   2. Refill pace, from the mean interval between a thread's consecutive
+ *      refills of the class (when no event of the window carries one, the
+ *      window's aggregate rate stands in):
+ *        frequent: under 1 ms (more than 1000 refills/s per thread);
+ *        rare:     4 ms or more (fewer than 250 refills/s per thread).
+ *   3. Frequent refills: grow x2, not above max, whatever the overflow.  A
+ *      thread that allocates and frees in bursts larger than its bin
+ *      refills and flushes the same blocks (flushed ~= refilled); a bigger
+ *      batch, and so a bigger bin cap, is what ends that thrash.
+ *   4. Rare refills with heavy overflow (blocks_flushed > blocks_refilled /
+ *      2: more than half of what was carved came back through overflows):
+ *      the cache holds more than the thread uses; shrink by a quarter,
+ *      cur - max(1, cur / 4), not below min.
+ *   5. Otherwise keep.
  *
  * Convergence.  For a constant window the trajectory is monotone (the same
  * case applies at every step) and stops at a fixed point: max, min, def or
- * current, within about 80 steps from any 32-bit count (x2 up, x3/4 down).
- * Under feedback (the window depends on the count) the rate falls as the
- * count grows (a bigger batch means fewer refills): growth stops at the
- * first count whose rate is under the threshold, and a low rate never
- * shrinks.  A shrink raises the rate, and once refills are frequent overflow
- * no longer shrinks.  For the overflow ratio, a cycle needs it to cross both
- * gates: from <= 1/8 to > 1/2 across one doubling (or back across one x3/4
- * step), a jump of more than 4x.  As long as the ratio grows no faster than
- * the count, a doubling lands in the band (<= 1/4) and a shrink from above
- * 1/2 stays above 3/8: the count settles after at most one overshoot.
+ * current.  Under feedback (a bigger batch means fewer refills) the two
+ * pace gates are 4x apart while a step changes the pace by at most 2x: a
+ * doubling from "frequent" (< 1 ms) lands under 2 ms, never "rare"; a
+ * shrink from "rare" (>= 4 ms) lands above 3 ms, never "frequent".  So the
+ * count never turns back: it settles after a monotone run.
  * remote_collected is not used by the rule. */
 #include "ace.h"
 
 #define HM_ACE_IDLE_NS          1000000000ull   /* idle window: 1 s */
 #define HM_ACE_GROW_INTERVAL_NS 1000000ull      /* 1 ms: > 1000 refills/s */
+#define HM_ACE_SHRINK_INTERVAL_NS 4000000ull   /* 4 ms: < 250 refills/s */
 #define HM_ACE_GROW_RATE        1000ull         /* refills/s, aggregate */
 
 __extension__ typedef unsigned __int128 u128;
@@ -70,25 +63,26 @@ uint32_t hm_ace_next_count(uint32_t current, const struct hm_ace_window *w,
         return cur;
     }
 
-    /* 2. Frequent refills. */
-    bool often;
-    if (w->interval_count > 0)
+    /* 2. Refill pace. */
+    bool often, rare;
+    if (w->interval_count > 0) {
         often = w->interval_ns_sum < (u128)w->interval_count * HM_ACE_GROW_INTERVAL_NS;
-    else
+        rare = w->interval_ns_sum >= (u128)w->interval_count * HM_ACE_SHRINK_INTERVAL_NS;
+    } else {
         often = (u128)w->refills * 1000000000ull > (u128)w->window_ns * HM_ACE_GROW_RATE;
+        rare = (u128)w->refills * 1000000000ull * 4 <= (u128)w->window_ns * HM_ACE_GROW_RATE;
+    }
 
-    /* 3. Overflow: shrink, unless refills are frequent (thrash: keep). */
-    if ((u128)w->blocks_flushed * 2 > w->blocks_refilled) {
-        if (often)
-            return cur;
+    /* 3. Frequent refills: grow. */
+    if (often)
+        return cur > hi / 2 ? hi : cur * 2;
+
+    /* 4. Rare refills, heavy overflow: shrink. */
+    if (rare && (u128)w->blocks_flushed * 2 > w->blocks_refilled) {
         uint32_t next = cur - (cur / 4 ? cur / 4 : 1);   /* cur >= 1 */
         return next < lo ? lo : next;
     }
 
-    /* 4. Frequent refills, low overflow: grow. */
-    if (often && (u128)w->blocks_flushed * 8 <= w->blocks_refilled)
-        return cur > hi / 2 ? hi : cur * 2;
-
-    /* 5. Hysteresis: keep. */
+    /* 5. Keep. */
     return cur;
 }

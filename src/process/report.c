@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "../../include/hakmem.h"
+#include "../ace/ace.h"
 #include "../diag/diag.h"
 #include "../refill/refill.h"
 #include "../segment/segment.h"
@@ -37,6 +38,8 @@ int hakmem_class_info(unsigned cls, struct hakmem_class_info *out)
     out->blocks_flushed = c.blocks_flushed;
     out->remote_frees = c.remote_frees;
     out->blocks_cached = c.blocks_cached;
+    out->ace_events = hm_ace_class_events(cls);
+    out->ace_drops = c.ace_drops;
     return 0;
 }
 

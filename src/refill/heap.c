@@ -215,6 +215,7 @@ static void retire_stats(struct hm_heap *h)
         retired[c].flushes += h->stats[c].flushes;
         retired[c].blocks_flushed += h->stats[c].blocks_flushed;
         retired[c].remote_frees += h->stats[c].remote_frees;
+        retired[c].ace_drops += h->stats[c].ace_drops;
     }
 }
 
@@ -285,6 +286,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
     out->flushes = retired[cls].flushes;
     out->blocks_flushed = retired[cls].blocks_flushed;
     out->remote_frees = retired[cls].remote_frees;
+    out->ace_drops = retired[cls].ace_drops;
     for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
         const struct hm_heap_class_stats *s = &h->stats[cls];
         out->refills += __atomic_load_n(&s->refills, __ATOMIC_RELAXED);
@@ -292,6 +294,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->flushes += __atomic_load_n(&s->flushes, __ATOMIC_RELAXED);
         out->blocks_flushed += __atomic_load_n(&s->blocks_flushed, __ATOMIC_RELAXED);
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
+        out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
         out->blocks_cached += __atomic_load_n(&h->tcache->bins[cls].count, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&heaps_lock);

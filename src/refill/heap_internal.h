@@ -6,7 +6,7 @@
 #include "../segment/segment.h"
 
 struct hm_heap_class_stats {
-    uint64_t refills, blocks_refilled, flushes, blocks_flushed, remote_frees;
+    uint64_t refills, blocks_refilled, flushes, blocks_flushed, remote_frees, ace_drops;
     uint64_t last_refill_ns;          /* for ACE events */
     uint32_t flushed_since_refill;    /* for ACE events */
     uint32_t remote_since_refill;

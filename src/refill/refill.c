@@ -224,7 +224,8 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
     s->last_refill_ns = t;
     s->flushed_since_refill = 0;
     s->remote_since_refill = 0;
-    hm_ace_record(&ev);
+    if (!hm_ace_record(&ev))
+        s->ace_drops++;
 }
 
 void *hm_refill(struct hm_tcache *tc, unsigned cls)

@@ -70,7 +70,7 @@ struct hm_refill_bounds hm_refill_bounds(unsigned cls);
 /* Per-class counters summed over all heaps (racy reads of live threads). */
 struct hm_class_counters {
     uint64_t refills, blocks_refilled, flushes, blocks_flushed;
-    uint64_t remote_frees, blocks_cached;
+    uint64_t remote_frees, blocks_cached, ace_drops;
 };
 void hm_class_counters(unsigned cls, struct hm_class_counters *out);
 

@@ -1,0 +1,125 @@
+/* The learning loop end to end, run with HAKMEM_ACE=1 (see meson.build):
+ * a hot class's refill count moves away from its default, and a fork child
+ * starts its own ACE thread.  test_ace_off runs the same program without
+ * HAKMEM_ACE: no thread, no events. */
+#include "test_util.h"
+
+#include <dirent.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <time.h>
+
+#include "hakmem.h"
+#include "ace/ace.h"
+
+#define HOT_SIZE 64
+
+static bool ace_expected(void)
+{
+    const char *v = getenv("HAKMEM_ACE");
+    return v && !strcmp(v, "1");
+}
+
+/* Bursts a little larger than a thread cache, so refills come often. */
+static void churn(double seconds)
+{
+    enum { BURST = 400 };
+    static void *held[BURST];
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        for (int k = 0; k < 50; k++) {
+            for (int i = 0; i < BURST; i++)
+                held[i] = hakmem_malloc(HOT_SIZE);
+            for (int i = 0; i < BURST; i++)
+                hakmem_free(held[i]);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    } while ((double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) / 1e9 < seconds);
+}
+
+static int threads_named(const char *name)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    while (d && (e = readdir(d))) {
+        char path[300], comm[64] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        if (fgets(comm, sizeof comm, f) && !strncmp(comm, name, strlen(name)))
+            n++;
+        fclose(f);
+    }
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static void learns_a_hot_class(void **state)
+{
+    (void)state;
+    unsigned hot = 3;   /* the 64-byte class */
+    struct hakmem_class_info ci;
+    hakmem_class_info(hot, &ci);
+    assert_int_equal(ci.block_size, HOT_SIZE);
+    churn(1.5);
+    hakmem_class_info(hot, &ci);
+    struct hm_ace_counters ac;
+    hm_ace_counters(&ac);
+    if (ace_expected()) {
+        assert_true(ac.running);
+        assert_int_equal(threads_named("hakmem-ace"), 1);
+        assert_true(ci.ace_events > 0);
+        assert_true(ac.events > 0);
+        assert_int_not_equal(ci.refill_count, ci.refill_default);
+        assert_true(ci.refill_count >= ci.refill_min && ci.refill_count <= ci.refill_max);
+    } else {
+        assert_false(ac.running);
+        assert_int_equal(threads_named("hakmem-ace"), 0);
+        assert_int_equal(ac.events, 0);
+        assert_int_equal(ci.ace_events, 0);
+        assert_int_equal(ci.refill_count, ci.refill_default);
+    }
+}
+
+static void fork_child_runs_its_own_ace(void **state)
+{
+    (void)state;
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* The bins the child inherited are warm: use a fresh class so that
+         * the child refills (the ACE thread starts at a refill). */
+        static void *held[5000];
+        for (int i = 0; i < 5000; i++)
+            held[i] = hakmem_malloc(100);
+        for (int i = 0; i < 5000; i++)
+            hakmem_free(held[i]);
+        struct timespec nap = { 0, 50000000 };
+        nanosleep(&nap, NULL);
+        struct hm_ace_counters ac;
+        hm_ace_counters(&ac);
+        int ok = ace_expected() ? ac.running && threads_named("hakmem-ace") == 1
+                                : !ac.running && threads_named("hakmem-ace") == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    /* The parent's thread is unaffected. */
+    struct hm_ace_counters ac;
+    hm_ace_counters(&ac);
+    assert_int_equal(ac.running, ace_expected());
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(learns_a_hot_class),
+        cmocka_unit_test(fork_child_runs_its_own_ace),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
