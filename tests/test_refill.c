@@ -13,7 +13,7 @@
 
 static void drain_bin(struct hm_tcache *tc, unsigned cls, void **out, unsigned *n)
 {
-    while (tc->bins[cls].count)
+    while (hm_bin_count(&tc->bins[cls]))
         out[(*n)++] = hakmem_malloc(hm_size_class_size(cls));
 }
 
@@ -25,12 +25,12 @@ static void refill_carves_one_batch(void **state)
     unsigned n = 0;
     blocks[n++] = hakmem_malloc(64);            /* thread set up */
     drain_bin(tc, CLS, blocks, &n);
-    assert_int_equal(tc->bins[CLS].count, 0);
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), 0);
 
     uint32_t want = hm_refill_count_load(CLS);
     void *p = hm_refill(tc, CLS);
     assert_non_null(p);
-    assert_int_equal(tc->bins[CLS].count, want - 1);
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), want - 1);
     assert_int_equal(tc->bins[CLS].cap, 2 * want);
     /* A batch is contiguous blocks in address order when freshly carved. */
     blocks[n++] = p;
@@ -51,17 +51,17 @@ static void refill_count_next_refill_only(void **state)
     drain_bin(tc, CLS, blocks, &n);
     blocks[n++] = hakmem_malloc(64);            /* refill with the default */
     struct hm_refill_bounds b = hm_refill_bounds(CLS);
-    assert_int_equal(tc->bins[CLS].count, b.def - 1);
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), b.def - 1);
     uint32_t cap_before = tc->bins[CLS].cap;
 
     hm_refill_count_store(CLS, 5);
     assert_int_equal(hm_refill_count_load(CLS), 5);
-    assert_int_equal(tc->bins[CLS].count, b.def - 1);   /* untouched */
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), b.def - 1);   /* untouched */
     assert_int_equal(tc->bins[CLS].cap, cap_before);
 
     drain_bin(tc, CLS, blocks, &n);
     blocks[n++] = hakmem_malloc(64);            /* next refill: 5 */
-    assert_int_equal(tc->bins[CLS].count, 4);
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), 4);
     assert_int_equal(tc->bins[CLS].cap, 10);
 
     hm_refill_count_store(CLS, 100000);         /* clamped to the bound */
@@ -85,7 +85,7 @@ static void bins_flush_past_their_cap(void **state)
         blocks[i] = hakmem_malloc(64);
     for (int i = 0; i < N; i++) {
         hakmem_free(blocks[i]);
-        assert_true(tc->bins[CLS].count <= tc->bins[CLS].cap);
+        assert_true(hm_bin_count(&tc->bins[CLS]) <= tc->bins[CLS].cap);
     }
     hakmem_class_info(CLS, &after);
     assert_true(after.flushes > before.flushes);

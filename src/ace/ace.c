@@ -141,6 +141,11 @@ static uint64_t ace_tick(uint64_t now, bool force)
             decide = len >= ACE_IDLE_NS;
         if (!decide)
             continue;
+        if (hm_ace_region_holds(c)) {     /* acectl froze learning or pinned c */
+            memset(w, 0, sizeof(*w));
+            ace_win_start[c] = now;
+            continue;
+        }
 
         w->window_ns = len;
         uint32_t cur = hm_refill_count_load(c);
@@ -167,9 +172,11 @@ static void *ace_main(void *arg)
     unsigned empty = 0;
 
     for (;;) {
-        sleep_ns(nap);
+        if (!hm_ace_region_sleep(nap))    /* acectl's doorbell may end it early */
+            sleep_ns(nap);
         pthread_mutex_lock(&ace_lock);
         uint64_t n = ace_tick(now_ns(), false);
+        hm_ace_region_tick();             /* acectl: requests and snapshot */
         pthread_mutex_unlock(&ace_lock);
         if (n > 0) {
             empty = 0;
@@ -257,6 +264,7 @@ void hm_ace_fork_child(void)
     atomic_store_explicit(&ace_changes, 0, memory_order_relaxed);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
         atomic_store_explicit(&ace_class_ev[c], 0, memory_order_relaxed);
+    hm_ace_region_fork_child();
     atomic_store(&ace_state, ACE_IDLE);
 }
 

@@ -54,4 +54,19 @@ uint64_t hm_ace_class_events(unsigned cls);
 /* Test hook: run one drain-and-decide step now, on the caller's thread. */
 void hm_ace_step(void);
 
+/* ---- acectl's shared region (src/ace/region.c, include/hakmem_region.h) ----
+ * The ACE thread publishes a snapshot to /dev/shm/hakmem.<pid> and answers
+ * acectl's requests (freeze, unfreeze, reset, pin).  Never on the hot path. */
+
+/* ACE thread, under ace_lock, after each tick: creates the region (once),
+ * answers a pending request, publishes the snapshot when due. */
+void hm_ace_region_tick(void);
+/* ACE thread: sleeps up to ns (at most 1 s) on the region's doorbell, which
+ * acectl rings.  False when there is no region: the caller sleeps itself. */
+bool hm_ace_region_sleep(uint64_t ns);
+/* Under ace_lock: true when learning must leave cls alone (frozen/pinned). */
+bool hm_ace_region_holds(unsigned cls);
+/* Fork child: unmaps the parent's region; the child creates its own. */
+void hm_ace_region_fork_child(void);
+
 #endif

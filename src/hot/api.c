@@ -31,7 +31,7 @@ static inline void *bin_pop(struct hm_bin *bin)
     void *p = bin->head;
     if (likely(p)) {
         bin->head = *(void **)p;
-        bin->count--;
+        bin->room++;
         ((uintptr_t *)p)[1] = 0;    /* no longer looks free */
     }
     return p;
@@ -84,13 +84,14 @@ void hakmem_free(void *p)
     if (likely(seg != NULL && (u & 15) == 0)) {
         struct hm_span *sp = hm_span_of(seg, u);
         uintptr_t *b = p;
+        uintptr_t key = hm_free_key;
         /* A span of this thread, and a block that does not look free. */
-        if (likely(hm_span_owner(sp) == hm_tc.owner && b[1] != hm_free_key)) {
-            struct hm_bin *bin = &hm_tc.bins[sp->size_class];
+        if (likely(hm_span_owner(sp) == hm_tc.owner && b[1] != key)) {
+            struct hm_bin *bin = (struct hm_bin *)((char *)&hm_tc + sp->bin_offset);
             b[0] = (uintptr_t)bin->head;
-            b[1] = hm_free_key;
+            b[1] = key;
             bin->head = p;
-            if (unlikely(++bin->count > bin->cap))
+            if (unlikely(bin->room-- == 0))      /* one over the cap */
                 hm_flush(&hm_tc, sp->size_class);
             return;
         }

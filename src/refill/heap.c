@@ -65,8 +65,10 @@ static struct hm_heap *heap_take(void)
 
 static void set_caps(struct hm_tcache *tc)
 {
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         tc->bins[c].cap = 2 * hm_refill_count_load(c);
+        tc->bins[c].room = tc->bins[c].cap;
+    }
 }
 
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
@@ -170,8 +172,11 @@ static void abandon_segment(struct hm_segment *seg)
 
 static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, unsigned cls)
 {
-    return hm_span_alloc(seg, hm_class_span_pages[cls], cls,
-                         (uint32_t)hm_size_class_size(cls), h->id);
+    struct hm_span *sp = hm_span_alloc(seg, hm_class_span_pages[cls], cls,
+                                       (uint32_t)hm_size_class_size(cls), h->id);
+    if (sp)
+        sp->bin_offset = (uint32_t)offsetof(struct hm_tcache, bins[cls]);
+    return sp;
 }
 
 /* A fresh span for cls: room in our segments, then segments of exited
@@ -295,7 +300,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->blocks_flushed += __atomic_load_n(&s->blocks_flushed, __ATOMIC_RELAXED);
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
-        out->blocks_cached += __atomic_load_n(&h->tcache->bins[cls].count, __ATOMIC_RELAXED);
+        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]);
     }
     pthread_mutex_unlock(&heaps_lock);
 }

@@ -239,7 +239,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     /* The count is read here and only here (Contract B). */
     uint32_t want = hm_refill_count_load(cls);
     struct hm_bin *bin = &tc->bins[cls];
-    bin->cap = 2 * want;
+    bin->cap = 2 * want;        /* the bin is empty: room follows below */
 
     void *list = NULL;
     uint32_t got = 0;
@@ -265,7 +265,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     }
     void *p = list;
     bin->head = *(void **)p;
-    bin->count += got - 1;
+    bin->room = bin->cap - (got - 1);
     ((uintptr_t *)p)[1] = 0;
 
     struct hm_heap_class_stats *s = &h->stats[cls];
@@ -292,7 +292,7 @@ static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *call)
 static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint32_t keep)
 {
     struct hm_bin *bin = &tc->bins[cls];
-    if (bin->count <= keep)
+    if (hm_bin_count(bin) <= keep)
         return;
     void **link = &bin->head;
     for (uint32_t i = 0; i < keep; i++)
@@ -306,7 +306,7 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
         b = next;
         n++;
     }
-    bin->count = keep;
+    bin->room = bin->cap - keep;
     h->stats[cls].blocks_flushed += n;
     h->stats[cls].flushed_since_refill += n;
 }
@@ -370,7 +370,7 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     ((void **)p)[0] = bin->head;
     ((uintptr_t *)p)[1] = hm_free_key;
     bin->head = p;
-    if (++bin->count > bin->cap)
+    if (bin->room-- == 0)
         hm_flush(tc, sp->size_class);
 }
 

@@ -17,12 +17,21 @@
 
 /* One bin of a thread cache: a LIFO list linked through each block's first
  * word.  A free block's second word holds hm_free_key, which lets free()
- * notice a likely double free with one compare. */
+ * notice a likely double free with one compare.  The bin counts the room
+ * left below its cap rather than its blocks, so free() pays one decrement
+ * for both: when room goes below zero (wraps) the bin holds cap + 1. */
 struct hm_bin {
     void *head;
-    uint32_t count;
+    uint32_t room;      /* cap - blocks held; UINT32_MAX: one over the cap */
     uint32_t cap;       /* set at each refill from the refill count */
 };
+
+static inline uint32_t hm_bin_count(const struct hm_bin *bin)
+{
+    uint32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
+    uint32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
+    return room > cap ? cap + 1 : cap - room;
+}
 
 struct hm_heap;
 
@@ -39,7 +48,7 @@ extern uintptr_t hm_free_key;
  * Sets the thread up (and the process) on first use. */
 void *hm_refill(struct hm_tcache *tc, unsigned cls);
 
-/* tc's bin for cls is over its cap: return its older blocks to their spans. */
+/* tc's bin for cls went one over its cap: return its older blocks. */
 void hm_flush(struct hm_tcache *tc, unsigned cls);
 
 /* Every free the fast path did not take: NULL, large blocks, blocks of other

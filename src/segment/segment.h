@@ -41,9 +41,10 @@ struct hm_span {
     uint32_t block_size;
     char *start;                    /* first block */
     uint32_t capacity;              /* blocks the span holds */
+    uint32_t bin_offset;            /* the owner's cache: where this class's bin is */
     uint8_t page_index;
     uint8_t pages;
-    char pad0[64 - 8 - 8 - 8 - 4 - 2];
+    char pad0[64 - 8 - 8 - 8 - 4 - 4 - 2];
 
     _Atomic(void *) remote;          /* blocks freed by other threads */
     struct hm_span *pending_next;   /* link in the segment's pending stack */
