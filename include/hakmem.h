@@ -73,6 +73,7 @@ struct hakmem_stats {
     uint64_t threads_exited;
     uint64_t segments_abandoned;
     uint64_t segments_adopted;
+    uint64_t bytes_purged;      /* free pages given back to the OS, ever */
 };
 
 HAKMEM_API unsigned hakmem_class_count(void);

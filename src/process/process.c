@@ -31,20 +31,37 @@ static bool env_flag(const char *name)
     return v && v[0] == '1' && v[1] == '\0';
 }
 
+/* Every lock of the allocator is held across fork(), so the child finds
+ * none taken by a thread it does not have.  The registry lock also keeps
+ * the purger (which holds it while it holds segment locks) out. */
 static void fork_prepare(void)
 {
     hm_refill_fork_prepare();
+    hm_segment_fork_prepare();
 }
 
 static void fork_parent(void)
 {
+    hm_segment_fork_parent();
     hm_refill_fork_parent();
 }
 
 static void fork_child(void)
 {
+    hm_segment_fork_child();
     hm_refill_fork_child();
     hm_ace_fork_child();
+}
+
+static uint64_t env_ms(const char *name, uint64_t def_ms)
+{
+    const char *v = getenv(name);
+    if (!v || !*v)
+        return def_ms * 1000000u;
+    uint64_t ms = 0;
+    for (; *v >= '0' && *v <= '9' && ms < 86400000u; v++)
+        ms = ms * 10 + (uint64_t)(*v - '0');
+    return ms * 1000000u;
 }
 
 static void phase1(void)
@@ -53,6 +70,7 @@ static void phase1(void)
     if (hm_segment_module_init() != 0)
         hm_fatal("malloc", "cannot reserve the segment map, size", (void *)HM_SEGMENT_SIZE);
     hm_options.stats = env_flag("HAKMEM_STATS");
+    hm_options.purge_delay_ns = env_ms("HAKMEM_PURGE_DELAY_MS", 1000);
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */
     hm_options.stats_fd = hm_options.stats ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 100) : -1;

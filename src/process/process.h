@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 extern _Atomic int hm_process_state;   /* 0 new, 1 phase 1, 2 ready */
 #define HM_PROCESS_READY 2
@@ -17,6 +18,7 @@ extern _Atomic int hm_process_state;   /* 0 new, 1 phase 1, 2 ready */
 struct hm_options {
     bool stats;             /* HAKMEM_STATS=1: per-class report at exit */
     int stats_fd;           /* a copy of stderr for that report */
+    uint64_t purge_delay_ns; /* HAKMEM_PURGE_DELAY_MS: free pages stay resident that long */
 };
 extern struct hm_options hm_options;
 

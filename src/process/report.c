@@ -56,6 +56,7 @@ void hakmem_stats(struct hakmem_stats *out)
     out->threads_exited = h.threads_exited;
     out->segments_abandoned = h.segments_abandoned;
     out->segments_adopted = h.segments_adopted;
+    out->bytes_purged = atomic_load(&hm_segment_counters.bytes_purged);
 }
 
 static void field(struct hm_line *l, const char *name, uint64_t v)
@@ -100,6 +101,7 @@ void hakmem_stats_print(int fd)
     field(&l, "threads_exited", s.threads_exited);
     field(&l, "abandoned", s.segments_abandoned);
     field(&l, "adopted", s.segments_adopted);
+    field(&l, "purged", s.bytes_purged);
     hm_line_str(&l, "\n");
     hm_line_write(&l, fd);
 }

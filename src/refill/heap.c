@@ -124,11 +124,32 @@ static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg)
 {
     segment_unlink(h, seg);
-    if (!h->reserve) {
+    if (h->reserve_count < HM_HEAP_RESERVE) {
+        seg->next = h->reserve;
         h->reserve = seg;
+        h->reserve_count++;
         return;
     }
     hm_segment_free(seg);
+}
+
+void hm_heap_release_reserve(struct hm_heap *h)
+{
+    while (h->reserve) {
+        struct hm_segment *seg = h->reserve;
+        h->reserve = seg->next;
+        hm_segment_free(seg);
+    }
+    h->reserve_count = 0;
+}
+
+void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
+{
+    uint64_t now = hm_clock_ns();
+    for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
+        hm_segment_purge(seg, now, delay_ns);
+    for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
+        hm_segment_purge(seg, now, delay_ns);
 }
 
 /* Takes over a segment of an exited thread: its spans become ours, and
@@ -183,24 +204,24 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, unsign
  * threads, then the reserve, then a new segment. */
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
 {
-    for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
-        struct hm_span *sp = span_in(h, seg, cls);
-        if (sp)
-            return sp;
-    }
-    for (int tries = 0; tries < 8; tries++) {
-        struct hm_segment *seg = adopt_segment(h);
-        if (!seg)
+    for (int adopted = 0;; adopted++) {
+        for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
+            struct hm_span *sp = span_in(h, seg, cls);
+            if (sp)
+                return sp;
+        }
+        if (adopted == 8 || !adopt_segment(h))
             break;
+        /* Its remote frees may fill our lists, or empty (and free) it. */
         hm_heap_collect(h);
         if (h->partial[cls])
             return h->partial[cls];
-        struct hm_span *sp = span_in(h, seg, cls);
-        if (sp)
-            return sp;
     }
     struct hm_segment *seg = h->reserve;
-    h->reserve = NULL;
+    if (seg) {
+        h->reserve = seg->next;
+        h->reserve_count--;
+    }
     if (!seg)
         seg = hm_segment_alloc(h->id);
     if (!seg)
@@ -251,16 +272,17 @@ void hm_thread_exit(struct hm_tcache *tc)
             else
                 atomic_store_explicit(&sp->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
         }
-        if (hm_segment_is_empty(seg))
+        if (hm_segment_is_empty(seg)) {
             hm_segment_free(seg);
-        else
+        } else {
+            /* Nobody will reuse its free pages soon: give them back now. */
+            hm_segment_purge(seg, hm_clock_ns(), 0);
             abandon_segment(seg);
+        }
         seg = next;
     }
     h->segments = NULL;
-    if (h->reserve)
-        hm_segment_free(h->reserve);
-    h->reserve = NULL;
+    hm_heap_release_reserve(h);
 
     /* From here a malloc on this thread (a later destructor) starts over. */
     tc->owner = HM_OWNER_NONE;

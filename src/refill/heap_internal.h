@@ -20,16 +20,26 @@ struct hm_heap {
     struct hm_tcache *tcache;
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
     struct hm_segment *segments;            /* segments this heap owns */
-    struct hm_segment *reserve;             /* one empty segment kept for reuse */
+    /* Empty segments kept for reuse (their pages decay like any free page),
+     * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped. */
+    struct hm_segment *reserve;
+    unsigned reserve_count;
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
+    uint32_t refills_since_purge;
     struct hm_heap_class_stats stats[HM_NUM_CLASSES];
 };
+
+#define HM_HEAP_RESERVE 4
 
 /* heap.c */
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
+/* Gives back the free pages of this heap's segments that waited delay_ns. */
+void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
+/* Unmaps the heap's empty segments. */
+void hm_heap_release_reserve(struct hm_heap *h);
 
 /* refill.c */
 void hm_free_key_init(void);

@@ -84,14 +84,17 @@ static void span_release(struct hm_heap *h, struct hm_span *sp)
 }
 
 /* After blocks came back: list the span again if it was full, and give it
- * back to its segment once nothing is out, unless it is the class's only
- * span (a class that cycles through one span would thrash otherwise). */
+ * back to its segment once nothing is out.  Its pages stay resident for
+ * the purge delay, so a class that cycles through one span reuses them
+ * without page faults. */
 static void span_settle(struct hm_heap *h, struct hm_span *sp)
 {
+    if (sp->used == 0) {
+        span_release(h, sp);
+        return;
+    }
     if (!sp->in_partial)
         hm_partial_push(h, sp);
-    if (sp->used == 0 && (sp->next || sp->prev))
-        span_release(h, sp);
 }
 
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
@@ -271,6 +274,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     struct hm_heap_class_stats *s = &h->stats[cls];
     s->refills++;
     s->blocks_refilled += got;
+    /* Without ACE nobody else returns free pages: do it in small steps. */
+    if (++h->refills_since_purge >= 64) {
+        h->refills_since_purge = 0;
+        hm_heap_purge(h, hm_options.purge_delay_ns);
+    }
     if (hm_ace_on)
         report_refill(h, cls, want);
     return p;
@@ -410,30 +418,21 @@ void hm_free_key_init(void)
 
 /* ---- trim -------------------------------------------------------------- */
 
-/* malloc_trim: this thread's cached blocks go back, and every span and
- * segment left empty goes back to the OS. */
+/* malloc_trim: this thread's cached blocks go back (spans left empty go to
+ * their segments), its empty segments are unmapped, and every free page of
+ * every segment goes back to the OS now. */
 bool hm_trim(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
-    if (!h)
-        return false;
     uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                            memory_order_relaxed);
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-        hm_bin_return_all(h, tc, c);
-    hm_heap_collect(h);
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
-        struct hm_span *sp = h->partial[c];
-        while (sp) {
-            struct hm_span *next = sp->next;
-            if (sp->used == 0)
-                span_release(h, sp);
-            sp = next;
-        }
+    if (h) {
+        for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+            hm_bin_return_all(h, tc, c);
+        hm_heap_collect(h);
+        hm_heap_release_reserve(h);
     }
-    if (h->reserve) {
-        hm_segment_free(h->reserve);
-        h->reserve = NULL;
-    }
-    return atomic_load_explicit(&hm_segment_counters.bytes_mapped, memory_order_relaxed) < before;
+    size_t purged = hm_segment_purge_all(hm_clock_ns(), 0);
+    return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
+                                              memory_order_relaxed) < before;
 }

@@ -3,8 +3,10 @@
 #include "segment.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 struct hm_segmap hm_segmap;
 struct hm_segment_counters hm_segment_counters;
@@ -87,6 +89,125 @@ static void count_mapped(int64_t bytes)
                               memory_order_relaxed);
 }
 
+/* ---- registry of span segments ----------------------------------------- */
+
+/* Every span segment, so a purger can reach segments of any thread. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hm_segment *registry;
+
+static void registry_add(struct hm_segment *seg)
+{
+    pthread_mutex_lock(&registry_lock);
+    seg->all_prev = NULL;
+    seg->all_next = registry;
+    if (registry)
+        registry->all_prev = seg;
+    registry = seg;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void registry_remove(struct hm_segment *seg)
+{
+    pthread_mutex_lock(&registry_lock);
+    if (seg->all_prev)
+        seg->all_prev->all_next = seg->all_next;
+    else
+        registry = seg->all_next;
+    if (seg->all_next)
+        seg->all_next->all_prev = seg->all_prev;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void hm_segment_fork_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+}
+
+void hm_segment_fork_parent(void)
+{
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void hm_segment_fork_child(void)
+{
+    pthread_mutex_init(&registry_lock, NULL);
+}
+
+/* The page-state lock: held for a few bit operations by the owner, or for
+ * the madvise calls of one purge (the owner then waits that long). */
+static void seg_lock(struct hm_segment *seg)
+{
+    while (atomic_flag_test_and_set_explicit(&seg->lock, memory_order_acquire))
+        __builtin_ia32_pause();
+}
+
+static bool seg_trylock(struct hm_segment *seg)
+{
+    return !atomic_flag_test_and_set_explicit(&seg->lock, memory_order_acquire);
+}
+
+static void seg_unlock(struct hm_segment *seg)
+{
+    atomic_flag_clear_explicit(&seg->lock, memory_order_release);
+}
+
+uint64_t hm_clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Gives back the segment's dirty free pages when the oldest has waited
+ * delay_ns.  Caller holds the lock. */
+static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns)
+{
+    if (!seg->dirty_since_ns || now_ns - seg->dirty_since_ns < delay_ns)
+        return 0;
+    uint64_t dirty = seg->dirty_pages & seg->free_pages;
+    size_t bytes = 0;
+    while (dirty) {
+        unsigned first = (unsigned)__builtin_ctzll(dirty);
+        uint64_t rest = ~(dirty >> first);
+        unsigned run = rest ? (unsigned)__builtin_ctzll(rest) : 64 - first;
+        madvise((char *)seg + (size_t)first * HM_PAGE_SIZE, (size_t)run * HM_PAGE_SIZE,
+                MADV_DONTNEED);
+        bytes += (size_t)run * HM_PAGE_SIZE;
+        dirty &= run + first >= 64 ? 0 : ~(uint64_t)0 << (first + run);
+    }
+    seg->dirty_pages = 0;
+    seg->dirty_since_ns = 0;
+    atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
+    return bytes;
+}
+
+size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns)
+{
+    if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
+        return 0;
+    seg_lock(seg);
+    size_t bytes = purge_locked(seg, now_ns, delay_ns);
+    seg_unlock(seg);
+    return bytes;
+}
+
+size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns)
+{
+    size_t bytes = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (struct hm_segment *seg = registry; seg; seg = seg->all_next) {
+        if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
+            continue;
+        /* A busy segment is its owner at work: try it next time. */
+        if (seg_trylock(seg)) {
+            bytes += purge_locked(seg, now_ns, delay_ns);
+            seg_unlock(seg);
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return bytes;
+}
+
 /* ---- segments and spans ------------------------------------------------ */
 
 struct hm_segment *hm_segment_alloc(uintptr_t owner)
@@ -100,6 +221,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
     atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
     for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
         seg->page_span[i] = &hm_sentinel_span;
+    atomic_flag_clear(&seg->lock);
+    registry_add(seg);
     segmap_set((uintptr_t)seg, seg);
     count_mapped((int64_t)HM_SEGMENT_SIZE);
     atomic_fetch_add_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
@@ -108,6 +231,7 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
 
 void hm_segment_free(struct hm_segment *seg)
 {
+    registry_remove(seg);
     segmap_set((uintptr_t)seg, NULL);
     os_unmap(seg, HM_SEGMENT_SIZE);
     count_mapped(-(int64_t)HM_SEGMENT_SIZE);
@@ -140,12 +264,17 @@ static int find_free_run(uint64_t free_pages, unsigned pages)
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
                               unsigned cls, uint32_t block_size, uintptr_t owner)
 {
+    seg_lock(seg);
     int at = find_free_run(seg->free_pages, pages);
-    if (at < 0)
+    if (at < 0) {
+        seg_unlock(seg);
         return NULL;
+    }
     uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
     seg->free_pages &= ~run;
+    seg->dirty_pages &= ~run;           /* in use again: resident is right */
     seg->pages_used += pages;
+    seg_unlock(seg);
 
     struct hm_span *sp = &seg->spans[at];
     char *start = (char *)seg + (size_t)at * HM_PAGE_SIZE;
@@ -177,8 +306,14 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
         seg->page_span[at + i] = &hm_sentinel_span;
     atomic_store_explicit(&sp->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
     uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
+    uint64_t now = hm_clock_ns();
+    seg_lock(seg);
     seg->free_pages |= run;
+    seg->dirty_pages |= run;
+    if (!seg->dirty_since_ns)
+        seg->dirty_since_ns = now;
     seg->pages_used -= pages;
+    seg_unlock(seg);
 }
 
 /* ---- large blocks ------------------------------------------------------ */

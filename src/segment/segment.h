@@ -63,7 +63,13 @@ struct hm_segment {
     uint32_t kind;
     uint32_t pages_used;            /* spans' pages in use, header excluded */
     _Atomic uintptr_t owner;        /* heap id, or HM_OWNER_ABANDONED */
-    uint64_t free_pages;            /* bit i set: page i is free (owner only) */
+    /* Page state, under `lock`: the owner changes it when spans come and
+     * go, a purger (the ACE thread) when it returns free pages to the OS. */
+    atomic_flag lock;
+    uint64_t free_pages;            /* bit i set: page i is free */
+    uint64_t dirty_pages;           /* free pages that may still be resident */
+    uint64_t dirty_since_ns;        /* when the oldest of those was freed; 0: none */
+    struct hm_segment *all_next, *all_prev;   /* every span segment (registry) */
     struct hm_segment *next, *prev; /* the heap's list, or the abandoned stack */
     _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
     /* Large blocks only. */
@@ -126,6 +132,21 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
 struct hm_segment *hm_segment_of_span(const struct hm_span *sp);
 
+/* Decay: pages of released spans go back to the OS (MADV_DONTNEED) once
+ * they have been free for `delay_ns`, so a burst's memory does not stay
+ * resident, and a span freed and reused at once costs no page faults.
+ * hm_segment_purge does one segment (the owner's slow path); purge_all
+ * walks every span segment, including those of exited threads (the ACE
+ * thread, malloc_trim).  Both return the bytes given back. */
+uint64_t hm_clock_ns(void);
+size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns);
+size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns);
+
+/* Fork: the registry lock is held across fork(). */
+void hm_segment_fork_prepare(void);
+void hm_segment_fork_parent(void);
+void hm_segment_fork_child(void);
+
 /* Large blocks: one mapping each, fresh (zeroed) memory. */
 void *hm_large_alloc(size_t size, size_t alignment);
 void hm_large_free(struct hm_segment *seg);
@@ -140,6 +161,7 @@ struct hm_segment_counters {
     _Atomic uint64_t segments;
     _Atomic uint64_t large_blocks;
     _Atomic uint64_t large_bytes;
+    _Atomic uint64_t bytes_purged;      /* given back with MADV_DONTNEED, ever */
 };
 extern struct hm_segment_counters hm_segment_counters;
 
