@@ -1,6 +1,8 @@
 /* Segment box: the segment map, spans in a segment, and large blocks. */
 #include "test_util.h"
 
+#include <stdbool.h>
+
 #include "hakmem.h"
 #include "segment/segment.h"
 
@@ -67,8 +69,10 @@ static void large_blocks_map_align_and_resize(void **state)
     (void)state;
     size_t aligns[] = { 16, 4096, 65536, 1u << 20, 2u << 20, 4u << 20, 16u << 20 };
     for (size_t i = 0; i < sizeof aligns / sizeof *aligns; i++) {
-        char *p = hm_large_alloc(300000, aligns[i]);
+        bool zeroed = false;
+        char *p = hm_large_alloc(300000, aligns[i], &zeroed);
         assert_non_null(p);
+        assert_true(zeroed || aligns[i] <= 64);
         assert_int_equal((uintptr_t)p % aligns[i], 0);
         struct hm_segment *seg = hm_segment_of((uintptr_t)p);
         assert_non_null(seg);
@@ -89,12 +93,37 @@ static void large_blocks_map_align_and_resize(void **state)
     }
 }
 
+static void large_cache_reuses_then_decays(void **state)
+{
+    (void)state;
+    hm_large_cache_purge(hm_clock_ns(), 0);
+    bool zeroed;
+    char *p = hm_large_alloc(1u << 20, 16, &zeroed);
+    assert_true(zeroed);
+    memset(p, 7, 1u << 20);
+    hm_large_free(hm_segment_of((uintptr_t)p));
+    assert_null(hm_segment_of((uintptr_t)p));       /* freed: not ours now */
+    /* A slightly smaller request reuses it, and it is not zero. */
+    char *q = hm_large_alloc((1u << 20) - 5000, 16, &zeroed);
+    assert_ptr_equal(q, p);
+    assert_false(zeroed);
+    assert_int_equal(q[100], 7);
+    /* A much smaller one does not (it would waste more than a quarter). */
+    char *r = hm_large_alloc(300000, 16, &zeroed);
+    assert_true(zeroed);
+    hm_large_free(hm_segment_of((uintptr_t)r));
+    hm_large_free(hm_segment_of((uintptr_t)q));
+    assert_true(hm_large_cache_purge(hm_clock_ns(), 0) >= (1u << 20));
+    assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(large_blocks_map_align_and_resize),
+        cmocka_unit_test(large_cache_reuses_then_decays),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -55,19 +55,22 @@ static inline void *alloc_class(unsigned cls)
     return likely(p) ? p : alloc_refill(cls);
 }
 
-static void *alloc_large(size_t size, size_t alignment)
+static void *alloc_large(size_t size, size_t alignment, bool *zeroed)
 {
     /* Re-entered during set-up: large blocks need only the segment map. */
-    if (!hm_process_init() && !hm_segmap.entries)
+    if (!hm_process_init() && !hm_segmap.entries) {
+        *zeroed = true;                       /* static, never used before */
         return hm_bootstrap_alloc(size, alignment);
-    return hm_large_alloc(size, alignment);   /* sets ENOMEM itself */
+    }
+    return hm_large_alloc(size, alignment, zeroed);   /* sets ENOMEM itself */
 }
 
 __attribute__((noinline)) static void *malloc_generic(size_t size)
 {
     if (size <= HM_MAX_CLASS_SIZE)
         return alloc_class(hm_size_class(size));
-    return alloc_large(size, 16);
+    bool zeroed;
+    return alloc_large(size, 16, &zeroed);
 }
 
 void *hakmem_malloc(size_t size)
@@ -119,8 +122,13 @@ void *hakmem_calloc(size_t n, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    if (total > HM_MAX_CLASS_SIZE)
-        return alloc_large(total, 16);      /* fresh pages are already zero */
+    if (total > HM_MAX_CLASS_SIZE) {
+        bool zeroed;
+        void *p = alloc_large(total, 16, &zeroed);
+        if (p && !zeroed)                   /* fresh pages are zero already */
+            memset(p, 0, total);
+        return p;
+    }
     void *p = hakmem_malloc(total);
     if (likely(p))
         memset(p, 0, total);
@@ -195,7 +203,8 @@ static void *alloc_aligned(size_t alignment, size_t size)
                     return alloc_class(c);
         }
     }
-    return alloc_large(size, alignment);
+    bool zeroed;
+    return alloc_large(size, alignment, &zeroed);
 }
 
 static bool is_pow2(size_t a)

@@ -38,16 +38,19 @@ static void fork_prepare(void)
 {
     hm_refill_fork_prepare();
     hm_segment_fork_prepare();
+    hm_large_fork_prepare();
 }
 
 static void fork_parent(void)
 {
+    hm_large_fork_parent();
     hm_segment_fork_parent();
     hm_refill_fork_parent();
 }
 
 static void fork_child(void)
 {
+    hm_large_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child();
     hm_ace_fork_child();
@@ -71,6 +74,7 @@ static void phase1(void)
         hm_fatal("malloc", "cannot reserve the segment map, size", (void *)HM_SEGMENT_SIZE);
     hm_options.stats = env_flag("HAKMEM_STATS");
     hm_options.purge_delay_ns = env_ms("HAKMEM_PURGE_DELAY_MS", 1000);
+    hm_large_cache_config(hm_options.purge_delay_ns);
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */
     hm_options.stats_fd = hm_options.stats ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 100) : -1;

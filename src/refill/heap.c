@@ -143,13 +143,21 @@ void hm_heap_release_reserve(struct hm_heap *h)
     h->reserve_count = 0;
 }
 
+/* Own segments every call; every segment (those of exited threads, the
+ * large-block cache) at most four times per delay, by whichever thread
+ * gets there first. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
+    static _Atomic uint64_t last_global;
     uint64_t now = hm_clock_ns();
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
     for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
+    uint64_t last = atomic_load_explicit(&last_global, memory_order_relaxed);
+    if (now - last >= delay_ns / 4 &&
+        atomic_compare_exchange_strong(&last_global, &last, now))
+        hm_segment_purge_all(now, delay_ns);
 }
 
 /* Takes over a segment of an exited thread: its spans become ours, and
@@ -272,13 +280,12 @@ void hm_thread_exit(struct hm_tcache *tc)
             else
                 atomic_store_explicit(&sp->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
         }
-        if (hm_segment_is_empty(seg)) {
+        /* Its free pages decay like any others: the next thread often
+         * adopts the segment and reuses them. */
+        if (hm_segment_is_empty(seg))
             hm_segment_free(seg);
-        } else {
-            /* Nobody will reuse its free pages soon: give them back now. */
-            hm_segment_purge(seg, hm_clock_ns(), 0);
+        else
             abandon_segment(seg);
-        }
         seg = next;
     }
     h->segments = NULL;

@@ -1,93 +1,19 @@
-/* Segments, spans and large blocks: the OS memory under the allocator. */
+/* Segments and spans: 4 MiB of 64 KiB pages, handed to threads as spans,
+ * and the decay that gives free pages back to the OS. */
 #define _GNU_SOURCE
-#include "segment.h"
+#include "os_internal.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
 
-struct hm_segmap hm_segmap;
-struct hm_segment_counters hm_segment_counters;
-
 /* Owns no blocks: every page of a segment that carries no span points here,
  * so free() needs no NULL check before reading the owner. */
 struct hm_span hm_sentinel_span = { .owner = HM_OWNER_SENTINEL };
 
-/* Where a large block's user memory starts in its mapping when the header
- * shares the first granule (alignment below half a segment). */
-#define HM_LARGE_HEADER_SIZE \
-    ((offsetof(struct hm_segment, spans) + 63) & ~(size_t)63)
-#define HM_OS_PAGE ((size_t)4096)
-
 _Static_assert(sizeof(struct hm_span) == 192, "span layout");
 _Static_assert(sizeof(struct hm_segment) <= HM_PAGE_SIZE, "header fits page 0");
-
-int hm_segment_module_init(void)
-{
-    size_t entries = (size_t)1 << (HM_ADDRESS_BITS - HM_SEGMENT_SHIFT);
-    void *t = mmap(NULL, entries * sizeof(void *), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (t == MAP_FAILED)
-        return -1;
-    hm_segmap.table = t;
-    __atomic_store_n(&hm_segmap.entries, entries, __ATOMIC_RELEASE);
-    return 0;
-}
-
-static void segmap_set(uintptr_t u, struct hm_segment *seg)
-{
-    atomic_store_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], seg,
-                          memory_order_release);
-}
-
-static size_t round_up(size_t n, size_t a)
-{
-    return (n + a - 1) & ~(a - 1);
-}
-
-/* Maps `size` bytes at an address base such that base + offset is a
- * multiple of `align`.  Tries the plain mapping first: the kernel often
- * hands out addresses right below the previous mapping, which keeps
- * segment-sized requests aligned without trimming. */
-static char *os_map(size_t size, size_t align, size_t offset)
-{
-    char *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    if ((((uintptr_t)p + offset) & (align - 1)) == 0)
-        return p;
-    munmap(p, size);
-
-    size_t span = size + align;
-    if (span < size)
-        return NULL;
-    p = mmap(NULL, span, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    uintptr_t want = (((uintptr_t)p + offset + align - 1) & ~(uintptr_t)(align - 1)) - offset;
-    char *base = (char *)want;
-    if (base > p)
-        munmap(p, (size_t)(base - p));
-    char *end = p + span;
-    if (end > base + size)
-        munmap(base + size, (size_t)(end - (base + size)));
-    return base;
-}
-
-static void os_unmap(void *p, size_t size)
-{
-    munmap(p, size);
-}
-
-static void count_mapped(int64_t bytes)
-{
-    atomic_fetch_add_explicit(&hm_segment_counters.bytes_mapped, (uint64_t)bytes,
-                              memory_order_relaxed);
-}
 
 /* ---- registry of span segments ----------------------------------------- */
 
@@ -193,7 +119,7 @@ size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_
 
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns)
 {
-    size_t bytes = 0;
+    size_t bytes = hm_large_cache_purge(now_ns, delay_ns);
     pthread_mutex_lock(&registry_lock);
     for (struct hm_segment *seg = registry; seg; seg = seg->all_next) {
         if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
@@ -212,7 +138,7 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns)
 
 struct hm_segment *hm_segment_alloc(uintptr_t owner)
 {
-    struct hm_segment *seg = (struct hm_segment *)os_map(HM_SEGMENT_SIZE, HM_SEGMENT_SIZE, 0);
+    struct hm_segment *seg = (struct hm_segment *)hm_os_map(HM_SEGMENT_SIZE, HM_SEGMENT_SIZE, 0);
     if (!seg)
         return NULL;
     /* Fresh mapping: already zero.  Only the header page is written. */
@@ -223,8 +149,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
         seg->page_span[i] = &hm_sentinel_span;
     atomic_flag_clear(&seg->lock);
     registry_add(seg);
-    segmap_set((uintptr_t)seg, seg);
-    count_mapped((int64_t)HM_SEGMENT_SIZE);
+    hm_segmap_set((uintptr_t)seg, seg);
+    hm_count_mapped((int64_t)HM_SEGMENT_SIZE);
     atomic_fetch_add_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
     return seg;
 }
@@ -232,9 +158,9 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
 void hm_segment_free(struct hm_segment *seg)
 {
     registry_remove(seg);
-    segmap_set((uintptr_t)seg, NULL);
-    os_unmap(seg, HM_SEGMENT_SIZE);
-    count_mapped(-(int64_t)HM_SEGMENT_SIZE);
+    hm_segmap_set((uintptr_t)seg, NULL);
+    hm_os_unmap(seg, HM_SEGMENT_SIZE);
+    hm_count_mapped(-(int64_t)HM_SEGMENT_SIZE);
     atomic_fetch_sub_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
 }
 
@@ -314,126 +240,4 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
         seg->dirty_since_ns = now;
     seg->pages_used -= pages;
     seg_unlock(seg);
-}
-
-/* ---- large blocks ------------------------------------------------------ */
-
-/* A large block's header sits at the start of the granule that holds its
- * user pointer when the alignment allows (below half a segment); otherwise
- * on the OS page right before the (granule-aligned) user pointer.  Either
- * way the granule of the user pointer maps to the header. */
-static bool large_layout(size_t size, size_t alignment, size_t *offset, size_t *map_size,
-                         size_t *map_align)
-{
-    if (alignment < HM_SEGMENT_SIZE / 2) {
-        *offset = round_up(HM_LARGE_HEADER_SIZE, alignment < 16 ? 16 : alignment);
-        *map_align = HM_SEGMENT_SIZE;
-    } else {
-        *offset = HM_OS_PAGE;
-        *map_align = alignment;
-    }
-    size_t limit = (size_t)PTRDIFF_MAX - *offset - *map_align - HM_OS_PAGE;
-    if (size > limit)
-        return false;
-    *map_size = round_up(*offset + size, HM_OS_PAGE);
-    return true;
-}
-
-static void large_init(struct hm_segment *seg, size_t map_size, size_t offset, size_t alignment)
-{
-    seg->kind = HM_SEGMENT_LARGE;
-    atomic_store_explicit(&seg->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
-    seg->map_base = (char *)seg;
-    seg->map_size = map_size;
-    seg->user = (char *)seg + offset;
-    seg->alignment = alignment;
-    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
-        seg->page_span[i] = &hm_sentinel_span;
-    segmap_set((uintptr_t)seg->user, seg);
-}
-
-void *hm_large_alloc(size_t size, size_t alignment)
-{
-    size_t offset, map_size, map_align;
-    if (!large_layout(size, alignment, &offset, &map_size, &map_align)) {
-        errno = ENOMEM;
-        return NULL;
-    }
-    char *base = os_map(map_size, map_align, alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
-    if (!base) {
-        errno = ENOMEM;
-        return NULL;
-    }
-    struct hm_segment *seg = (struct hm_segment *)base;
-    large_init(seg, map_size, offset, alignment);
-    count_mapped((int64_t)map_size);
-    atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
-    return seg->user;
-}
-
-void hm_large_free(struct hm_segment *seg)
-{
-    size_t map_size = seg->map_size;
-    segmap_set((uintptr_t)seg->user, NULL);
-    os_unmap(seg->map_base, map_size);
-    count_mapped(-(int64_t)map_size);
-    atomic_fetch_sub_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
-}
-
-size_t hm_large_usable_size(const struct hm_segment *seg)
-{
-    return (size_t)(seg->map_base + seg->map_size - seg->user);
-}
-
-static void large_resized(int64_t delta)
-{
-    count_mapped(delta);
-    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, (uint64_t)delta,
-                              memory_order_relaxed);
-}
-
-void *hm_large_resize(struct hm_segment *seg, size_t size)
-{
-    size_t offset = (size_t)(seg->user - seg->map_base);
-    size_t old_map = seg->map_size;
-    if (size > (size_t)PTRDIFF_MAX - offset - HM_SEGMENT_SIZE)
-        return NULL;
-    size_t new_map = round_up(offset + size, HM_OS_PAGE);
-    if (new_map == old_map)
-        return seg->user;
-    if (new_map < old_map) {
-        os_unmap(seg->map_base + new_map, old_map - new_map);
-        seg->map_size = new_map;
-        large_resized(-(int64_t)(old_map - new_map));
-        return seg->user;
-    }
-    /* Grow in place when the address space after the block is free. */
-    if (mremap(seg->map_base, old_map, new_map, 0) != MAP_FAILED) {
-        seg->map_size = new_map;
-        large_resized((int64_t)(new_map - old_map));
-        return seg->user;
-    }
-    /* Move the pages (no copy) to a place with the same alignment: reserve
-     * it, then let mremap replace the reservation. */
-    size_t map_align = seg->alignment < HM_SEGMENT_SIZE / 2 ? HM_SEGMENT_SIZE : seg->alignment;
-    char *dest = os_map(new_map, map_align, seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
-    if (!dest)
-        return NULL;
-    char *old_base = seg->map_base;
-    uintptr_t old_user = (uintptr_t)seg->user;
-    void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
-    if (moved == MAP_FAILED) {
-        os_unmap(dest, new_map);
-        return NULL;
-    }
-    segmap_set(old_user, NULL);
-    struct hm_segment *nseg = (struct hm_segment *)dest;
-    nseg->map_base = dest;
-    nseg->map_size = new_map;
-    nseg->user = dest + offset;
-    segmap_set((uintptr_t)nseg->user, nseg);
-    large_resized((int64_t)(new_map - old_map));
-    return nseg->user;
 }

@@ -142,13 +142,22 @@ uint64_t hm_clock_ns(void);
 size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns);
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns);
 
-/* Fork: the registry lock is held across fork(). */
+/* Freed large blocks wait in a bounded cache; this unmaps those unused for
+ * delay_ns and returns their bytes.  config sets the delay free() applies. */
+void hm_large_cache_config(uint64_t delay_ns);
+size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns);
+
+/* Fork: the registry and cache locks are held across fork(). */
 void hm_segment_fork_prepare(void);
 void hm_segment_fork_parent(void);
 void hm_segment_fork_child(void);
+void hm_large_fork_prepare(void);
+void hm_large_fork_parent(void);
+void hm_large_fork_child(void);
 
-/* Large blocks: one mapping each, fresh (zeroed) memory. */
-void *hm_large_alloc(size_t size, size_t alignment);
+/* Large blocks: one mapping each.  *zeroed says whether the memory is
+ * fresh from the OS (a block reused from the cache is not). */
+void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed);
 void hm_large_free(struct hm_segment *seg);
 size_t hm_large_usable_size(const struct hm_segment *seg);
 /* Resizes in place or by moving the pages (mremap): the new user pointer,

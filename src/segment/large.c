@@ -1,0 +1,278 @@
+/* Large blocks: above the largest size class, each its own mapping.
+ *
+ * Freed large blocks of the plain layout wait a while in a small cache, so
+ * a program that frees and allocates big buffers in turn does not pay an
+ * mmap, a page-fault storm and an munmap each time.  The cache is bounded
+ * (slots and bytes) and decays like free pages: a block unused for the
+ * purge delay is unmapped. */
+#define _GNU_SOURCE
+#include "os_internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sys/mman.h>
+
+/* Where a large block's user memory starts in its mapping when the header
+ * shares the first granule (alignment below half a segment). */
+#define HM_LARGE_HEADER_SIZE \
+    ((offsetof(struct hm_segment, spans) + 63) & ~(size_t)63)
+
+#define CACHE_SLOTS      32
+#define CACHE_MAX_BYTES  ((size_t)64 << 20)
+#define CACHE_MAX_BLOCK  ((size_t)32 << 20)
+
+static void large_unmap(struct hm_segment *seg)
+{
+    size_t map_size = seg->map_size;
+    hm_os_unmap(seg->map_base, map_size);
+    hm_count_mapped(-(int64_t)map_size);
+}
+
+struct cached_block {
+    struct hm_segment *seg;
+    uint64_t freed_ns;
+};
+
+/* Oldest first: cache[0] is the next to expire. */
+static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cached_block cache[CACHE_SLOTS];
+static unsigned cache_count;
+static size_t cache_bytes;
+
+static void cache_remove_at(unsigned i)
+{
+    cache_bytes -= cache[i].seg->map_size;
+    for (unsigned j = i + 1; j < cache_count; j++)
+        cache[j - 1] = cache[j];
+    cache_count--;
+}
+
+/* The smallest cached block that fits, if it wastes at most a quarter. */
+static struct hm_segment *cache_take(size_t map_size)
+{
+    if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
+        return NULL;
+    pthread_mutex_lock(&cache_lock);
+    int best = -1;
+    for (unsigned i = 0; i < cache_count; i++) {
+        size_t have = cache[i].seg->map_size;
+        if (have >= map_size && have - map_size <= map_size / 4 &&
+            (best < 0 || have < cache[best].seg->map_size))
+            best = (int)i;
+    }
+    struct hm_segment *seg = NULL;
+    if (best >= 0) {
+        seg = cache[best].seg;
+        cache_remove_at((unsigned)best);
+    }
+    pthread_mutex_unlock(&cache_lock);
+    return seg;
+}
+
+/* Takes out what must go (expired, or beyond the bounds once `incoming`
+ * bytes join); the caller unmaps them outside the lock. */
+static unsigned cache_evict(uint64_t now_ns, uint64_t delay_ns, size_t incoming,
+                            struct hm_segment **out)
+{
+    unsigned n = 0;
+    while (cache_count && (now_ns - cache[0].freed_ns >= delay_ns ||
+                           cache_count == CACHE_SLOTS ||
+                           cache_bytes + incoming > CACHE_MAX_BYTES)) {
+        out[n++] = cache[0].seg;
+        cache_remove_at(0);
+    }
+    return n;
+}
+
+static uint64_t cache_delay_ns;
+
+static bool cache_put(struct hm_segment *seg)
+{
+    if (seg->user != seg->map_base + HM_LARGE_HEADER_SIZE || seg->map_size > CACHE_MAX_BLOCK)
+        return false;
+    struct hm_segment *victims[CACHE_SLOTS];
+    uint64_t now = hm_clock_ns();
+    pthread_mutex_lock(&cache_lock);
+    unsigned n = cache_evict(now, cache_delay_ns, seg->map_size, victims);
+    cache[cache_count++] = (struct cached_block){ seg, now };
+    cache_bytes += seg->map_size;
+    pthread_mutex_unlock(&cache_lock);
+    for (unsigned i = 0; i < n; i++)
+        large_unmap(victims[i]);
+    return true;
+}
+
+void hm_large_cache_config(uint64_t delay_ns)
+{
+    cache_delay_ns = delay_ns;
+}
+
+size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns)
+{
+    if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
+        return 0;
+    struct hm_segment *victims[CACHE_SLOTS];
+    pthread_mutex_lock(&cache_lock);
+    unsigned n = cache_evict(now_ns, delay_ns, 0, victims);
+    pthread_mutex_unlock(&cache_lock);
+    size_t bytes = 0;
+    for (unsigned i = 0; i < n; i++) {
+        bytes += victims[i]->map_size;
+        large_unmap(victims[i]);
+    }
+    return bytes;
+}
+
+void hm_large_fork_prepare(void)
+{
+    pthread_mutex_lock(&cache_lock);
+}
+
+void hm_large_fork_parent(void)
+{
+    pthread_mutex_unlock(&cache_lock);
+}
+
+void hm_large_fork_child(void)
+{
+    pthread_mutex_init(&cache_lock, NULL);
+}
+
+/* A large block's header sits at the start of the granule that holds its
+ * user pointer when the alignment allows (below half a segment); otherwise
+ * on the OS page right before the (granule-aligned) user pointer.  Either
+ * way the granule of the user pointer maps to the header. */
+static bool large_layout(size_t size, size_t alignment, size_t *offset, size_t *map_size,
+                         size_t *map_align)
+{
+    if (alignment < HM_SEGMENT_SIZE / 2) {
+        *offset = hm_round_up(HM_LARGE_HEADER_SIZE, alignment < 16 ? 16 : alignment);
+        *map_align = HM_SEGMENT_SIZE;
+    } else {
+        *offset = HM_OS_PAGE;
+        *map_align = alignment;
+    }
+    size_t limit = (size_t)PTRDIFF_MAX - *offset - *map_align - HM_OS_PAGE;
+    if (size > limit)
+        return false;
+    *map_size = hm_round_up(*offset + size, HM_OS_PAGE);
+    return true;
+}
+
+static void large_init(struct hm_segment *seg, size_t map_size, size_t offset, size_t alignment)
+{
+    seg->kind = HM_SEGMENT_LARGE;
+    atomic_store_explicit(&seg->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
+    seg->map_base = (char *)seg;
+    seg->map_size = map_size;
+    seg->user = (char *)seg + offset;
+    seg->alignment = alignment;
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
+        seg->page_span[i] = &hm_sentinel_span;
+    hm_segmap_set((uintptr_t)seg->user, seg);
+}
+
+/* A cached block goes live again at its old place. */
+static void *large_revive(struct hm_segment *seg)
+{
+    hm_segmap_set((uintptr_t)seg->user, seg);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, seg->map_size,
+                              memory_order_relaxed);
+    return seg->user;
+}
+
+void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
+{
+    size_t offset, map_size, map_align;
+    if (!large_layout(size, alignment, &offset, &map_size, &map_align)) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    if (offset == HM_LARGE_HEADER_SIZE) {
+        struct hm_segment *seg = cache_take(map_size);
+        if (seg) {
+            *zeroed = false;
+            return large_revive(seg);
+        }
+    }
+    *zeroed = true;
+    char *base = hm_os_map(map_size, map_align, alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    if (!base) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    struct hm_segment *seg = (struct hm_segment *)base;
+    large_init(seg, map_size, offset, alignment);
+    hm_count_mapped((int64_t)map_size);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
+    return seg->user;
+}
+
+void hm_large_free(struct hm_segment *seg)
+{
+    /* Unregistered first: a second free of it is an invalid pointer. */
+    hm_segmap_set((uintptr_t)seg->user, NULL);
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_bytes, seg->map_size,
+                              memory_order_relaxed);
+    if (!cache_put(seg))
+        large_unmap(seg);
+}
+
+size_t hm_large_usable_size(const struct hm_segment *seg)
+{
+    return (size_t)(seg->map_base + seg->map_size - seg->user);
+}
+
+static void large_resized(int64_t delta)
+{
+    hm_count_mapped(delta);
+    atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, (uint64_t)delta,
+                              memory_order_relaxed);
+}
+
+void *hm_large_resize(struct hm_segment *seg, size_t size)
+{
+    size_t offset = (size_t)(seg->user - seg->map_base);
+    size_t old_map = seg->map_size;
+    if (size > (size_t)PTRDIFF_MAX - offset - HM_SEGMENT_SIZE)
+        return NULL;
+    size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
+    if (new_map == old_map)
+        return seg->user;
+    if (new_map < old_map) {
+        hm_os_unmap(seg->map_base + new_map, old_map - new_map);
+        seg->map_size = new_map;
+        large_resized(-(int64_t)(old_map - new_map));
+        return seg->user;
+    }
+    /* Grow in place when the address space after the block is free. */
+    if (mremap(seg->map_base, old_map, new_map, 0) != MAP_FAILED) {
+        seg->map_size = new_map;
+        large_resized((int64_t)(new_map - old_map));
+        return seg->user;
+    }
+    /* Move the pages (no copy) to a place with the same alignment: reserve
+     * it, then let mremap replace the reservation. */
+    size_t map_align = seg->alignment < HM_SEGMENT_SIZE / 2 ? HM_SEGMENT_SIZE : seg->alignment;
+    char *dest = hm_os_map(new_map, map_align, seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    if (!dest)
+        return NULL;
+    char *old_base = seg->map_base;
+    uintptr_t old_user = (uintptr_t)seg->user;
+    void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+    if (moved == MAP_FAILED) {
+        hm_os_unmap(dest, new_map);
+        return NULL;
+    }
+    hm_segmap_set(old_user, NULL);
+    struct hm_segment *nseg = (struct hm_segment *)dest;
+    nseg->map_base = dest;
+    nseg->map_size = new_map;
+    nseg->user = dest + offset;
+    hm_segmap_set((uintptr_t)nseg->user, nseg);
+    large_resized((int64_t)(new_map - old_map));
+    return nseg->user;
+}

@@ -1,0 +1,68 @@
+/* OS memory: mappings, and the segment map that names their owners. */
+#define _GNU_SOURCE
+#include "os_internal.h"
+
+#include <sys/mman.h>
+
+struct hm_segmap hm_segmap;
+struct hm_segment_counters hm_segment_counters;
+
+int hm_segment_module_init(void)
+{
+    size_t entries = (size_t)1 << (HM_ADDRESS_BITS - HM_SEGMENT_SHIFT);
+    void *t = mmap(NULL, entries * sizeof(void *), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (t == MAP_FAILED)
+        return -1;
+    hm_segmap.table = t;
+    __atomic_store_n(&hm_segmap.entries, entries, __ATOMIC_RELEASE);
+    return 0;
+}
+
+void hm_segmap_set(uintptr_t u, struct hm_segment *seg)
+{
+    atomic_store_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], seg,
+                          memory_order_release);
+}
+
+/* Maps `size` bytes at an address base such that base + offset is a
+ * multiple of `align`.  Tries the plain mapping first: the kernel often
+ * hands out addresses right below the previous mapping, which keeps
+ * segment-sized requests aligned without trimming. */
+char *hm_os_map(size_t size, size_t align, size_t offset)
+{
+    char *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    if ((((uintptr_t)p + offset) & (align - 1)) == 0)
+        return p;
+    munmap(p, size);
+
+    size_t span = size + align;
+    if (span < size)
+        return NULL;
+    p = mmap(NULL, span, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    uintptr_t want = (((uintptr_t)p + offset + align - 1) & ~(uintptr_t)(align - 1)) - offset;
+    char *base = (char *)want;
+    if (base > p)
+        munmap(p, (size_t)(base - p));
+    char *end = p + span;
+    if (end > base + size)
+        munmap(base + size, (size_t)(end - (base + size)));
+    return base;
+}
+
+void hm_os_unmap(void *p, size_t size)
+{
+    munmap(p, size);
+}
+
+void hm_count_mapped(int64_t bytes)
+{
+    atomic_fetch_add_explicit(&hm_segment_counters.bytes_mapped, (uint64_t)bytes,
+                              memory_order_relaxed);
+}

@@ -1,0 +1,23 @@
+/* Segment box internals: OS mappings and the segment map.  Only
+ * src/segment/ includes this. */
+#ifndef HM_OS_INTERNAL_H
+#define HM_OS_INTERNAL_H
+
+#include "segment.h"
+
+#define HM_OS_PAGE ((size_t)4096)
+
+static inline size_t hm_round_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
+
+/* Maps `size` bytes at a base such that base + offset is a multiple of
+ * `align`; NULL when the OS refuses. */
+char *hm_os_map(size_t size, size_t align, size_t offset);
+void hm_os_unmap(void *p, size_t size);
+
+void hm_segmap_set(uintptr_t u, struct hm_segment *seg);
+void hm_count_mapped(int64_t bytes);
+
+#endif
