@@ -99,12 +99,48 @@ static void exited_threads_leave_nothing_resident(void **state)
     assert_true(s1.bytes_mapped <= s0.bytes_mapped);
 }
 
+static uint64_t cached_bytes(void)
+{
+    uint64_t bytes = 0;
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        struct hakmem_class_info ci;
+        hakmem_class_info(c, &ci);
+        bytes += ci.blocks_cached * ci.block_size;
+    }
+    return bytes;
+}
+
+/* Run with HAKMEM_TCACHE_MAX_KB=256: one thread's cache stays near that. */
+static void thread_cache_stays_within_budget(void **state)
+{
+    (void)state;
+    static void *p[256];
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        struct hakmem_class_info ci;
+        hakmem_class_info(c, &ci);
+        unsigned n = 2 * ci.refill_count < 256 ? 2 * ci.refill_count : 256;
+        for (unsigned i = 0; i < n; i++)
+            p[i] = hakmem_malloc(ci.block_size);
+        for (unsigned i = 0; i < n; i++)
+            hakmem_free(p[i]);
+    }
+    assert_true(cached_bytes() > 512u << 10);   /* full bins: over budget */
+    /* The budget is enforced every 64 refills: make some (16-byte class). */
+    static void *small[64 * 70];
+    for (unsigned i = 0; i < 64 * 70; i++)
+        small[i] = hakmem_malloc(16);
+    for (unsigned i = 0; i < 64 * 70; i++)
+        hakmem_free(small[i]);
+    assert_true(cached_bytes() <= 256u << 10);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(trim_returns_free_memory),
         cmocka_unit_test(free_pages_decay_after_the_delay),
         cmocka_unit_test(exited_threads_leave_nothing_resident),
+        cmocka_unit_test(thread_cache_stays_within_budget),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

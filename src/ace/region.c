@@ -57,6 +57,7 @@ static pid_t region_pid;
 static struct hakmem_region_header *region;
 static size_t region_size;
 static uint64_t region_first_tick, region_last_gather, region_last_publish;
+static uint64_t region_seq;          /* the seqlock's value, kept here, not read back */
 static uint32_t region_bell_seen;
 
 /* The last snapshot gathered and the one last written, to see changes. */
@@ -251,14 +252,15 @@ static void gather(struct region_snap *s)
     }
 }
 
-/* Writes snap_now under the seqlock (this thread is the only writer). */
+/* Writes snap_now under the seqlock (this thread is the only writer).  The
+ * odd value goes in with an acquire read-modify-write, which keeps every
+ * data store after it; the even value with a release store, which keeps
+ * them before it.  (No fences: ThreadSanitizer builds do not support them.) */
 static void write_snapshot(void)
 {
     struct hakmem_region_header *h = region;
     const struct region_snap *s = &snap_now;
-    uint64_t seq = __atomic_load_n(&h->seq, __ATOMIC_RELAXED);
-    __atomic_store_n(&h->seq, seq + 1, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_RELEASE);   /* odd before any data store */
+    __atomic_exchange_n(&h->seq, ++region_seq, __ATOMIC_ACQ_REL);
 
     h->publishes++;
     h->publish_time_ns = clock_ns(CLOCK_REALTIME);
@@ -276,7 +278,7 @@ static void write_snapshot(void)
     h->ace_changes = s->ace_changes;
     memcpy((char *)h + h->header_size, s->cls, sizeof s->cls);
 
-    __atomic_store_n(&h->seq, seq + 2, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->seq, ++region_seq, __ATOMIC_RELEASE);
 }
 
 static void publish(uint64_t now)
@@ -430,6 +432,7 @@ void hm_ace_region_fork_child(void)
     region = NULL;
     region_first_tick = region_last_gather = region_last_publish = 0;
     region_bell_seen = 0;
+    region_seq = 0;
     memset(&snap_written, 0, sizeof snap_written);
     atomic_store(&region_state, REGION_NONE);
 }

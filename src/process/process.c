@@ -56,15 +56,16 @@ static void fork_child(void)
     hm_ace_fork_child();
 }
 
-static uint64_t env_ms(const char *name, uint64_t def_ms)
+/* A decimal number from the environment (capped at 2^40), or def. */
+static uint64_t env_u64(const char *name, uint64_t def)
 {
     const char *v = getenv(name);
-    if (!v || !*v)
-        return def_ms * 1000000u;
-    uint64_t ms = 0;
-    for (; *v >= '0' && *v <= '9' && ms < 86400000u; v++)
-        ms = ms * 10 + (uint64_t)(*v - '0');
-    return ms * 1000000u;
+    if (!v || *v < '0' || *v > '9')
+        return def;
+    uint64_t n = 0;
+    for (; *v >= '0' && *v <= '9' && n < ((uint64_t)1 << 40); v++)
+        n = n * 10 + (uint64_t)(*v - '0');
+    return n;
 }
 
 static void phase1(void)
@@ -73,7 +74,8 @@ static void phase1(void)
     if (hm_segment_module_init() != 0)
         hm_fatal("malloc", "cannot reserve the segment map, size", (void *)HM_SEGMENT_SIZE);
     hm_options.stats = env_flag("HAKMEM_STATS");
-    hm_options.purge_delay_ns = env_ms("HAKMEM_PURGE_DELAY_MS", 1000);
+    hm_options.purge_delay_ns = env_u64("HAKMEM_PURGE_DELAY_MS", 1000) * 1000000u;
+    hm_options.tcache_max_bytes = env_u64("HAKMEM_TCACHE_MAX_KB", 32768) << 10;
     hm_large_cache_config(hm_options.purge_delay_ns);
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */

@@ -19,6 +19,7 @@ struct hm_options {
     bool stats;             /* HAKMEM_STATS=1: per-class report at exit */
     int stats_fd;           /* a copy of stderr for that report */
     uint64_t purge_delay_ns; /* HAKMEM_PURGE_DELAY_MS: free pages stay resident that long */
+    uint64_t tcache_max_bytes; /* HAKMEM_TCACHE_MAX_KB: all thread caches together */
 };
 extern struct hm_options hm_options;
 

@@ -20,6 +20,12 @@ static struct hm_heap *heaps_live;
 static struct hm_heap *heaps_free;
 static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
+static _Atomic uint64_t threads_live;
+
+uint64_t hm_heap_live_count(void)
+{
+    return atomic_load_explicit(&threads_live, memory_order_relaxed);
+}
 
 /* Totals of heaps that have exited, so reports keep their counts. */
 static struct hm_heap_class_stats retired[HM_NUM_CLASSES];
@@ -87,6 +93,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         if (heaps_live)
             heaps_live->prev_live = h;
         heaps_live = h;
+        atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
     }
     pthread_mutex_unlock(&heaps_lock);
     if (!h)
@@ -298,6 +305,7 @@ void hm_thread_exit(struct hm_tcache *tc)
     pthread_mutex_lock(&heaps_lock);
     retire_stats(h);
     threads_exited++;
+    atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
     if (h->prev_live)
         h->prev_live->next_live = h->next_live;
     else

@@ -38,6 +38,7 @@ struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 /* Gives back the free pages of this heap's segments that waited delay_ns. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
+uint64_t hm_heap_live_count(void);
 /* Unmaps the heap's empty segments. */
 void hm_heap_release_reserve(struct hm_heap *h);
 

@@ -175,6 +175,8 @@ void hm_heap_collect(struct hm_heap *h)
 
 /* ---- refill ------------------------------------------------------------ */
 
+static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint32_t keep);
+
 /* Takes up to n blocks from a span, handed back first, then never-carved
  * ones, and prepends them to *list.  Returns how many. */
 static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
@@ -231,6 +233,41 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
         s->ace_drops++;
 }
 
+/* The bytes one thread may cache: a share of HAKMEM_TCACHE_MAX_KB among
+ * the live threads, at least 256 KiB, so 500 threads do not each keep a
+ * full cache. */
+static uint64_t cache_budget(void)
+{
+    uint64_t threads = hm_heap_live_count();
+    uint64_t share = hm_options.tcache_max_bytes / (threads ? threads : 1);
+    return share > (256u << 10) ? share : (256u << 10);
+}
+
+static uint64_t cached_bytes(struct hm_tcache *tc)
+{
+    uint64_t bytes = 0;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        bytes += (uint64_t)hm_bin_count(&tc->bins[c]) * hm_size_class_size(c);
+    return bytes;
+}
+
+/* Over budget: empty bins, largest classes first (they hold the most bytes
+ * per block, and small classes are the hottest), until under half of it. */
+static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
+{
+    uint64_t budget = cache_budget();
+    uint64_t bytes = cached_bytes(tc);
+    if (bytes <= budget)
+        return;
+    for (unsigned c = HM_NUM_CLASSES; c-- > 0 && bytes > budget / 2;) {
+        uint32_t n = hm_bin_count(&tc->bins[c]);
+        if (!n)
+            continue;
+        bin_trim(h, tc, c, 0);
+        bytes -= (uint64_t)n * hm_size_class_size(c);
+    }
+}
+
 void *hm_refill(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
@@ -274,9 +311,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     struct hm_heap_class_stats *s = &h->stats[cls];
     s->refills++;
     s->blocks_refilled += got;
-    /* Without ACE nobody else returns free pages: do it in small steps. */
+    /* Every 64 refills: keep the cache within its budget and give free
+     * pages back (without ACE nobody else does), a little at a time. */
     if (++h->refills_since_purge >= 64) {
         h->refills_since_purge = 0;
+        enforce_cache_budget(h, tc);
         hm_heap_purge(h, hm_options.purge_delay_ns);
     }
     if (hm_ace_on)
