@@ -115,11 +115,42 @@ static void fork_child_runs_its_own_ace(void **state)
     assert_int_equal(ac.running, ace_expected());
 }
 
+/* With ACE on, the ACE thread gives free pages back while the application
+ * sleeps; with it off, only the application's own slow paths do. */
+static void ace_thread_purges_while_the_program_sleeps(void **state)
+{
+    (void)state;
+    enum { N = 20000, SIZE = 1000 };
+    static void *blocks[N];
+    hakmem_trim();
+    long base = rss_kb();
+    for (int i = 0; i < N; i++) {
+        blocks[i] = hakmem_malloc(SIZE);
+        memset(blocks[i], 1, SIZE);
+    }
+    for (int i = 0; i < N; i++)
+        hakmem_free(blocks[i]);
+    long freed = rss_kb();
+    assert_true(freed - base > 8 * 1024);   /* empty segments kept for reuse */
+    struct timespec nap = { 0, 400000000 };
+    nanosleep(&nap, NULL);
+    long later = rss_kb();
+    struct hakmem_stats st;
+    hakmem_stats(&st);
+    print_message("rss base %ld freed %ld later %ld purged %llu mapped %llu\n", base, freed, later,
+                  (unsigned long long)st.bytes_purged, (unsigned long long)st.bytes_mapped);
+    if (ace_expected())
+        assert_true(later < base + 2 * 1024);
+    else
+        assert_true(later > base + 8 * 1024);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(learns_a_hot_class),
         cmocka_unit_test(fork_child_runs_its_own_ace),
+        cmocka_unit_test(ace_thread_purges_while_the_program_sleeps),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -36,6 +36,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "../process/process.h"
+#include "../segment/segment.h"
+
 #define ACE_DEFAULT_INTERVAL_MS 10u
 #define ACE_MAX_INTERVAL_MS     10000u
 #define ACE_DECIDE_INTERVALS    10u
@@ -44,6 +47,7 @@
 #define ACE_BACKOFF_AFTER       10u
 #define ACE_MAX_SLEEP_NS        1000000000ull
 #define ACE_DRAIN_BATCH         256u
+#define ACE_PURGE_NS            100000000ull    /* purge pass: every 100 ms */
 #define ACE_DRAIN_MAX           (4u * HM_QUEUE_CAPACITY)   /* per tick */
 
 bool hm_ace_on;
@@ -168,16 +172,27 @@ static void *ace_main(void *arg)
 
     uint64_t base = ace_interval_ns;
     uint64_t max_sleep = base > ACE_MAX_SLEEP_NS ? base : ACE_MAX_SLEEP_NS;
+    /* Idle or not, wake often enough to purge within 1.5x the delay. */
+    if (hm_options.purge_delay_ns / 2 < max_sleep)
+        max_sleep = hm_options.purge_delay_ns / 2 > base ? hm_options.purge_delay_ns / 2 : base;
     uint64_t nap = base;
     unsigned empty = 0;
+    uint64_t last_purge = 0;
 
     for (;;) {
         if (!hm_ace_region_sleep(nap))    /* acectl's doorbell may end it early */
             sleep_ns(nap);
         pthread_mutex_lock(&ace_lock);
-        uint64_t n = ace_tick(now_ns(), false);
+        uint64_t now = now_ns();
+        uint64_t n = ace_tick(now, false);
         hm_ace_region_tick();             /* acectl: requests and snapshot */
         pthread_mutex_unlock(&ace_lock);
+        /* Decay for every thread, off the application's threads: free pages
+         * and cached large blocks unused for the purge delay go back. */
+        if (now - last_purge >= ACE_PURGE_NS) {
+            last_purge = now;
+            hm_segment_purge_all(hm_clock_ns(), hm_options.purge_delay_ns);
+        }
         if (n > 0) {
             empty = 0;
             nap = base;
