@@ -244,6 +244,13 @@ static void free_large_twice(void)
     hakmem_free(p);
 }
 
+static void free_page_block_twice(void)
+{
+    void *p = hakmem_malloc(500000);
+    hakmem_free(p);
+    hakmem_free(p);
+}
+
 static void free_misaligned(void)
 {
     char *p = hakmem_malloc(64);
@@ -279,6 +286,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_stack_pointer, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_twice, "hakmem: free(): double free detected 0x");
     expect_abort(free_large_twice, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_page_block_twice, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_misaligned, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
     expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");

@@ -165,6 +165,40 @@ static void exited_threads_segments_are_adopted(void **state)
         hakmem_free(out[i]);
 }
 
+static void *free_one(void *p)
+{
+    hakmem_free(p);
+    return NULL;
+}
+
+/* Blocks above the classes up to 2 MiB are spans of pages: freed, their
+ * pages are reused at once, by the owner or after a remote free. */
+static void page_blocks_reuse_their_pages(void **state)
+{
+    (void)state;
+    char *p = hakmem_malloc(300000);
+    assert_int_equal((uintptr_t)p % 65536, 0);
+    assert_int_equal(hakmem_malloc_usable_size(p), 5 * 65536);
+    memset(p, 1, 300000);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    hakmem_free(p);
+    char *q = hakmem_malloc(290000);
+    assert_ptr_equal(q, p);                     /* same pages, no syscall */
+    pthread_t t;
+    pthread_create(&t, NULL, free_one, q);
+    pthread_join(t, NULL);
+    char *r = hakmem_malloc(300000);            /* collects the remote free */
+    assert_ptr_equal(r, p);
+    char *big = hakmem_malloc(2u << 20);
+    assert_non_null(big);
+    memset(big, 2, 2u << 20);
+    hakmem_stats(&s1);
+    assert_int_equal(s1.large_blocks, s0.large_blocks);
+    hakmem_free(big);
+    hakmem_free(r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -173,6 +207,7 @@ int main(void)
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
         cmocka_unit_test(exited_threads_segments_are_adopted),
+        cmocka_unit_test(page_blocks_reuse_their_pages),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -38,6 +38,7 @@
 
 #include "../process/process.h"
 #include "../segment/segment.h"
+#include "../trace/trace.h"
 
 #define ACE_DEFAULT_INTERVAL_MS 10u
 #define ACE_MAX_INTERVAL_MS     10000u
@@ -155,6 +156,8 @@ static uint64_t ace_tick(uint64_t now, bool force)
         uint32_t cur = hm_refill_count_load(c);
         uint32_t next = hm_ace_next_count(cur, w, hm_refill_bounds(c));
         count_add(&ace_decisions, 1);
+        if (next != cur || w->refills)  /* not the idle windows' keeps */
+            HM_TRACE_ACE_DECISION(c, cur, next, HM_TRACE_REASON(cur, next, w->refills));
         if (next != cur) {
             hm_refill_count_store(c, next);
             count_add(&ace_changes, 1);

@@ -65,10 +65,27 @@ static void *alloc_large(size_t size, size_t alignment, bool *zeroed)
     return hm_large_alloc(size, alignment, zeroed);   /* sets ENOMEM itself */
 }
 
+/* Above the classes, up to HM_PAGES_MAX: a span of 64 KiB pages of its
+ * own, reused from the thread's segments without a syscall. */
+static void *alloc_pages(size_t size)
+{
+    void *p = hm_alloc_pages(&hm_tc, size);
+    if (likely(p))
+        return p;
+    if (!hm_process_init()) {               /* re-entered during set-up */
+        bool zeroed;
+        return alloc_large(size, 16, &zeroed);
+    }
+    errno = ENOMEM;
+    return NULL;
+}
+
 __attribute__((noinline)) static void *malloc_generic(size_t size)
 {
     if (size <= HM_MAX_CLASS_SIZE)
         return alloc_class(hm_size_class(size));
+    if (size <= HM_PAGES_MAX)
+        return alloc_pages(size);
     bool zeroed;
     return alloc_large(size, 16, &zeroed);
 }
@@ -122,7 +139,7 @@ void *hakmem_calloc(size_t n, size_t size)
         errno = ENOMEM;
         return NULL;
     }
-    if (total > HM_MAX_CLASS_SIZE) {
+    if (total > HM_PAGES_MAX) {
         bool zeroed;
         void *p = alloc_large(total, 16, &zeroed);
         if (p && !zeroed)                   /* fresh pages are zero already */
@@ -203,6 +220,8 @@ static void *alloc_aligned(size_t alignment, size_t size)
                     return alloc_class(c);
         }
     }
+    if (alignment <= HM_PAGE_SIZE && size <= HM_PAGES_MAX)
+        return alloc_pages(size > HM_MAX_CLASS_SIZE ? size : HM_MAX_CLASS_SIZE + 1);
     bool zeroed;
     return alloc_large(size, alignment, &zeroed);
 }

@@ -28,7 +28,7 @@ uint64_t hm_heap_live_count(void)
 }
 
 /* Totals of heaps that have exited, so reports keep their counts. */
-static struct hm_heap_class_stats retired[HM_NUM_CLASSES];
+static struct hm_heap_class_stats retired[HM_NUM_CLASSES + 1];
 
 /* Segments of exited threads that still hold live blocks. */
 static pthread_mutex_t abandoned_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -206,22 +206,26 @@ static void abandon_segment(struct hm_segment *seg)
     pthread_mutex_unlock(&abandoned_lock);
 }
 
-static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, unsigned cls)
+struct span_shape {
+    unsigned cls, pages;
+    uint32_t block_size;
+};
+
+static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct span_shape s)
 {
-    struct hm_span *sp = hm_span_alloc(seg, hm_class_span_pages[cls], cls,
-                                       (uint32_t)hm_size_class_size(cls), h->id);
+    struct hm_span *sp = hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id);
     if (sp)
-        sp->bin_offset = (uint32_t)offsetof(struct hm_tcache, bins[cls]);
+        sp->bin_offset = (uint32_t)offsetof(struct hm_tcache, bins[s.cls]);
     return sp;
 }
 
-/* A fresh span for cls: room in our segments, then segments of exited
- * threads, then the reserve, then a new segment. */
-struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
+/* A fresh span: room in our segments, then segments of exited threads,
+ * then the reserve, then a new segment. */
+static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
 {
     for (int adopted = 0;; adopted++) {
         for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
-            struct hm_span *sp = span_in(h, seg, cls);
+            struct hm_span *sp = span_in(h, seg, s);
             if (sp)
                 return sp;
         }
@@ -229,8 +233,8 @@ struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
             break;
         /* Its remote frees may fill our lists, or empty (and free) it. */
         hm_heap_collect(h);
-        if (h->partial[cls])
-            return h->partial[cls];
+        if (s.cls < HM_NUM_CLASSES && h->partial[s.cls])
+            return h->partial[s.cls];
     }
     struct hm_segment *seg = h->reserve;
     if (seg) {
@@ -243,7 +247,19 @@ struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
         return NULL;
     atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
     segment_link(h, seg);
-    return span_in(h, seg, cls);
+    return span_in(h, seg, s);
+}
+
+struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
+{
+    struct span_shape s = { cls, hm_class_span_pages[cls], (uint32_t)hm_size_class_size(cls) };
+    return new_span(h, s);
+}
+
+struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages)
+{
+    struct span_shape s = { HM_PAGES_CLASS, pages, (uint32_t)(pages * HM_PAGE_SIZE) };
+    return new_span(h, s);
 }
 
 /* ---- thread exit ------------------------------------------------------- */

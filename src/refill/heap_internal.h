@@ -27,7 +27,7 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
-    struct hm_heap_class_stats stats[HM_NUM_CLASSES];
+    struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
 
 #define HM_HEAP_RESERVE 4
@@ -35,6 +35,7 @@ struct hm_heap {
 /* heap.c */
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
+struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages);
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 /* Gives back the free pages of this heap's segments that waited delay_ns. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);

@@ -10,6 +10,7 @@
 #include "../ace/ace.h"
 #include "../diag/diag.h"
 #include "../process/process.h"
+#include "../trace/trace.h"
 
 uintptr_t hm_free_key;
 
@@ -148,6 +149,7 @@ static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
     sp->used -= n;
     h->stats[sp->size_class].remote_frees += n;
     h->stats[sp->size_class].remote_since_refill += n;
+    HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
     span_settle(h, sp);
     return n;
 }
@@ -229,8 +231,10 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
     s->last_refill_ns = t;
     s->flushed_since_refill = 0;
     s->remote_since_refill = 0;
-    if (!hm_ace_record(&ev))
+    if (!hm_ace_record(&ev)) {
         s->ace_drops++;
+        HM_TRACE_EVENT_DROPPED(cls);
+    }
 }
 
 /* The bytes one thread may cache: a share of HAKMEM_TCACHE_MAX_KB among
@@ -311,6 +315,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     struct hm_heap_class_stats *s = &h->stats[cls];
     s->refills++;
     s->blocks_refilled += got;
+    HM_TRACE_REFILL(cls, want, got, h->id);
     /* Every 64 refills: keep the cache within its budget and give free
      * pages back (without ACE nobody else does), a little at a time. */
     if (++h->refills_since_purge >= 64) {
@@ -321,6 +326,23 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     if (hm_ace_on)
         report_refill(h, cls, want);
     return p;
+}
+
+void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
+{
+    struct hm_heap *h = tc->heap;
+    if (!h && !(h = hm_heap_attach(tc)))
+        return NULL;
+    unsigned pages = (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT);
+    /* Page blocks freed by other threads may have left whole spans free. */
+    hm_heap_collect(h);
+    struct hm_span *sp = hm_heap_new_pages(h, pages);
+    if (!sp)
+        return NULL;
+    sp->bump = sp->end;
+    sp->used = 1;
+    h->stats[HM_PAGES_CLASS].refills++;
+    return sp->start;
 }
 
 /* ---- flush ------------------------------------------------------------- */
@@ -356,6 +378,7 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     bin->room = bin->cap - keep;
     h->stats[cls].blocks_flushed += n;
     h->stats[cls].flushed_since_refill += n;
+    HM_TRACE_FLUSH(cls, n);
 }
 
 void hm_flush(struct hm_tcache *tc, unsigned cls)

@@ -35,11 +35,18 @@ static inline uint32_t hm_bin_count(const struct hm_bin *bin)
 
 struct hm_heap;
 
+/* Blocks above the largest class up to HM_PAGES_MAX are whole spans of
+ * 64 KiB pages ("page blocks").  Their bin, after the classes' bins, has
+ * cap 0: free() pushes a page block there like any block, the push
+ * overflows, and the flush hands the block straight back to its span. */
+#define HM_PAGES_CLASS HM_NUM_CLASSES
+#define HM_PAGES_MAX   ((size_t)2 << 20)
+
 /* The thread cache: the only state the malloc/free fast paths touch. */
 struct hm_tcache {
     uintptr_t owner;    /* id of the heap whose spans this thread owns */
     struct hm_heap *heap;
-    struct hm_bin bins[HM_NUM_CLASSES];
+    struct hm_bin bins[HM_NUM_CLASSES + 1];
 };
 
 extern uintptr_t hm_free_key;
@@ -47,6 +54,11 @@ extern uintptr_t hm_free_key;
 /* Fills tc's bin for cls and returns one block, or NULL when out of memory.
  * Sets the thread up (and the process) on first use. */
 void *hm_refill(struct hm_tcache *tc, unsigned cls);
+
+/* A page block of at least `size` bytes (above HM_MAX_CLASS_SIZE, at most
+ * HM_PAGES_MAX), 64 KiB aligned; NULL when out of memory or while the
+ * process is being set up. */
+void *hm_alloc_pages(struct hm_tcache *tc, size_t size);
 
 /* tc's bin for cls went one over its cap: return its older blocks. */
 void hm_flush(struct hm_tcache *tc, unsigned cls);

@@ -12,6 +12,8 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include "../trace/trace.h"
+
 /* Where a large block's user memory starts in its mapping when the header
  * shares the first granule (alignment below half a segment). */
 #define HM_LARGE_HEADER_SIZE \
@@ -79,6 +81,7 @@ static unsigned cache_evict(uint64_t now_ns, uint64_t delay_ns, size_t incoming,
                            cache_count == CACHE_SLOTS ||
                            cache_bytes + incoming > CACHE_MAX_BYTES)) {
         out[n++] = cache[0].seg;
+        HM_TRACE_PURGE(cache[0].seg->map_size);
         cache_remove_at(0);
     }
     return n;
@@ -242,6 +245,12 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
     if (new_map == old_map)
         return seg->user;
+    /* Growing: by half again at least, so a buffer grown step by step
+     * costs a logarithmic number of remaps, not one per step.  The extra
+     * pages are not touched, so they cost address space, not memory. */
+    if (new_map > old_map && new_map < old_map + old_map / 2 &&
+        old_map + old_map / 2 <= (size_t)PTRDIFF_MAX - HM_SEGMENT_SIZE)
+        new_map = hm_round_up(old_map + old_map / 2, HM_OS_PAGE);
     if (new_map < old_map) {
         hm_os_unmap(seg->map_base + new_map, old_map - new_map);
         seg->map_size = new_map;

@@ -31,13 +31,17 @@ void hm_segmap_set(uintptr_t u, struct hm_segment *seg)
  * segment-sized requests aligned without trimming. */
 char *hm_os_map(size_t size, size_t align, size_t offset)
 {
-    char *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    if ((((uintptr_t)p + offset) & (align - 1)) == 0)
-        return p;
-    munmap(p, size);
+    char *p;
+    /* Only whole multiples of the alignment tend to come back aligned
+     * (the kernel stacks mappings downwards): try the plain call for them. */
+    if (size % align == 0 && offset == 0) {
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+        if (((uintptr_t)p & (align - 1)) == 0)
+            return p;
+        munmap(p, size);
+    }
 
     size_t span = size + align;
     if (span < size)

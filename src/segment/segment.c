@@ -8,6 +8,8 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include "../trace/trace.h"
+
 /* Owns no blocks: every page of a segment that carries no span points here,
  * so free() needs no NULL check before reading the owner. */
 struct hm_span hm_sentinel_span = { .owner = HM_OWNER_SENTINEL };
@@ -103,6 +105,8 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
     }
     seg->dirty_pages = 0;
     seg->dirty_since_ns = 0;
+    if (bytes)
+        HM_TRACE_PURGE(bytes);
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     return bytes;
 }
