@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../segment/segment.h"
 #include "../size_class/size_class.h"
 
 /* One bin of a thread cache: a LIFO list linked through each block's first
@@ -40,7 +41,7 @@ struct hm_heap;
  * cap 0: free() pushes a page block there like any block, the push
  * overflows, and the flush hands the block straight back to its span. */
 #define HM_PAGES_CLASS HM_NUM_CLASSES
-#define HM_PAGES_MAX   ((size_t)2 << 20)
+#define HM_PAGES_MAX   ((size_t)(HM_SEGMENT_PAGES - 1) << HM_PAGE_SHIFT)   /* 4032 KiB */
 
 /* The thread cache: the only state the malloc/free fast paths touch. */
 struct hm_tcache {

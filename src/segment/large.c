@@ -49,7 +49,9 @@ static void cache_remove_at(unsigned i)
     cache_count--;
 }
 
-/* The smallest cached block that fits, if it wastes at most a quarter. */
+/* The smallest cached block that fits, if it is at most twice the size:
+ * its pages are already faulted in, which is most of what a fresh mapping
+ * costs; the untouched rest only costs address space. */
 static struct hm_segment *cache_take(size_t map_size)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
@@ -58,7 +60,7 @@ static struct hm_segment *cache_take(size_t map_size)
     int best = -1;
     for (unsigned i = 0; i < cache_count; i++) {
         size_t have = cache[i].seg->map_size;
-        if (have >= map_size && have - map_size <= map_size / 4 &&
+        if (have >= map_size && have - map_size <= map_size &&
             (best < 0 || have < cache[best].seg->map_size))
             best = (int)i;
     }
