@@ -157,6 +157,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
     static _Atomic uint64_t last_global;
     uint64_t now = hm_clock_ns();
+    hm_heap_compact_sparse(h, now, delay_ns);
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
     for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
@@ -189,7 +190,7 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
         if (sp != &seg->spans[i])
             continue;
         atomic_store_explicit(&sp->owner, h->id, memory_order_relaxed);
-        if (sp->free || sp->bump < sp->end)
+        if (sp->free || sp->holes || sp->bump < sp->end)
             hm_partial_push(h, sp);
     }
     return seg;

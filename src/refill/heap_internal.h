@@ -46,6 +46,7 @@ void hm_heap_release_reserve(struct hm_heap *h);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
+void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns);
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);

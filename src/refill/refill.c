@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
 
@@ -181,6 +182,26 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
 
 /* Takes up to n blocks from a span, handed back first, then never-carved
  * ones, and prepends them to *list.  Returns how many. */
+/* Takes up to n of the span's holes (free blocks whose pages went back to
+ * the OS: touching them faults in zero pages). */
+static uint32_t take_holes(struct hm_span *sp, uint32_t n, void **list)
+{
+    uint64_t *bits = hm_span_holes(sp);
+    uint32_t got = 0;
+    for (unsigned w = 0; got < n && sp->holes; w++) {
+        while (bits[w] && got < n) {
+            unsigned i = w * 64 + (unsigned)__builtin_ctzll(bits[w]);
+            bits[w] &= bits[w] - 1;
+            void *b = sp->start + (size_t)i * sp->block_size;
+            *(void **)b = *list;
+            *list = b;
+            sp->holes--;
+            got++;
+        }
+    }
+    return got;
+}
+
 static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
 {
     uint32_t got = 0;
@@ -191,6 +212,8 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
         *list = b;
         got++;
     }
+    if (got < n && sp->holes)
+        got += take_holes(sp, n - got, list);
     if (got < n && sp->bump < sp->end) {
         /* Carve k blocks in address order, touching only those k. */
         size_t bs = sp->block_size;
@@ -206,6 +229,8 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
         got += k;
     }
     sp->used += got;
+    if ((uint64_t)sp->used * 8 > sp->capacity)
+        sp->sparse_since_ns = 0;
     return got;
 }
 
@@ -304,7 +329,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
         }
         uint32_t k = span_take(sp, want - got, &list);
         got += k;
-        if (!sp->free && sp->bump >= sp->end)
+        if (!sp->free && !sp->holes && sp->bump >= sp->end)
             hm_partial_remove(h, sp);       /* full: back on a list when a block returns */
     }
     void *p = list;
@@ -342,7 +367,114 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     sp->bump = sp->end;
     sp->used = 1;
     h->stats[HM_PAGES_CLASS].refills++;
+    HM_TRACE_REFILL(HM_PAGES_CLASS, 1, 1, h->id);
     return sp->start;
+}
+
+/* ---- compaction of nearly empty spans ----------------------------------- */
+
+/* A span whose blocks were mostly freed keeps every page its free list
+ * runs through resident, though a few live blocks hold it.  Compaction
+ * gives back the OS pages that hold only free blocks: those blocks leave
+ * the free list (their links would be lost with the pages) for the span's
+ * hole bitmap, from which refills take them later.  Owner only. */
+#define OS_PAGE 4096u
+
+static bool page_all_free(const struct hm_span *sp, const uint64_t *freeb, uint32_t carved,
+                          uintptr_t page)
+{
+    size_t bs = sp->block_size;
+    uint32_t i0 = (uint32_t)((page - (uintptr_t)sp->start) / bs);
+    uint32_t i1 = (uint32_t)((page + OS_PAGE - 1 - (uintptr_t)sp->start) / bs);
+    for (uint32_t i = i0; i <= i1 && i < carved; i++)
+        if (!(freeb[i >> 6] >> (i & 63) & 1))
+            return false;
+    return true;           /* blocks past `carved` were never touched */
+}
+
+static bool block_on_purged_page(const struct hm_span *sp, uint32_t i, const uint64_t *purged)
+{
+    size_t lo = (size_t)i * sp->block_size, hi = lo + sp->block_size - 1;
+    for (size_t pg = lo / OS_PAGE; pg <= hi / OS_PAGE; pg++)
+        if (purged[pg >> 6] >> (pg & 63) & 1)
+            return true;
+    return false;
+}
+
+static void span_compact(struct hm_span *sp)
+{
+    size_t bs = sp->block_size;
+    uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / bs);
+    uint64_t *holes = hm_span_holes(sp);
+    uint64_t freeb[HM_PAGE_SIZE / 16 / 64];
+    memcpy(freeb, holes, sizeof freeb);
+    for (void *b = sp->free; b; b = *(void **)b) {
+        uint32_t i = (uint32_t)((size_t)((char *)b - sp->start) / bs);
+        freeb[i >> 6] |= (uint64_t)1 << (i & 63);
+    }
+
+    /* Pages of the carved area that hold nothing live go back. */
+    uint64_t purged[(16 * HM_PAGE_SIZE / OS_PAGE) / 64] = { 0 };
+    uintptr_t start = (uintptr_t)sp->start;
+    size_t npages = ((size_t)(sp->bump - sp->start) + OS_PAGE - 1) / OS_PAGE;
+    size_t bytes = 0;
+    for (size_t pg = 0; pg < npages;) {
+        size_t run = 0;
+        while (pg + run < npages && page_all_free(sp, freeb, carved, start + (pg + run) * OS_PAGE)) {
+            purged[(pg + run) >> 6] |= (uint64_t)1 << ((pg + run) & 63);
+            run++;
+        }
+        if (run) {
+            madvise((void *)(start + pg * OS_PAGE), run * OS_PAGE, MADV_DONTNEED);
+            bytes += run * OS_PAGE;
+        }
+        pg += run + 1;
+    }
+    if (!bytes)
+        return;
+    atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
+
+    /* Rebuild: free blocks on kept pages are linked again, the rest are
+     * holes.  Only kept pages are written. */
+    void *list = NULL;
+    uint32_t nholes = 0;
+    memset(holes, 0, sizeof freeb);
+    for (uint32_t w = 0; w < (carved + 63) / 64; w++) {
+        for (uint64_t m = freeb[w]; m; m &= m - 1) {
+            uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(m);
+            if (block_on_purged_page(sp, i, purged)) {
+                holes[w] |= (uint64_t)1 << (i & 63);
+                nholes++;
+            } else {
+                void *b = sp->start + (size_t)i * bs;
+                *(void **)b = list;
+                list = b;
+            }
+        }
+    }
+    sp->free = list;
+    sp->holes = nholes;
+}
+
+/* Spans at most 1/8 full, nearly empty for the purge delay, with at least
+ * two OS pages' worth of free blocks on their list, are compacted. */
+void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns)
+{
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        for (struct hm_span *sp = h->partial[c]; sp; sp = sp->next) {
+            if ((uint64_t)sp->used * 8 > sp->capacity)
+                continue;
+            if (!sp->sparse_since_ns) {
+                sp->sparse_since_ns = now_ns;
+                continue;
+            }
+            uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / sp->block_size);
+            uint64_t listed = carved - sp->used - sp->holes;
+            if (now_ns - sp->sparse_since_ns >= delay_ns &&
+                listed * sp->block_size >= 2 * OS_PAGE)
+                span_compact(sp);
+        }
+    }
 }
 
 /* ---- flush ------------------------------------------------------------- */

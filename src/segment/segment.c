@@ -173,10 +173,6 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
     return seg->pages_used == 0;
 }
 
-struct hm_segment *hm_segment_of_span(const struct hm_span *sp)
-{
-    return (struct hm_segment *)((uintptr_t)sp & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
-}
 
 /* First run of `pages` free pages, or -1. */
 static int find_free_run(uint64_t free_pages, unsigned pages)
@@ -221,6 +217,8 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     sp->bump = start;
     sp->end = start + (size_t)sp->capacity * block_size;
     sp->used = 0;
+    sp->holes = 0;
+    sp->sparse_since_ns = 0;
     sp->in_partial = 0;
     sp->next = sp->prev = NULL;
     atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);
@@ -231,6 +229,8 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
 
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
 {
+    if (sp->holes)
+        memset(hm_span_holes(sp), 0, sizeof seg->hole_bits[0]);
     unsigned at = sp->page_index, pages = sp->pages;
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + i] = &hm_sentinel_span;

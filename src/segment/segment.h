@@ -54,9 +54,11 @@ struct hm_span {
     char *bump;                     /* next never-carved block */
     char *end;                      /* end of the carvable area */
     uint32_t used;                  /* blocks out of the span (users, caches, remote lists) */
-    uint8_t in_partial;             /* on its heap's list for the class */
+    uint32_t holes;                 /* free blocks on pages given back to the OS */
+    uint64_t sparse_since_ns;       /* when it was first seen nearly empty; 0: not */
     struct hm_span *next, *prev;    /* heap's partial list for the class */
-    char pad2[64 - 48];
+    uint8_t in_partial;             /* on its heap's list for the class */
+    char pad2[7];
 } __attribute__((aligned(64)));
 
 struct hm_segment {
@@ -79,6 +81,10 @@ struct hm_segment {
     size_t alignment;
     struct hm_span *page_span[HM_SEGMENT_PAGES];
     struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
+    /* Per span, one bit per block: the span's "holes", free blocks whose
+     * OS pages were given back while the span stayed in use.  Touched only
+     * for spans that were compacted. */
+    uint64_t hole_bits[HM_SEGMENT_PAGES][HM_PAGE_SIZE / 16 / 64];
 };
 
 struct hm_segmap {
@@ -130,7 +136,15 @@ bool hm_segment_is_empty(const struct hm_segment *seg);
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
                               unsigned cls, uint32_t block_size, uintptr_t owner);
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
-struct hm_segment *hm_segment_of_span(const struct hm_span *sp);
+static inline struct hm_segment *hm_segment_of_span(const struct hm_span *sp)
+{
+    return (struct hm_segment *)((uintptr_t)sp & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
+}
+
+static inline uint64_t *hm_span_holes(const struct hm_span *sp)
+{
+    return hm_segment_of_span(sp)->hole_bits[sp->page_index];
+}
 
 /* Decay: pages of released spans go back to the OS (MADV_DONTNEED) once
  * they have been free for `delay_ns`, so a burst's memory does not stay
