@@ -7,6 +7,7 @@ packages=(
   libcmocka-dev liburcu-dev          # tests; the event queue
   git sqlite3 perl python3 redis-server redis-tools   # integration programs
   valgrind                           # instruction counts
+  systemtap-sdt-dev libbpf-dev bpftool clang   # USDT probes, tools/acetrace
   libjemalloc2 libmimalloc2.0 libtcmalloc-minimal4 gnuplot-nox   # benchmarks
 )
 missing=()

@@ -433,6 +433,7 @@ static void span_compact(struct hm_span *sp)
     if (!bytes)
         return;
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
+    HM_TRACE_PURGE(bytes);
 
     /* Rebuild: free blocks on kept pages are linked again, the rest are
      * holes.  Only kept pages are written. */
