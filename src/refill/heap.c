@@ -157,7 +157,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
     static _Atomic uint64_t last_global;
     uint64_t now = hm_clock_ns();
-    hm_heap_compact_sparse(h, now, delay_ns);
+    hm_heap_compact_sparse(h, now, delay_ns, 3);
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
     for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
@@ -251,14 +251,29 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
     return span_in(h, seg, s);
 }
 
+/* Before the heap grows, spans left almost empty (at most 1/32 full, as
+ * after a live set shrank) give back their free pages at once, so a
+ * program whose live set moves from one size to another reuses memory
+ * instead of adding to it.  Spans merely thinned by churn wait for the
+ * periodic pass (1/8 full for the purge delay). */
+static void compact_before_growing(struct hm_heap *h)
+{
+    if (h->sparse_spans >= 4) {
+        h->sparse_spans = 0;
+        hm_heap_compact_sparse(h, hm_clock_ns(), 0, 5);
+    }
+}
+
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
 {
+    compact_before_growing(h);
     struct span_shape s = { cls, hm_class_span_pages[cls], (uint32_t)hm_size_class_size(cls) };
     return new_span(h, s);
 }
 
 struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages)
 {
+    compact_before_growing(h);
     struct span_shape s = { HM_PAGES_CLASS, pages, (uint32_t)(pages * HM_PAGE_SIZE) };
     return new_span(h, s);
 }

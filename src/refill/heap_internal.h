@@ -27,6 +27,7 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
+    uint32_t sparse_spans;                  /* became nearly empty since the last compaction */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
 
@@ -46,7 +47,8 @@ void hm_heap_release_reserve(struct hm_heap *h);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
-void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns);
+void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                            unsigned fill_shift);
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);

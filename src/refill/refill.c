@@ -97,6 +97,13 @@ static void span_settle(struct hm_heap *h, struct hm_span *sp)
     }
     if (!sp->in_partial)
         hm_partial_push(h, sp);
+    /* Nearly empty now: a candidate for compaction (see below); almost
+     * empty (1/32, as when a live set shrinks): counted for the pass that
+     * runs before the heap grows. */
+    if (!sp->sparse_since_ns && (uint64_t)sp->used * 8 <= sp->capacity)
+        sp->sparse_since_ns = hm_clock_ns();
+    if ((uint64_t)sp->used * 32 <= sp->capacity && sp->used + 1 > sp->capacity / 32)
+        h->sparse_spans++;
 }
 
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
@@ -430,8 +437,10 @@ static void span_compact(struct hm_span *sp)
         }
         pg += run + 1;
     }
-    if (!bytes)
+    if (!bytes) {
+        sp->listed_after_compact = carved - sp->used - sp->holes;
         return;
+    }
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     HM_TRACE_PURGE(bytes);
 
@@ -455,15 +464,18 @@ static void span_compact(struct hm_span *sp)
     }
     sp->free = list;
     sp->holes = nholes;
+    sp->listed_after_compact = carved - sp->used - nholes;
 }
 
-/* Spans at most 1/8 full, nearly empty for the purge delay, with at least
- * two OS pages' worth of free blocks on their list, are compacted. */
-void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns)
+/* Spans at most 1/2^fill_shift full (nearly empty: 1/8 at least) for
+ * delay_ns, whose free list grew by two OS pages' worth since their last
+ * compaction. */
+void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                            unsigned fill_shift)
 {
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         for (struct hm_span *sp = h->partial[c]; sp; sp = sp->next) {
-            if ((uint64_t)sp->used * 8 > sp->capacity)
+            if ((uint64_t)sp->used << fill_shift > sp->capacity)
                 continue;
             if (!sp->sparse_since_ns) {
                 sp->sparse_since_ns = now_ns;
@@ -471,8 +483,8 @@ void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_n
             }
             uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / sp->block_size);
             uint64_t listed = carved - sp->used - sp->holes;
-            if (now_ns - sp->sparse_since_ns >= delay_ns &&
-                listed * sp->block_size >= 2 * OS_PAGE)
+            if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
+                (listed - sp->listed_after_compact) * sp->block_size >= 2 * OS_PAGE)
                 span_compact(sp);
         }
     }

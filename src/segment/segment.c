@@ -219,6 +219,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     sp->used = 0;
     sp->holes = 0;
     sp->sparse_since_ns = 0;
+    sp->listed_after_compact = 0;
     sp->in_partial = 0;
     sp->next = sp->prev = NULL;
     atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);

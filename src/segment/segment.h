@@ -58,7 +58,7 @@ struct hm_span {
     uint64_t sparse_since_ns;       /* when it was first seen nearly empty; 0: not */
     struct hm_span *next, *prev;    /* heap's partial list for the class */
     uint8_t in_partial;             /* on its heap's list for the class */
-    char pad2[7];
+    uint32_t listed_after_compact;  /* free-list length its last compaction left */
 } __attribute__((aligned(64)));
 
 struct hm_segment {
