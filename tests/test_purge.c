@@ -31,6 +31,19 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+/* Refills of another class (under 100 KB live): the slow path that runs
+ * the periodic purge and compaction. */
+static void slow_path_activity(void)
+{
+    for (int round = 0; round < 200; round++) {
+        void *p[12];
+        for (int i = 0; i < 12; i++)
+            p[i] = hakmem_malloc(5000);
+        for (int i = 0; i < 12; i++)
+            hakmem_free(p[i]);
+    }
+}
+
 static void trim_returns_free_memory(void **state)
 {
     (void)state;
@@ -63,15 +76,7 @@ static void free_pages_decay_after_the_delay(void **state)
      * until the delay has passed. */
     assert_true(freed - base > 12 * 1024);
     nap_ms(120);
-    /* A little slow-path activity (refills of another class, under 100 KB
-     * live) runs the purge. */
-    for (int round = 0; round < 200; round++) {
-        void *p[12];
-        for (int i = 0; i < 12; i++)
-            p[i] = hakmem_malloc(5000);
-        for (int i = 0; i < 12; i++)
-            hakmem_free(p[i]);
-    }
+    slow_path_activity();                       /* runs the purge */
     long later = rss_kb();
     assert_true(later < base + 8 * 1024);
     hakmem_stats(&s);
@@ -100,17 +105,6 @@ static void exited_threads_leave_nothing_resident(void **state)
     hakmem_stats(&s1);
     assert_true(rss_kb() < base + 4 * 1024);
     assert_true(s1.bytes_mapped <= s0.bytes_mapped);
-}
-
-static void slow_path_activity(void)
-{
-    for (int round = 0; round < 200; round++) {
-        void *p[12];
-        for (int i = 0; i < 12; i++)
-            p[i] = hakmem_malloc(5000);
-        for (int i = 0; i < 12; i++)
-            hakmem_free(p[i]);
-    }
 }
 
 /* A live set shrunk to 1% keeps its spans, but not the pages that hold

@@ -14,14 +14,6 @@ static int scaled(int n)
     return q && q[0] == '1' ? n / 10 : n;
 }
 
-static uint64_t next_rand(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 static size_t rand_size(uint64_t *s)
 {
     uint64_t r = next_rand(s);

@@ -31,6 +31,15 @@ static inline int check(const void *p, size_t n, unsigned seed)
     return 1;
 }
 
+/* splitmix64: a fixed-seed stream for reproducible workloads. */
+static inline uint64_t next_rand(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 /* Sanitizers keep shadow memory for everything the program touches, and
  * madvise does not drop it: RSS says nothing about the allocator there. */
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)

@@ -97,13 +97,14 @@ static void fold(const struct hm_event *ev)
     if (ev->size_class >= HM_NUM_CLASSES)
         return;
     struct hm_ace_window *w = &ace_win[ev->size_class];
-    w->refills++;
-    w->blocks_refilled += ev->refill_count;
+    uint32_t refills = ev->refills ? ev->refills : 1;
+    w->refills += refills;
+    w->blocks_refilled += (uint64_t)ev->refill_count * refills;
     w->blocks_flushed += ev->blocks_flushed;
     w->remote_collected += ev->remote_collected;
-    if (ev->interval_ns) {
+    if (ev->intervals) {
         w->interval_ns_sum += ev->interval_ns;
-        w->interval_count++;
+        w->interval_count += ev->intervals;
     }
     count_add(&ace_class_ev[ev->size_class], 1);
 }

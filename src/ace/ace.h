@@ -1,6 +1,7 @@
 /* ACE box: the background thread that learns refill counts.
  *
- * Off unless HAKMEM_ACE=1.  The refill path reports one event per refill
+ * Off unless HAKMEM_ACE=1.  The refill path reports its refills, one event
+ * per batch of HM_EVENT_BATCH refills of a class by a thread,
  * through hm_ace_record(); the ACE thread drains them on a cadence, folds
  * them into per-class windows, and publishes new refill counts with one
  * atomic store each (hm_refill_count_store), which the refill engine reads

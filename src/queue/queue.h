@@ -14,13 +14,19 @@
 
 #define HM_QUEUE_CAPACITY 4096u   /* slots; a power of two */
 
-/* What one refill reports. */
+/* What a thread's refills of one class report: one event stands for a
+ * batch of up to HM_EVENT_BATCH consecutive refills, so that a class that
+ * refills every few allocations does not pay a push each time. */
+#define HM_EVENT_BATCH 8u
+
 struct hm_event {
     uint32_t size_class;
-    uint32_t refill_count;      /* blocks the refill was asked to carve */
-    uint64_t interval_ns;       /* since this thread's previous refill of the class; 0 if none */
-    uint32_t blocks_flushed;    /* blocks the bin sent back (overflow) since that refill */
-    uint32_t remote_collected;  /* blocks of other threads' frees collected by this refill */
+    uint32_t refill_count;      /* blocks each refill was asked to carve */
+    uint64_t interval_ns;       /* from the batch's first refill to its last */
+    uint32_t refills;           /* refills in the batch (1 if not set) */
+    uint32_t intervals;         /* intervals interval_ns spans: refills - 1 */
+    uint32_t blocks_flushed;    /* blocks the bin sent back (overflow) meanwhile */
+    uint32_t remote_collected;  /* blocks of other threads' frees collected meanwhile */
 };
 
 struct hm_queue_slot {

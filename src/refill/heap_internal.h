@@ -7,8 +7,9 @@
 
 struct hm_heap_class_stats {
     uint64_t refills, blocks_refilled, flushes, blocks_flushed, remote_frees, ace_drops;
-    uint64_t last_refill_ns;          /* for ACE events */
-    uint32_t flushed_since_refill;    /* for ACE events */
+    uint64_t batch_start_ns;          /* ACE: first refill of the pending batch */
+    uint32_t batch_refills;           /* ACE: refills in the pending batch */
+    uint32_t flushed_since_refill;    /* ACE: overflow since the batch was sent */
     uint32_t remote_since_refill;
 };
 

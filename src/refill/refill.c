@@ -248,19 +248,26 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* One event per refill for the learner, sent once the refill is complete. */
+/* Refills reach the learner in batches of HM_EVENT_BATCH per thread and
+ * class, sent once the refill that completes a batch is done: two clock
+ * reads and one push per batch. */
 static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
 {
     struct hm_heap_class_stats *s = &h->stats[cls];
-    uint64_t t = now_ns();
+    if (s->batch_refills++ == 0)
+        s->batch_start_ns = now_ns();
+    if (s->batch_refills < HM_EVENT_BATCH)
+        return;
     struct hm_event ev = {
         .size_class = cls,
         .refill_count = want,
-        .interval_ns = s->last_refill_ns ? t - s->last_refill_ns : 0,
+        .interval_ns = now_ns() - s->batch_start_ns,
+        .refills = s->batch_refills,
+        .intervals = s->batch_refills - 1,
         .blocks_flushed = s->flushed_since_refill,
         .remote_collected = s->remote_since_refill,
     };
-    s->last_refill_ns = t;
+    s->batch_refills = 0;
     s->flushed_since_refill = 0;
     s->remote_since_refill = 0;
     if (!hm_ace_record(&ev)) {
@@ -416,6 +423,9 @@ static void span_compact(struct hm_span *sp)
     uint64_t freeb[HM_PAGE_SIZE / 16 / 64];
     memcpy(freeb, holes, sizeof freeb);
     for (void *b = sp->free; b; b = *(void **)b) {
+        /* A link outside the span: a write after free broke the list. */
+        if (!hm_span_is_block(sp, (uintptr_t)b) || (char *)b >= sp->bump)
+            hm_fatal("free", "heap corruption: a freed block was overwritten, near", b);
         uint32_t i = (uint32_t)((size_t)((char *)b - sp->start) / bs);
         freeb[i >> 6] |= (uint64_t)1 << (i & 63);
     }

@@ -1,0 +1,138 @@
+/* Soak: a mixed server-like workload for HAKMEM_SOAK_SECONDS (default 6;
+ * run it for minutes by hand).  Threads replace blocks of mixed sizes at
+ * random, grow some with realloc, and hand some to the next thread to
+ * free; every block carries a stamp that is checked before it is freed, so
+ * a lost or overlapped block fails the test.  RSS is sampled once a second
+ * and must stabilise: the second half's peak stays within 10% (+4 MiB) of
+ * the first half's. */
+#include "test_util.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "hakmem.h"
+
+enum { THREADS = 4, SLOTS = 4096, HANDOFF = 1024 };
+
+struct slot {
+    unsigned char *p;
+    size_t n;
+    unsigned tag;
+};
+
+static atomic_int stop, errors;
+static atomic_ulong ops;
+static struct slot handoff[HANDOFF];
+static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t mixed_size(uint64_t *s)
+{
+    uint64_t r = next_rand(s);
+    switch (r % 32) {
+    case 0: return 65536 + (r >> 8) % 1000000;    /* page blocks and large */
+    case 1: case 2: case 3: return 1024 + (r >> 8) % 31744;
+    default: return 1 + (r >> 8) % 512;
+    }
+}
+
+static void stamp(struct slot *s)
+{
+    size_t k = s->n < 64 ? s->n : 64;
+    fill(s->p, k, s->tag);
+    if (s->n >= 128)
+        fill(s->p + s->n - 64, 64, s->tag + 1);
+}
+
+static void verify_and_free(struct slot *s)
+{
+    if (!s->p)
+        return;
+    size_t k = s->n < 64 ? s->n : 64;
+    if (!check(s->p, k, s->tag) || (s->n >= 128 && !check(s->p + s->n - 64, 64, s->tag + 1)))
+        atomic_fetch_add(&errors, 1);
+    hakmem_free(s->p);
+    s->p = NULL;
+}
+
+static void *worker(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg * 7919 + 1;
+    static _Thread_local struct slot slots[SLOTS];
+    unsigned tag = (unsigned)(uintptr_t)arg << 24;
+    while (!atomic_load_explicit(&stop, memory_order_relaxed)) {
+        for (int i = 0; i < 1000; i++) {
+            struct slot *s = &slots[next_rand(&seed) % SLOTS];
+            uint64_t r = next_rand(&seed) % 16;
+            if (r == 0 && s->p) {                       /* grow in place or move */
+                size_t m = s->n + s->n / 2 + 1;
+                size_t k = s->n < 64 ? s->n : 64;
+                if (!check(s->p, k, s->tag))
+                    atomic_fetch_add(&errors, 1);
+                s->p = hakmem_realloc(s->p, m);
+                s->n = m;
+                stamp(s);
+                continue;
+            }
+            if (r == 1 && s->p) {                       /* hand it to another thread */
+                pthread_mutex_lock(&handoff_lock);
+                struct slot *h = &handoff[next_rand(&seed) % HANDOFF];
+                struct slot old = *h;
+                *h = *s;
+                pthread_mutex_unlock(&handoff_lock);
+                verify_and_free(&old);
+                s->p = NULL;
+            }
+            verify_and_free(s);
+            s->n = mixed_size(&seed);
+            s->p = hakmem_malloc(s->n);
+            s->tag = tag++;
+            stamp(s);
+        }
+        atomic_fetch_add(&ops, 1000);
+    }
+    for (int i = 0; i < SLOTS; i++)
+        verify_and_free(&slots[i]);
+    return NULL;
+}
+
+static void rss_stabilises_and_nothing_is_lost(void **state)
+{
+    (void)state;
+    const char *env = getenv("HAKMEM_SOAK_SECONDS");
+    int seconds = env ? atoi(env) : 6;
+    if (seconds < 2)
+        seconds = 2;
+    pthread_t t[THREADS];
+    for (uintptr_t i = 0; i < THREADS; i++)
+        pthread_create(&t[i], NULL, worker, (void *)(i + 1));
+    long first_half = 0, second_half = 0;
+    for (int s = 0; s < seconds; s++) {
+        struct timespec one = { 1, 0 };
+        nanosleep(&one, NULL);
+        long rss = rss_kb();
+        if (s < seconds / 2)
+            first_half = rss > first_half ? rss : first_half;
+        else
+            second_half = rss > second_half ? rss : second_half;
+    }
+    atomic_store(&stop, 1);
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
+    for (int i = 0; i < HANDOFF; i++)
+        verify_and_free(&handoff[i]);
+    print_message("soak: %d s, %lu ops, RSS peak first half %ld KiB, second half %ld KiB\n",
+                  seconds, atomic_load(&ops), first_half, second_half);
+    assert_int_equal(atomic_load(&errors), 0);
+    assert_true(atomic_load(&ops) > 0);
+    if (HM_RSS_MEANINGFUL)
+        assert_true(second_half <= first_half + first_half / 10 + 4096);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(rss_stabilises_and_nothing_is_lost),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
