@@ -100,19 +100,20 @@ void *hakmem_malloc(size_t size)
 void hakmem_free(void *p)
 {
     uintptr_t u = (uintptr_t)p;
-    struct hm_segment *seg = hm_segment_of(u);
-    if (likely(seg != NULL && (u & 15) == 0)) {
-        struct hm_span *sp = hm_span_of(seg, u);
+    struct hm_segment *seg = hm_segment_base(u);
+    if (likely(hm_segment_is_aligned_ours(u, seg) && (u & 15) == 0)) {
+        const struct hm_page_info *pi = hm_page_info_of(seg, u);
         uintptr_t *b = p;
         uintptr_t key = hm_free_key;
         /* A span of this thread, and a block that does not look free. */
-        if (likely(hm_span_owner(sp) == hm_tc.owner && b[1] != key)) {
-            struct hm_bin *bin = (struct hm_bin *)((char *)&hm_tc + sp->bin_offset);
+        if (likely(atomic_load_explicit(&pi->owner, memory_order_relaxed) == hm_tc.owner &&
+                   b[1] != key)) {
+            struct hm_bin *bin = (struct hm_bin *)((char *)&hm_tc + pi->bin_offset);
             b[0] = (uintptr_t)bin->head;
             b[1] = key;
             bin->head = p;
             if (unlikely(bin->room-- == 0))      /* one over the cap */
-                hm_flush(&hm_tc, sp->size_class);
+                hm_flush(&hm_tc, (unsigned)(bin - hm_tc.bins));
             return;
         }
     }

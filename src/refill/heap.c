@@ -189,7 +189,7 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
         struct hm_span *sp = seg->page_span[i];
         if (sp != &seg->spans[i])
             continue;
-        atomic_store_explicit(&sp->owner, h->id, memory_order_relaxed);
+        hm_span_set_owner(sp, h->id);
         if (sp->free || sp->holes || sp->bump < sp->end)
             hm_partial_push(h, sp);
     }
@@ -214,9 +214,13 @@ struct span_shape {
 
 static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct span_shape s)
 {
+    /* Full segments are most of a big heap: skip them without the lock
+     * (only this thread takes pages from its segments). */
+    if (__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
+        return NULL;
     struct hm_span *sp = hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id);
     if (sp)
-        sp->bin_offset = (uint32_t)offsetof(struct hm_tcache, bins[s.cls]);
+        hm_span_set_bin(sp, (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
     return sp;
 }
 
@@ -317,7 +321,7 @@ void hm_thread_exit(struct hm_tcache *tc)
             if (sp->used == 0)
                 hm_span_release(seg, sp);
             else
-                atomic_store_explicit(&sp->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
+                hm_span_set_owner(sp, HM_OWNER_ABANDONED);
         }
         /* Its free pages decay like any others: the next thread often
          * adopts the segment and reuses them. */

@@ -15,6 +15,7 @@ int hm_segment_module_init(void)
     if (t == MAP_FAILED)
         return -1;
     hm_segmap.table = t;
+    atomic_store_explicit(&hm_segmap.table[0], HM_SEGMAP_POISON, memory_order_relaxed);
     __atomic_store_n(&hm_segmap.entries, entries, __ATOMIC_RELEASE);
     return 0;
 }

@@ -149,8 +149,10 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
     atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
-    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++) {
         seg->page_span[i] = &hm_sentinel_span;
+        atomic_store_explicit(&seg->page_info[i].owner, HM_OWNER_SENTINEL, memory_order_relaxed);
+    }
     atomic_flag_clear(&seg->lock);
     registry_add(seg);
     hm_segmap_set((uintptr_t)seg, seg);
@@ -222,10 +224,26 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     sp->listed_after_compact = 0;
     sp->in_partial = 0;
     sp->next = sp->prev = NULL;
-    atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + (int)i] = sp;
+    hm_span_set_owner(sp, owner);
     return sp;
+}
+
+void hm_span_set_owner(struct hm_span *sp, uintptr_t owner)
+{
+    struct hm_segment *seg = hm_segment_of_span(sp);
+    atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);
+    for (unsigned i = 0; i < sp->pages; i++)
+        atomic_store_explicit(&seg->page_info[sp->page_index + i].owner, owner,
+                              memory_order_relaxed);
+}
+
+void hm_span_set_bin(struct hm_span *sp, uint32_t bin_offset)
+{
+    struct hm_segment *seg = hm_segment_of_span(sp);
+    for (unsigned i = 0; i < sp->pages; i++)
+        seg->page_info[sp->page_index + i].bin_offset = bin_offset;
 }
 
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
@@ -233,9 +251,9 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
     if (sp->holes)
         memset(hm_span_holes(sp), 0, sizeof seg->hole_bits[0]);
     unsigned at = sp->page_index, pages = sp->pages;
+    hm_span_set_owner(sp, HM_OWNER_SENTINEL);
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + i] = &hm_sentinel_span;
-    atomic_store_explicit(&sp->owner, HM_OWNER_SENTINEL, memory_order_relaxed);
     uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
     uint64_t now = hm_clock_ns();
     seg_lock(seg);

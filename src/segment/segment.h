@@ -32,6 +32,15 @@
 
 enum hm_segment_kind { HM_SEGMENT_SPANS = 1, HM_SEGMENT_LARGE = 2 };
 
+/* What free() needs of a page, in one load: the owner of the span on it
+ * (as hm_span.owner) and where the owner's bin for the span's class sits
+ * in its thread cache. */
+struct hm_page_info {
+    _Atomic uintptr_t owner;
+    uint32_t bin_offset;
+    uint32_t pad;
+};
+
 /* One span.  The first cache line is read by every thread that frees into
  * the span; the second is written by remote frees; the third belongs to the
  * owner thread alone. */
@@ -41,7 +50,7 @@ struct hm_span {
     uint32_t block_size;
     char *start;                    /* first block */
     uint32_t capacity;              /* blocks the span holds */
-    uint32_t bin_offset;            /* the owner's cache: where this class's bin is */
+    uint32_t unused;
     uint8_t page_index;
     uint8_t pages;
     char pad0[64 - 8 - 8 - 8 - 4 - 4 - 2];
@@ -79,6 +88,7 @@ struct hm_segment {
     size_t map_size;
     char *user;
     size_t alignment;
+    struct hm_page_info page_info[HM_SEGMENT_PAGES];
     struct hm_span *page_span[HM_SEGMENT_PAGES];
     struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
     /* Per span, one bit per block: the span's "holes", free blocks whose
@@ -95,13 +105,39 @@ struct hm_segmap {
 extern struct hm_segmap hm_segmap;
 extern struct hm_span hm_sentinel_span;
 
+/* The entry of the first granule: never a header, and not NULL either, so
+ * that a pointer below 4 MiB (whose granule base is NULL) never matches. */
+#define HM_SEGMAP_POISON ((struct hm_segment *)1)
+
 /* The header of the segment or large block that owns address u, or NULL. */
 static inline struct hm_segment *hm_segment_of(uintptr_t u)
 {
     uintptr_t i = u >> HM_SEGMENT_SHIFT;
     if (__builtin_expect(i >= hm_segmap.entries, 0))
         return 0;
-    return atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed);
+    struct hm_segment *seg = atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed);
+    return seg == HM_SEGMAP_POISON ? 0 : seg;
+}
+
+/* The fast path of free(): the segment of u, found by alignment, when the
+ * segment map confirms that it is one of ours (a large block's header at
+ * the start of its granule passes too: its pages have no owner).  Only
+ * after the check is the header read, so a foreign pointer never is. */
+static inline bool hm_segment_is_aligned_ours(uintptr_t u, const struct hm_segment *seg)
+{
+    uintptr_t i = u >> HM_SEGMENT_SHIFT;
+    return __builtin_expect(i < hm_segmap.entries, 1) &&
+           atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed) == seg;
+}
+
+static inline struct hm_segment *hm_segment_base(uintptr_t u)
+{
+    return (struct hm_segment *)(u & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
+}
+
+static inline const struct hm_page_info *hm_page_info_of(const struct hm_segment *seg, uintptr_t u)
+{
+    return &seg->page_info[(u >> HM_PAGE_SHIFT) & (HM_SEGMENT_PAGES - 1)];
 }
 
 /* The span of a block in a span segment; &hm_sentinel_span for pages that
@@ -136,6 +172,10 @@ bool hm_segment_is_empty(const struct hm_segment *seg);
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
                               unsigned cls, uint32_t block_size, uintptr_t owner);
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
+/* A span changes hands (thread exit, adoption): its pages follow. */
+void hm_span_set_owner(struct hm_span *sp, uintptr_t owner);
+/* Where the owner's bin for the span's blocks is (set once, at creation). */
+void hm_span_set_bin(struct hm_span *sp, uint32_t bin_offset);
 static inline struct hm_segment *hm_segment_of_span(const struct hm_span *sp)
 {
     return (struct hm_segment *)((uintptr_t)sp & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
