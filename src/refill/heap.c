@@ -128,6 +128,50 @@ static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
     seg->next = seg->prev = NULL;
 }
 
+/* Empty segments kept process-wide for the next thread that needs one: a
+ * program that starts and ends threads all the time would otherwise map,
+ * fault in and unmap a segment per thread.  Their free pages decay like
+ * any others (the registry still lists them). */
+#define EMPTY_POOL_MAX 8
+static struct hm_segment *empty_pool;
+static unsigned empty_count;
+
+static void empty_pool_put(struct hm_segment *seg)
+{
+    pthread_mutex_lock(&abandoned_lock);
+    if (empty_count < EMPTY_POOL_MAX) {
+        atomic_store_explicit(&seg->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
+        seg->next = empty_pool;
+        __atomic_store_n(&empty_pool, seg, __ATOMIC_RELAXED);
+        empty_count++;
+        seg = NULL;
+    }
+    pthread_mutex_unlock(&abandoned_lock);
+    if (seg)
+        hm_segment_free(seg);
+}
+
+static struct hm_segment *empty_pool_take(void)
+{
+    if (!__atomic_load_n(&empty_pool, __ATOMIC_RELAXED))
+        return NULL;
+    pthread_mutex_lock(&abandoned_lock);
+    struct hm_segment *seg = empty_pool;
+    if (seg) {
+        __atomic_store_n(&empty_pool, seg->next, __ATOMIC_RELAXED);
+        empty_count--;
+    }
+    pthread_mutex_unlock(&abandoned_lock);
+    return seg;
+}
+
+void hm_heap_release_empty_pool(void)
+{
+    struct hm_segment *seg;
+    while ((seg = empty_pool_take()))
+        hm_segment_free(seg);
+}
+
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg)
 {
     segment_unlink(h, seg);
@@ -137,15 +181,20 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg)
         h->reserve_count++;
         return;
     }
-    hm_segment_free(seg);
+    empty_pool_put(seg);
 }
 
-void hm_heap_release_reserve(struct hm_heap *h)
+/* The heap's empty segments: to the process pool (thread exit), or back
+ * to the OS (trim). */
+void hm_heap_release_reserve(struct hm_heap *h, bool unmap)
 {
     while (h->reserve) {
         struct hm_segment *seg = h->reserve;
         h->reserve = seg->next;
-        hm_segment_free(seg);
+        if (unmap)
+            hm_segment_free(seg);
+        else
+            empty_pool_put(seg);
     }
     h->reserve_count = 0;
 }
@@ -247,6 +296,8 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
         h->reserve_count--;
     }
     if (!seg)
+        seg = empty_pool_take();
+    if (!seg)
         seg = hm_segment_alloc(h->id);
     if (!seg)
         return NULL;
@@ -326,13 +377,13 @@ void hm_thread_exit(struct hm_tcache *tc)
         /* Its free pages decay like any others: the next thread often
          * adopts the segment and reuses them. */
         if (hm_segment_is_empty(seg))
-            hm_segment_free(seg);
+            empty_pool_put(seg);
         else
             abandon_segment(seg);
         seg = next;
     }
     h->segments = NULL;
-    hm_heap_release_reserve(h);
+    hm_heap_release_reserve(h, false);
 
     /* From here a malloc on this thread (a later destructor) starts over. */
     tc->owner = HM_OWNER_NONE;

@@ -42,8 +42,9 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 /* Gives back the free pages of this heap's segments that waited delay_ns. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
 uint64_t hm_heap_live_count(void);
-/* Unmaps the heap's empty segments. */
-void hm_heap_release_reserve(struct hm_heap *h);
+/* The heap's empty segments go to the process pool, or (unmap) to the OS. */
+void hm_heap_release_reserve(struct hm_heap *h, bool unmap);
+void hm_heap_release_empty_pool(void);
 
 /* refill.c */
 void hm_free_key_init(void);

@@ -647,8 +647,9 @@ bool hm_trim(struct hm_tcache *tc)
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
         hm_heap_collect(h);
-        hm_heap_release_reserve(h);
+        hm_heap_release_reserve(h, true);
     }
+    hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0);
     return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                               memory_order_relaxed) < before;
