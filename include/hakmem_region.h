@@ -130,6 +130,28 @@ struct hakmem_region_class {
     uint64_t drops;                 /* refill events dropped (queue full) */
 };
 
+/* Field 22 of a /proc/PID/stat line (the start time, in clock ticks after
+ * boot): region.pid_start is compared with it to tell whether a pid still
+ * names the process that wrote the region.  0 if the line is malformed.
+ * The command name in parentheses may hold anything: parse from its end. */
+static inline uint64_t hakmem_region_stat_start_time(const char *stat_line)
+{
+    const char *p = stat_line, *close = 0;
+    for (; *p; p++)
+        if (*p == ')')
+            close = p;
+    if (!close)
+        return 0;
+    p = close;
+    for (int field = 2; field < 22 && *p; p++)   /* each space starts a field */
+        if (*p == ' ')
+            field++;
+    uint64_t v = 0;
+    for (; *p >= '0' && *p <= '9'; p++)
+        v = v * 10 + (uint64_t)(*p - '0');
+    return v;
+}
+
 /* The layout is part of the version: a change here needs a new version. */
 #ifdef __cplusplus
 static_assert(sizeof(struct hakmem_region_header) == 216, "region header layout");

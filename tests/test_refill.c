@@ -196,7 +196,19 @@ static void page_blocks_reuse_their_pages(void **state)
     hakmem_stats(&s1);
     assert_int_equal(s1.large_blocks, s0.large_blocks);
     hakmem_free(big);
-    hakmem_free(r);
+
+    /* realloc resizes a page block in place: it shrinks always, and grows
+     * when the pages after it are free (here: the ones `big` left). */
+    memset(r, 3, 300000);
+    char *g = hakmem_realloc(r, 200000);
+    assert_ptr_equal(g, r);
+    assert_int_equal(hakmem_malloc_usable_size(g), 4 * 65536);
+    g = hakmem_realloc(g, 900000);
+    assert_int_equal(hakmem_malloc_usable_size(g), 14 * 65536);
+    for (int i = 0; i < 200000; i += 4096)
+        assert_int_equal(g[i], 3);
+    memset(g, 4, 900000);
+    hakmem_free(g);
 }
 
 int main(void)

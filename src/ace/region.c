@@ -119,16 +119,7 @@ static uint64_t start_time(void)
     if (n <= 0)
         return 0;
     buf[n] = '\0';
-    char *p = strrchr(buf, ')');         /* the command name may hold anything */
-    if (!p)
-        return 0;
-    for (int field = 2; field < 22 && *p; p++)   /* each space starts a field */
-        if (*p == ' ')
-            field++;
-    uint64_t v = 0;
-    for (; *p >= '0' && *p <= '9'; p++)
-        v = v * 10 + (uint64_t)(*p - '0');
-    return v;
+    return hakmem_region_stat_start_time(buf);
 }
 
 /* Our pid is ours now, so a file already at our name is left by an earlier

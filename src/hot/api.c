@@ -179,6 +179,8 @@ void *hakmem_realloc(void *p, size_t size)
         void *q = hm_large_resize(seg, size);
         return q ? q : realloc_move(p, old_size, size);
     }
+    if (old_size > HM_MAX_CLASS_SIZE && hm_realloc_pages(&hm_tc, p, size))
+        return p;                           /* a page block, resized in place */
     /* Keep the block when the new size still uses at least half of it. */
     if (size <= old_size && size >= old_size / 2)
         return p;

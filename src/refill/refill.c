@@ -385,6 +385,18 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     return sp->start;
 }
 
+bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
+{
+    uintptr_t u = (uintptr_t)p;
+    struct hm_segment *seg = hm_segment_of(u);
+    if (!seg || seg->kind != HM_SEGMENT_SPANS || size <= HM_MAX_CLASS_SIZE || size > HM_PAGES_MAX)
+        return false;
+    struct hm_span *sp = hm_span_of(seg, u);
+    if (sp->size_class != HM_PAGES_CLASS || hm_span_owner(sp) != tc->owner || sp->start != p)
+        return false;
+    return hm_span_resize(seg, sp, (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT));
+}
+
 /* ---- compaction of nearly empty spans ----------------------------------- */
 
 /* A span whose blocks were mostly freed keeps every page its free list

@@ -61,6 +61,10 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls);
  * process is being set up. */
 void *hm_alloc_pages(struct hm_tcache *tc, size_t size);
 
+/* realloc of a page block of this thread's: grows it into the free pages
+ * that follow it, or shrinks it, in place.  False: move it. */
+bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size);
+
 /* tc's bin for cls went one over its cap: return its older blocks. */
 void hm_flush(struct hm_tcache *tc, unsigned cls);
 

@@ -230,6 +230,59 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     return sp;
 }
 
+static uint64_t page_run(unsigned first, unsigned count)
+{
+    return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
+}
+
+bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
+{
+    unsigned at = sp->page_index, old = sp->pages;
+    if (pages == old)
+        return true;
+    if (at + pages > HM_SEGMENT_PAGES)
+        return false;
+    struct hm_page_info info = seg->page_info[at];
+    if (pages > old) {
+        uint64_t run = page_run(at + old, pages - old);
+        seg_lock(seg);
+        bool room = (seg->free_pages & run) == run;
+        if (room) {
+            seg->free_pages &= ~run;
+            seg->dirty_pages &= ~run;
+            seg->pages_used += pages - old;
+        }
+        seg_unlock(seg);
+        if (!room)
+            return false;
+        for (unsigned i = at + old; i < at + pages; i++) {
+            seg->page_span[i] = sp;
+            seg->page_info[i].bin_offset = info.bin_offset;
+            atomic_store_explicit(&seg->page_info[i].owner, atomic_load(&info.owner),
+                                  memory_order_relaxed);
+        }
+    } else {
+        for (unsigned i = at + pages; i < at + old; i++) {
+            atomic_store_explicit(&seg->page_info[i].owner, HM_OWNER_SENTINEL,
+                                  memory_order_relaxed);
+            seg->page_span[i] = &hm_sentinel_span;
+        }
+        uint64_t run = page_run(at + pages, old - pages), now = hm_clock_ns();
+        seg_lock(seg);
+        seg->free_pages |= run;
+        seg->dirty_pages |= run;
+        if (!seg->dirty_since_ns)
+            seg->dirty_since_ns = now;
+        seg->pages_used -= old - pages;
+        seg_unlock(seg);
+    }
+    sp->pages = (uint8_t)pages;
+    sp->block_size = (uint32_t)(pages * HM_PAGE_SIZE);
+    sp->end = sp->start + sp->block_size;
+    sp->bump = sp->end;
+    return true;
+}
+
 void hm_span_set_owner(struct hm_span *sp, uintptr_t owner)
 {
     struct hm_segment *seg = hm_segment_of_span(sp);

@@ -172,6 +172,9 @@ bool hm_segment_is_empty(const struct hm_segment *seg);
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
                               unsigned cls, uint32_t block_size, uintptr_t owner);
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
+/* A one-block span (a page block) grows into the free pages after it or
+ * gives back its last pages; false when the pages after it are taken. */
+bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages);
 /* A span changes hands (thread exit, adoption): its pages follow. */
 void hm_span_set_owner(struct hm_span *sp, uintptr_t owner);
 /* Where the owner's bin for the span's blocks is (set once, at creation). */

@@ -228,13 +228,7 @@ static uint64_t process_start_time(pid_t pid)
     if (n <= 0)
         return 0;
     buf[n] = '\0';
-    char *p = strrchr(buf, ')');
-    if (!p)
-        return 0;
-    for (int field = 2; field < 22 && *p; p++)
-        if (*p == ' ')
-            field++;
-    return strtoull(p, NULL, 10);
+    return hakmem_region_stat_start_time(buf);
 }
 
 static void process_comm(pid_t pid, char *buf, size_t len)
