@@ -92,7 +92,7 @@ static void *alloc_free_exit(void *arg)
 }
 
 /* An exited thread's empty segments wait in a small pool for the next
- * thread (at most 8 mapped), and their pages decay like any free page. */
+ * thread (at most 2 mapped), and their pages decay like any free page. */
 static void exited_threads_memory_decays(void **state)
 {
     (void)state;
@@ -105,7 +105,7 @@ static void exited_threads_memory_decays(void **state)
     pthread_create(&t, NULL, alloc_free_exit, NULL);
     pthread_join(t, NULL);
     hakmem_stats(&s1);
-    assert_true(s1.bytes_mapped <= s0.bytes_mapped + (8u << 22));
+    assert_true(s1.bytes_mapped <= s0.bytes_mapped + (2u << 22));
     nap_ms(120);
     slow_path_activity();
     assert_true(rss_kb() < base + 4 * 1024);

@@ -132,7 +132,7 @@ static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
  * program that starts and ends threads all the time would otherwise map,
  * fault in and unmap a segment per thread.  Their free pages decay like
  * any others (the registry still lists them). */
-#define EMPTY_POOL_MAX 8
+#define EMPTY_POOL_MAX 2
 static struct hm_segment *empty_pool;
 static unsigned empty_count;
 

@@ -79,6 +79,14 @@ static void seg_unlock(struct hm_segment *seg)
     atomic_flag_clear_explicit(&seg->lock, memory_order_release);
 }
 
+/* dirty_since_ns is read without the lock as a hint (purge_all skips clean
+ * segments), so its writes are atomic too.  Caller holds the lock. */
+static void mark_dirty_since(struct hm_segment *seg, uint64_t now)
+{
+    if (!seg->dirty_since_ns)
+        __atomic_store_n(&seg->dirty_since_ns, now, __ATOMIC_RELAXED);
+}
+
 uint64_t hm_clock_ns(void)
 {
     struct timespec ts;
@@ -104,7 +112,7 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
         dirty &= run + first >= 64 ? 0 : ~(uint64_t)0 << (first + run);
     }
     seg->dirty_pages = 0;
-    seg->dirty_since_ns = 0;
+    __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
     if (bytes)
         HM_TRACE_PURGE(bytes);
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
@@ -193,7 +201,11 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
                               unsigned cls, uint32_t block_size, uintptr_t owner)
 {
     seg_lock(seg);
-    int at = find_free_run(seg->free_pages, pages);
+    /* Pages still resident from a released span first: reusing them costs
+     * no page faults and leaves no resident hole behind. */
+    int at = find_free_run(seg->free_pages & seg->dirty_pages, pages);
+    if (at < 0)
+        at = find_free_run(seg->free_pages, pages);
     if (at < 0) {
         seg_unlock(seg);
         return NULL;
@@ -271,8 +283,7 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
         seg_lock(seg);
         seg->free_pages |= run;
         seg->dirty_pages |= run;
-        if (!seg->dirty_since_ns)
-            seg->dirty_since_ns = now;
+        mark_dirty_since(seg, now);
         seg->pages_used -= old - pages;
         seg_unlock(seg);
     }
@@ -312,8 +323,7 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
     seg_lock(seg);
     seg->free_pages |= run;
     seg->dirty_pages |= run;
-    if (!seg->dirty_since_ns)
-        seg->dirty_since_ns = now;
+    mark_dirty_since(seg, now);
     seg->pages_used -= pages;
     seg_unlock(seg);
 }
