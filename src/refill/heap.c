@@ -256,6 +256,19 @@ static void abandon_segment(struct hm_segment *seg)
     pthread_mutex_unlock(&abandoned_lock);
 }
 
+/* The heap is about to grow (no room left in its segments): spans that
+ * became nearly empty (1/8 full) since the last pass give back the OS pages
+ * that hold only free blocks first, so a program whose live set moves from
+ * one size to another reuses memory instead of adding to it.  Churn within
+ * the heap's memory never gets here, so it does not pay for it. */
+static void compact_before_growing(struct hm_heap *h)
+{
+    if (h->sparse_spans) {
+        h->sparse_spans = 0;
+        hm_heap_compact_sparse(h, hm_clock_ns(), 0, 3);
+    }
+}
+
 struct span_shape {
     unsigned cls, pages;
     uint32_t block_size;
@@ -290,6 +303,7 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
         if (s.cls < HM_NUM_CLASSES && h->partial[s.cls])
             return h->partial[s.cls];
     }
+    compact_before_growing(h);
     struct hm_segment *seg = h->reserve;
     if (seg) {
         h->reserve = seg->next;
@@ -306,29 +320,14 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
     return span_in(h, seg, s);
 }
 
-/* Before the heap grows, spans left almost empty (at most 1/32 full, as
- * after a live set shrank) give back their free pages at once, so a
- * program whose live set moves from one size to another reuses memory
- * instead of adding to it.  Spans merely thinned by churn wait for the
- * periodic pass (1/8 full for the purge delay). */
-static void compact_before_growing(struct hm_heap *h)
-{
-    if (h->sparse_spans >= 4) {
-        h->sparse_spans = 0;
-        hm_heap_compact_sparse(h, hm_clock_ns(), 0, 5);
-    }
-}
-
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls)
 {
-    compact_before_growing(h);
     struct span_shape s = { cls, hm_class_span_pages[cls], (uint32_t)hm_size_class_size(cls) };
     return new_span(h, s);
 }
 
 struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages)
 {
-    compact_before_growing(h);
     struct span_shape s = { HM_PAGES_CLASS, pages, (uint32_t)(pages * HM_PAGE_SIZE) };
     return new_span(h, s);
 }

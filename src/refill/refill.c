@@ -97,13 +97,12 @@ static void span_settle(struct hm_heap *h, struct hm_span *sp)
     }
     if (!sp->in_partial)
         hm_partial_push(h, sp);
-    /* Nearly empty now: a candidate for compaction (see below); almost
-     * empty (1/32, as when a live set shrinks): counted for the pass that
-     * runs before the heap grows. */
-    if (!sp->sparse_since_ns && (uint64_t)sp->used * 8 <= sp->capacity)
+    /* Nearly empty now: a candidate for compaction (see below), counted
+     * for the pass that runs before the heap grows. */
+    if (!sp->sparse_since_ns && (uint64_t)sp->used * 8 <= sp->capacity) {
         sp->sparse_since_ns = hm_clock_ns();
-    if ((uint64_t)sp->used * 32 <= sp->capacity && sp->used + 1 > sp->capacity / 32)
         h->sparse_spans++;
+    }
 }
 
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
