@@ -354,6 +354,7 @@ void hm_thread_exit(struct hm_tcache *tc)
     struct hm_heap *h = tc->heap;
     if (!h)
         return;
+    hm_remote_flush(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
         hm_bin_return_all(h, tc, c);
     hm_heap_collect(h);

@@ -28,6 +28,12 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
+    /* Frees of blocks of one other thread's span, batched: one CAS per
+     * batch instead of one per block.  Counted as used by the span, so it
+     * cannot go away meanwhile. */
+    struct hm_span *remote_span;
+    void *remote_head, *remote_tail;
+    uint32_t remote_count;
     uint32_t sparse_spans;                  /* became nearly empty since the last compaction */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
@@ -49,6 +55,8 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
+/* Sends this heap's pending batch of remote frees to its span. */
+void hm_remote_flush(struct hm_heap *h);
 void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                             unsigned fill_shift);
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);

@@ -118,12 +118,12 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 /* A block of a span this thread does not own goes on the span's remote
  * list.  Whoever makes that list non-empty also announces the span on its
  * segment's pending stack, so the owner finds it without scanning. */
-static void remote_free(struct hm_span *sp, void *p)
+static void remote_push(struct hm_span *sp, void *head, void *tail)
 {
     void *old = atomic_load_explicit(&sp->remote, memory_order_relaxed);
     do {
-        *(void **)p = old;
-    } while (!atomic_compare_exchange_weak_explicit(&sp->remote, &old, p,
+        *(void **)tail = old;
+    } while (!atomic_compare_exchange_weak_explicit(&sp->remote, &old, head,
                                                     memory_order_acq_rel,
                                                     memory_order_relaxed));
     if (old)
@@ -135,6 +135,38 @@ static void remote_free(struct hm_span *sp, void *p)
     } while (!atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp,
                                                     memory_order_release,
                                                     memory_order_relaxed));
+}
+
+#define REMOTE_BATCH 32
+
+void hm_remote_flush(struct hm_heap *h)
+{
+    if (!h->remote_count)
+        return;
+    remote_push(h->remote_span, h->remote_head, h->remote_tail);
+    h->remote_span = NULL;
+    h->remote_count = 0;
+}
+
+/* A block of another thread's span joins this thread's batch for that
+ * span; a block of another span, or a full batch, sends the batch.  A
+ * producer/consumer pair frees in allocation order, so batches fill. */
+static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
+{
+    struct hm_heap *h = tc->heap ? tc->heap : hm_heap_attach(tc);
+    if (!h) {                       /* set-up in progress: no batch */
+        remote_push(sp, p, p);
+        return;
+    }
+    if (sp != h->remote_span) {
+        hm_remote_flush(h);
+        h->remote_span = sp;
+        h->remote_tail = p;
+    }
+    *(void **)p = h->remote_count ? h->remote_head : NULL;
+    h->remote_head = p;
+    if (++h->remote_count >= REMOTE_BATCH)
+        hm_remote_flush(h);
 }
 
 /* Moves one span's remote list onto its local free list. */
@@ -318,6 +350,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
         if (!h)
             return NULL;
     }
+    hm_remote_flush(h);
     /* The count is read here and only here (Contract B). */
     uint32_t want = hm_refill_count_load(cls);
     struct hm_bin *bin = &tc->bins[cls];
@@ -595,7 +628,7 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
         hm_fatal(call, "invalid pointer", p);
     if (hm_span_owner(sp) != tc->owner) {
-        remote_free(sp, p);
+        remote_free(tc, sp, p);
         return;
     }
     /* Our own block whose second word holds the free key: a double free,
@@ -655,6 +688,7 @@ bool hm_trim(struct hm_tcache *tc)
     uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                            memory_order_relaxed);
     if (h) {
+        hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
         hm_heap_collect(h);
