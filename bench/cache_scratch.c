@@ -15,7 +15,6 @@
 #include <stdio.h>
 
 struct worker {
-    pthread_t thread;
     unsigned id;
     void *given;      /* allocated by main, freed by this thread */
     size_t given_size;
@@ -89,17 +88,10 @@ int main(int argc, char **argv)
         w[i].given = bmalloc(g_size);
         pat_fill(w[i].given, g_size, w[i].given_tag);
     }
-    for (unsigned i = 0; i < nt; i++)
-        w[i].thread = thread_start(worker_main, &w[i]);
-    double t0 = now_sec(); /* before releasing the workers: on a busy
-                            * machine main may not run again until they end */
-    pthread_barrier_wait(&start);
+    double secs = run_workers(worker_main, w, sizeof *w, nt, &start);
     uint64_t ops = 0;
-    for (unsigned i = 0; i < nt; i++) {
-        thread_join(w[i].thread);
+    for (unsigned i = 0; i < nt; i++)
         ops += w[i].iterations;
-    }
-    double secs = now_sec() - t0;
     pthread_barrier_destroy(&start);
     harness_free(w, nt * sizeof *w);
 

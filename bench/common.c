@@ -439,6 +439,22 @@ void thread_start_detached(void *(*fn)(void *), void *arg)
         bench_fail("pthread_create: %s", strerror(err));
 }
 
+double run_workers(void *(*fn)(void *), void *workers, size_t stride, unsigned nt,
+                   pthread_barrier_t *gate)
+{
+    pthread_t *t = harness_alloc(nt * sizeof *t);
+    for (unsigned i = 0; i < nt; i++)
+        t[i] = thread_start(fn, (char *)workers + (size_t)i * stride);
+    double t0 = now_sec(); /* before releasing the workers: on a busy
+                            * machine main may not run again until they end */
+    pthread_barrier_wait(gate);
+    for (unsigned i = 0; i < nt; i++)
+        thread_join(t[i]);
+    double secs = now_sec() - t0;
+    harness_free(t, nt * sizeof *t);
+    return secs;
+}
+
 void thread_join(pthread_t t)
 {
     int err = pthread_join(t, NULL);

@@ -216,6 +216,13 @@ __attribute__((format(printf, 2, 3))) void result_print(const struct bench_resul
 
 /* ---- threads ------------------------------------------------------------ */
 
+/* Starts fn on each of nt workers (an array with `stride` bytes a worker),
+ * releases them together through `gate` (a barrier of nt + 1 that each
+ * worker waits on first), joins them all, and returns the seconds from the
+ * release to the last join. */
+double run_workers(void *(*fn)(void *), void *workers, size_t stride, unsigned nt,
+                   pthread_barrier_t *gate);
+
 /* pthread_create / pthread_join that fail the run instead of returning. */
 pthread_t thread_start(void *(*fn)(void *), void *arg);
 void thread_start_detached(void *(*fn)(void *), void *arg);

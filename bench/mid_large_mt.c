@@ -18,7 +18,6 @@ struct slot {
 };
 
 struct worker {
-    pthread_t thread;
     unsigned id;
     uint64_t ops;
     uint64_t seed;
@@ -81,19 +80,12 @@ int main(int argc, char **argv)
     struct worker *w = harness_alloc(nt * sizeof *w);
     pthread_barrier_t start;
     pthread_barrier_init(&start, NULL, nt + 1);
-    for (unsigned i = 0; i < nt; i++) {
+    for (unsigned i = 0; i < nt; i++)
         w[i] = (struct worker){.id = i, .ops = (uint64_t)a.ops / nt, .seed = a.seed, .start = &start};
-        w[i].thread = thread_start(worker_main, &w[i]);
-    }
-    double t0 = now_sec(); /* before releasing the workers: on a busy
-                            * machine main may not run again until they end */
-    pthread_barrier_wait(&start);
+    double secs = run_workers(worker_main, w, sizeof *w, nt, &start);
     uint64_t ops = 0;
-    for (unsigned i = 0; i < nt; i++) {
-        thread_join(w[i].thread);
+    for (unsigned i = 0; i < nt; i++)
         ops += w[i].ops;
-    }
-    double secs = now_sec() - t0;
     pthread_barrier_destroy(&start);
     harness_free(w, nt * sizeof *w);
 

@@ -40,7 +40,9 @@
 #ifndef HAKMEM_REGION_H
 #define HAKMEM_REGION_H
 
+#include <fcntl.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #define HAKMEM_REGION_MAGIC   0x47524d454d4b4148ull   /* "HAKMEMRG" in memory */
 #define HAKMEM_REGION_VERSION 1u
@@ -150,6 +152,23 @@ static inline uint64_t hakmem_region_stat_start_time(const char *stat_line)
     for (; *p >= '0' && *p <= '9'; p++)
         v = v * 10 + (uint64_t)(*p - '0');
     return v;
+}
+
+/* The start time of the process whose stat file is stat_path
+ * ("/proc/self/stat", "/proc/PID/stat"); 0 when it cannot be read.  Only
+ * open/read/close: safe inside the allocator. */
+static inline uint64_t hakmem_region_start_time_of(const char *stat_path)
+{
+    char buf[1024];
+    int fd = open(stat_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    return hakmem_region_stat_start_time(buf);
 }
 
 /* The layout is part of the version: a change here needs a new version. */

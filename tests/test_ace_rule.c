@@ -291,6 +291,19 @@ static void assert_no_oscillation(const uint32_t *t, int n)
             fail_msg("oscillation at step %d: %u %u %u", i, t[i - 2], t[i - 1], t[i]);
 }
 
+/* One thread using 100k blocks/s in bursts (90% of them flushed again):
+ * the refill rate falls as the count grows. */
+static void bursts_trajectory(uint32_t start, struct hm_refill_bounds b, uint32_t t[STEPS + 1])
+{
+    t[0] = start;
+    for (int i = 0; i < STEPS; i++) {
+        uint64_t rate = 100000 / t[i];
+        struct hm_ace_window w = win(100 * MS, rate / 10 ? rate / 10 : 1, t[i],
+                                     SEC / rate, 900);
+        t[i + 1] = hm_ace_next_count(t[i], &w, b);
+    }
+}
+
 static void test_rule_converges(void **state)
 {
     (void)state;
@@ -342,13 +355,7 @@ static void test_rule_converges(void **state)
     /* Feedback through the rate while overflowing (bursts: 90% overflow),
      * one thread using 100k blocks/s: grows while refills are frequent,
      * 32 -> 64 -> 128 (781 refills/s: neither frequent nor rare), stays. */
-    t[0] = 32;
-    for (int i = 0; i < STEPS; i++) {
-        uint64_t rate = 100000 / t[i];
-        struct hm_ace_window w = win(100 * MS, rate / 10 ? rate / 10 : 1, t[i],
-                                     SEC / rate, 900);
-        t[i + 1] = hm_ace_next_count(t[i], &w, b);
-    }
+    bursts_trajectory(32, b, t);
     assert_no_oscillation(t, STEPS + 1);
     assert_nondecreasing(t, STEPS + 1);
     assert_int_equal(t[STEPS], 128);
@@ -356,13 +363,7 @@ static void test_rule_converges(void **state)
 
     /* The same from above: 1024 refills every 10 ms (rare), overflowing:
      * shrinks by quarters until refills are no longer rare, then stays. */
-    t[0] = 1024;
-    for (int i = 0; i < STEPS; i++) {
-        uint64_t rate = 100000 / t[i];
-        struct hm_ace_window w = win(100 * MS, rate / 10 ? rate / 10 : 1, t[i],
-                                     SEC / rate, 900);
-        t[i + 1] = hm_ace_next_count(t[i], &w, b);
-    }
+    bursts_trajectory(1024, b, t);
     assert_no_oscillation(t, STEPS + 1);
     assert_nonincreasing(t, STEPS + 1);
     assert_true(t[STEPS] >= 100 && t[STEPS] <= 400);

@@ -72,13 +72,6 @@ static bool ace_windows_open;
 static _Atomic uint64_t ace_events, ace_decisions, ace_changes;
 static _Atomic uint64_t ace_class_ev[HM_NUM_CLASSES];
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static void sleep_ns(uint64_t ns)
 {
     struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000ull),
@@ -187,7 +180,7 @@ static void *ace_main(void *arg)
         if (!hm_ace_region_sleep(nap))    /* acectl's doorbell may end it early */
             sleep_ns(nap);
         pthread_mutex_lock(&ace_lock);
-        uint64_t now = now_ns();
+        uint64_t now = hm_clock_precise_ns();
         uint64_t n = ace_tick(now, false);
         hm_ace_region_tick();             /* acectl: requests and snapshot */
         pthread_mutex_unlock(&ace_lock);
@@ -306,6 +299,6 @@ uint64_t hm_ace_class_events(unsigned cls)
 void hm_ace_step(void)
 {
     pthread_mutex_lock(&ace_lock);
-    ace_tick(now_ns(), true);
+    ace_tick(hm_clock_precise_ns(), true);
     pthread_mutex_unlock(&ace_lock);
 }

@@ -110,16 +110,7 @@ static void make_path(pid_t pid)
  * 0 when /proc is not there. */
 static uint64_t start_time(void)
 {
-    char buf[1024];
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = '\0';
-    return hakmem_region_stat_start_time(buf);
+    return hakmem_region_start_time_of("/proc/self/stat");
 }
 
 /* Our pid is ours now, so a file already at our name is left by an earlier

@@ -274,13 +274,6 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
     return got;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Refills reach the learner in batches of HM_EVENT_BATCH per thread and
  * class, sent once the refill that completes a batch is done: two clock
  * reads and one push per batch. */
@@ -288,13 +281,13 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
 {
     struct hm_heap_class_stats *s = &h->stats[cls];
     if (s->batch_refills++ == 0)
-        s->batch_start_ns = now_ns();
+        s->batch_start_ns = hm_clock_precise_ns();
     if (s->batch_refills < HM_EVENT_BATCH)
         return;
     struct hm_event ev = {
         .size_class = cls,
         .refill_count = want,
-        .interval_ns = now_ns() - s->batch_start_ns,
+        .interval_ns = hm_clock_precise_ns() - s->batch_start_ns,
         .refills = s->batch_refills,
         .intervals = s->batch_refills - 1,
         .blocks_flushed = s->flushed_since_refill,
@@ -675,7 +668,7 @@ void hm_free_key_init(void)
 {
     uintptr_t k = 0;
     if (getrandom(&k, sizeof k, GRND_NONBLOCK) != sizeof k)
-        k = now_ns() * 0x9e3779b97f4a7c15ull ^ (uintptr_t)&k;
+        k = hm_clock_precise_ns() * 0x9e3779b97f4a7c15ull ^ (uintptr_t)&k;
     hm_free_key = k | 1;   /* never 0: fresh blocks hold 0 there */
 }
 

@@ -87,11 +87,21 @@ static void mark_dirty_since(struct hm_segment *seg, uint64_t now)
         __atomic_store_n(&seg->dirty_since_ns, now, __ATOMIC_RELAXED);
 }
 
-uint64_t hm_clock_ns(void)
+static uint64_t clock_read(clockid_t id)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    clock_gettime(id, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t hm_clock_ns(void)
+{
+    return clock_read(CLOCK_MONOTONIC_COARSE);
+}
+
+uint64_t hm_clock_precise_ns(void)
+{
+    return clock_read(CLOCK_MONOTONIC);
 }
 
 /* Gives back the segment's dirty free pages when the oldest has waited

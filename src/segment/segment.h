@@ -50,10 +50,9 @@ struct hm_span {
     uint32_t block_size;
     char *start;                    /* first block */
     uint32_t capacity;              /* blocks the span holds */
-    uint32_t unused;
     uint8_t page_index;
     uint8_t pages;
-    char pad0[64 - 8 - 8 - 8 - 4 - 4 - 2];
+    char pad0[64 - 8 - 8 - 8 - 4 - 2];
 
     _Atomic(void *) remote;          /* blocks freed by other threads */
     struct hm_span *pending_next;   /* link in the segment's pending stack */
@@ -195,7 +194,8 @@ static inline uint64_t *hm_span_holes(const struct hm_span *sp)
  * hm_segment_purge does one segment (the owner's slow path); purge_all
  * walks every span segment, including those of exited threads (the ACE
  * thread, malloc_trim).  Both return the bytes given back. */
-uint64_t hm_clock_ns(void);
+uint64_t hm_clock_ns(void);          /* monotonic, coarse (a few ms): ages */
+uint64_t hm_clock_precise_ns(void);  /* monotonic, precise: intervals */
 size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns);
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns);
 

@@ -218,17 +218,9 @@ static bool process_exists(pid_t pid)
  * 0 when it cannot be read. */
 static uint64_t process_start_time(pid_t pid)
 {
-    char path[64], buf[1024];
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = '\0';
-    return hakmem_region_stat_start_time(buf);
+    return hakmem_region_start_time_of(path);
 }
 
 static void process_comm(pid_t pid, char *buf, size_t len)
