@@ -38,8 +38,8 @@ static void spans_take_and_return_pages(void **state)
     (void)state;
     struct hm_segment *seg = hm_segment_alloc(777);
     assert_true(hm_segment_is_empty(seg));
-    struct hm_span *a = hm_span_alloc(seg, 1, 0, 16, 777);
-    struct hm_span *b = hm_span_alloc(seg, 16, 87, 131072, 777);
+    struct hm_span *a = hm_span_alloc(seg, 1, 0, 16, 777, 0);
+    struct hm_span *b = hm_span_alloc(seg, 16, 87, 131072, 777, 0);
     assert_non_null(a);
     assert_non_null(b);
     assert_int_equal(a->page_index, 1);
@@ -55,13 +55,52 @@ static void spans_take_and_return_pages(void **state)
     assert_int_equal(hm_span_owner(b), 777);
 
     /* Fill the rest: 63 usable pages minus 17 used, in runs of 16. */
-    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777));
-    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777));
-    assert_null(hm_span_alloc(seg, 16, 87, 131072, 777));
+    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
+    assert_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
     hm_span_release(seg, a);
     assert_ptr_equal(seg->page_span[1], &hm_sentinel_span);
-    assert_int_equal(hm_span_alloc(seg, 1, 0, 16, 777)->page_index, 1);
+    assert_int_equal(hm_span_alloc(seg, 1, 0, 16, 777, 0)->page_index, 1);
     hm_segment_free(seg);
+}
+
+static uintptr_t tag_of(const void *p)
+{
+    return atomic_load(&hm_pagemap.table[(uintptr_t)p >> HM_PAGE_SHIFT]);
+}
+
+/* free()'s fast path trusts the page map alone: a page of a live span
+ * carries owner | bin offset, every other page 0, and a span's tag follows
+ * its owner and its size (a resized page block). */
+static void pagemap_tags_follow_spans(void **state)
+{
+    (void)state;
+    assert_true(hm_pagemap.entries > 0);
+    const uintptr_t heap = 64 * HM_HEAP_ALIGN;      /* a heap id: aligned */
+    struct hm_segment *seg = hm_segment_alloc(heap);
+    assert_int_equal(tag_of(seg), 0);              /* the header page */
+    struct hm_span *sp = hm_span_alloc(seg, 3, 88, 3 * HM_PAGE_SIZE, heap, 0x5a0);
+    for (unsigned i = 0; i < 3; i++)
+        assert_int_equal(tag_of(sp->start + i * HM_PAGE_SIZE), heap | 0x5a0);
+    assert_int_equal(tag_of(sp->start + 3 * HM_PAGE_SIZE), 0);
+
+    assert_true(hm_span_resize(seg, sp, 5));
+    assert_int_equal(tag_of(sp->start + 4 * HM_PAGE_SIZE), heap | 0x5a0);
+    assert_true(hm_span_resize(seg, sp, 2));
+    assert_int_equal(tag_of(sp->start + 2 * HM_PAGE_SIZE), 0);
+
+    hm_span_set_owner(sp, HM_OWNER_ABANDONED);       /* not a heap: no tag */
+    assert_int_equal(tag_of(sp->start), 0);
+    hm_span_set_owner(sp, heap + HM_HEAP_ALIGN);
+    assert_int_equal(tag_of(sp->start), (heap + HM_HEAP_ALIGN) | 0x5a0);
+    hm_span_release(seg, sp);
+    assert_int_equal(tag_of(sp->start), 0);
+    assert_int_equal(tag_of(sp->start + HM_PAGE_SIZE), 0);
+
+    sp = hm_span_alloc(seg, 1, 0, 16, heap, 0x18);
+    char *start = sp->start;
+    hm_segment_free(seg);                          /* and a segment's go with it */
+    assert_int_equal(tag_of(start), 0);
 }
 
 static void large_blocks_map_align_and_resize(void **state)
@@ -122,6 +161,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
+        cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
     };

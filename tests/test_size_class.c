@@ -25,8 +25,10 @@ static void every_size_maps_to_the_smallest_class_that_fits(void **state)
         while (hm_size_class_size(expect) < (n ? n : 1))
             expect++;
         assert_int_equal(hm_size_class(n), expect);
-        if (n <= HM_SMALL_LOOKUP_MAX)
+        if (n <= HM_SMALL_LOOKUP_MAX) {
             assert_int_equal(hm_small_size_class(n), expect);
+            assert_int_equal(hm_small_size_slot(n), 2 * expect);
+        }
     }
 }
 

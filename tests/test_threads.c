@@ -245,11 +245,42 @@ static void fork_while_busy(void **state)
         pthread_join(t[i], NULL);
 }
 
+/* A thread whose very first call is free(): its cache is not set up, so
+ * no page can look like its own, whatever the block (small, a page
+ * block, a large one).  Each goes back to its owner or the OS, and the
+ * thread's own blocks work afterwards. */
+static void *free_first(void *arg)
+{
+    void **blocks = arg;
+    for (int i = 0; i < 3; i++)
+        hakmem_free(blocks[i]);
+    void *mine = hakmem_malloc(48);
+    memset(mine, 1, 48);
+    hakmem_free(mine);
+    return NULL;
+}
+
+static void first_call_is_free(void **state)
+{
+    (void)state;
+    void *blocks[3] = { hakmem_malloc(24), hakmem_malloc(300000), hakmem_malloc(8 << 20) };
+    for (int i = 0; i < 3; i++)
+        assert_non_null(blocks[i]);
+    pthread_t t;
+    pthread_create(&t, NULL, free_first, blocks);
+    pthread_join(t, NULL);
+    /* Nothing aborted, and this thread allocates on. */
+    void *again = hakmem_malloc(24);
+    assert_non_null(again);
+    hakmem_free(again);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(stress_no_overlap),
         cmocka_unit_test(cross_thread_frees_at_volume),
+        cmocka_unit_test(first_call_is_free),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(fork_while_busy),
     };

@@ -19,14 +19,51 @@
 
 /* Initial-exec: one %fs-relative access, no __tls_get_addr (which could
  * allocate) and usable before the program's own TLS set-up finished. */
-static __thread struct hm_tcache hm_tc __attribute__((tls_model("initial-exec")));
+__thread struct hm_tcache hm_tc __attribute__((tls_model("initial-exec"), visibility("hidden")))
+    = { .owner = HM_OWNER_NONE };
 
 struct hm_tcache *hm_tcache_self(void)
 {
     return &hm_tc;
 }
 
-static inline void *bin_pop(struct hm_bin *bin)
+/* The fast paths reach the cache %fs-relative.  Its offset from the thread
+ * pointer is one load from the GOT (a constant once linked into a program),
+ * and a bin is that offset plus a constant, so they never compute the
+ * cache's address (which costs a load of %fs:0 and an add).  ThreadSanitizer
+ * instruments %fs-relative accesses as if they were plain ones, so its
+ * builds use plain pointers: the "offset" is then the cache's address. */
+#ifndef __SANITIZE_THREAD__
+typedef __seg_fs struct hm_tcache tc_ref;
+typedef __seg_fs struct hm_bin bin_ref;
+
+static inline uintptr_t tc_offset(void)
+{
+    uintptr_t off;
+    __asm__("movq hm_tc@gottpoff(%%rip), %0" : "=r"(off));
+    return off;
+}
+#else
+typedef struct hm_tcache tc_ref;
+typedef struct hm_bin bin_ref;
+
+static inline uintptr_t tc_offset(void)
+{
+    return (uintptr_t)&hm_tc;
+}
+#endif
+
+static inline tc_ref *tc_fast(void)
+{
+    return (tc_ref *)tc_offset();
+}
+
+static inline bin_ref *bin_at(size_t bin_offset)
+{
+    return (bin_ref *)(tc_offset() + bin_offset);
+}
+
+static inline void *bin_pop(bin_ref *bin)
 {
     void *p = bin->head;
     if (likely(p)) {
@@ -35,6 +72,15 @@ static inline void *bin_pop(struct hm_bin *bin)
         ((uintptr_t *)p)[1] = 0;    /* no longer looks free */
     }
     return p;
+}
+
+/* hm_bin_push, for a bin reached through %fs. */
+static inline bool bin_push(bin_ref *bin, void *p, uintptr_t key)
+{
+    ((void **)p)[0] = bin->head;
+    ((uintptr_t *)p)[1] = key;
+    bin->head = p;
+    return --bin->room < 0;
 }
 
 /* An empty bin: refill it, or serve set-up's own re-entrant calls. */
@@ -49,10 +95,18 @@ __attribute__((noinline)) static void *alloc_refill(unsigned cls)
     return NULL;
 }
 
-static inline void *alloc_class(unsigned cls)
+/* A class's bin from its slot (the class times two: bins are 16 bytes),
+ * so that the address scales the slot by 8 and no shift is needed. */
+static inline bin_ref *bin_of_slot(size_t slot)
 {
-    void *p = bin_pop(&hm_tc.bins[cls]);
-    return likely(p) ? p : alloc_refill(cls);
+    _Static_assert(sizeof(struct hm_bin) == 16, "a bin is two slots");
+    return bin_at(offsetof(struct hm_tcache, bins) + slot * 8);
+}
+
+static inline void *alloc_slot(size_t slot)
+{
+    void *p = bin_pop(bin_of_slot(slot));
+    return likely(p) ? p : alloc_refill((unsigned)(slot / 2));
 }
 
 static void *alloc_large(size_t size, size_t alignment, bool *zeroed)
@@ -83,7 +137,7 @@ static void *alloc_pages(size_t size)
 __attribute__((noinline)) static void *malloc_generic(size_t size)
 {
     if (size <= HM_MAX_CLASS_SIZE)
-        return alloc_class(hm_size_class(size));
+        return alloc_slot(2 * (size_t)hm_size_class(size));
     if (size <= HM_PAGES_MAX)
         return alloc_pages(size);
     bool zeroed;
@@ -93,27 +147,35 @@ __attribute__((noinline)) static void *malloc_generic(size_t size)
 void *hakmem_malloc(size_t size)
 {
     if (likely(size <= HM_SMALL_LOOKUP_MAX))
-        return alloc_class(hm_small_size_class(size));
+        return alloc_slot(hm_small_size_slot(size));
     return malloc_generic(size);
+}
+
+/* free()'s first test: whether p is 16-byte aligned and its page is one
+ * the page map covers, in one compare.  Rotating the address right by 4
+ * moves its low four bits to the top, so a misaligned pointer becomes
+ * huge; for an aligned one the rotated value shifted right by 12 is the
+ * page number.  Returns the page number, or a value >= entries. */
+static inline uintptr_t page_of_aligned(uintptr_t u)
+{
+    uintptr_t r = (u >> 4) | (u << 60);
+    return r >> (HM_PAGE_SHIFT - 4);
 }
 
 void hakmem_free(void *p)
 {
-    uintptr_t u = (uintptr_t)p;
-    struct hm_segment *seg = hm_segment_base(u);
-    if (likely(hm_segment_is_aligned_ours(u, seg) && (u & 15) == 0)) {
-        const struct hm_page_info *pi = hm_page_info_of(seg, u);
-        uintptr_t *b = p;
-        uintptr_t key = hm_free_key;
-        /* A span of this thread, and a block that does not look free. */
-        if (likely(atomic_load_explicit(&pi->owner, memory_order_relaxed) == hm_tc.owner &&
-                   b[1] != key)) {
-            struct hm_bin *bin = (struct hm_bin *)((char *)&hm_tc + pi->bin_offset);
-            b[0] = (uintptr_t)bin->head;
-            b[1] = key;
-            bin->head = p;
-            if (unlikely(bin->room-- == 0))      /* one over the cap */
-                hm_flush(&hm_tc, (unsigned)(bin - hm_tc.bins));
+    uintptr_t page = page_of_aligned((uintptr_t)p);
+    if (likely(page < hm_pagemap.entries)) {
+        tc_ref *tc = tc_fast();
+        /* The page's tag XOR our heap id: the bin's offset when the page
+         * is a span of this thread's (see hm_pagemap), else >= the heap
+         * alignment.  Then a block that does not look free already. */
+        uintptr_t bin_offset =
+            atomic_load_explicit(&hm_pagemap.table[page], memory_order_relaxed) ^ tc->owner;
+        if (likely(bin_offset < HM_HEAP_ALIGN && ((uintptr_t *)p)[1] != tc->key)) {
+            if (unlikely(bin_push(bin_at(bin_offset), p, tc->key)))
+                hm_flush(&hm_tc, (unsigned)((bin_offset - offsetof(struct hm_tcache, bins)) /
+                                            sizeof(struct hm_bin)));
             return;
         }
     }
@@ -220,7 +282,7 @@ static void *alloc_aligned(size_t alignment, size_t size)
         if (want <= HM_MAX_CLASS_SIZE) {
             for (unsigned c = hm_size_class(want); c < HM_NUM_CLASSES; c++)
                 if ((hm_size_class_size(c) & (alignment - 1)) == 0)
-                    return alloc_class(c);
+                    return alloc_slot(2 * (size_t)c);
         }
     }
     if (alignment <= HM_PAGE_SIZE && size <= HM_PAGES_MAX)

@@ -65,7 +65,9 @@ static struct hm_heap *heap_take(void)
         heap_chunk_end = c + HEAP_CHUNK;
     }
     h = (struct hm_heap *)heap_chunk_next;
-    heap_chunk_next += (sizeof *h + 63) & ~(size_t)63;
+    /* Heap ids (addresses) are multiples of HM_HEAP_ALIGN: page-map tags
+     * carry a bin offset in the low bits. */
+    heap_chunk_next += (sizeof *h + HM_HEAP_ALIGN - 1) & ~(size_t)(HM_HEAP_ALIGN - 1);
     return h;
 }
 
@@ -73,7 +75,7 @@ static void set_caps(struct hm_tcache *tc)
 {
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         tc->bins[c].cap = 2 * hm_refill_count_load(c);
-        tc->bins[c].room = tc->bins[c].cap;
+        tc->bins[c].room = (int32_t)tc->bins[c].cap;
     }
 }
 
@@ -100,6 +102,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         return NULL;
     set_caps(tc);
     tc->heap = h;
+    tc->key = hm_free_key;
     tc->owner = h->id;
     /* May allocate (keys past the first 32): the cache already works. */
     pthread_setspecific(thread_exit_key, tc);
@@ -280,10 +283,8 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct
      * (only this thread takes pages from its segments). */
     if (__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
         return NULL;
-    struct hm_span *sp = hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id);
-    if (sp)
-        hm_span_set_bin(sp, (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
-    return sp;
+    return hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id,
+                         (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
 }
 
 /* A fresh span: room in our segments, then segments of exited threads,

@@ -375,7 +375,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     }
     void *p = list;
     bin->head = *(void **)p;
-    bin->room = bin->cap - (got - 1);
+    bin->room = (int32_t)(bin->cap - (got - 1));
     ((uintptr_t *)p)[1] = 0;
 
     struct hm_heap_class_stats *s = &h->stats[cls];
@@ -569,7 +569,7 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
         b = next;
         n++;
     }
-    bin->room = bin->cap - keep;
+    bin->room = (int32_t)(bin->cap - keep);
     h->stats[cls].blocks_flushed += n;
     h->stats[cls].flushed_since_refill += n;
     HM_TRACE_FLUSH(cls, n);
@@ -630,11 +630,7 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
      * unless the program happened to store that value there. */
     if (is_free_here(tc, sp, p))
         hm_fatal(call, "double free detected", p);
-    struct hm_bin *bin = &tc->bins[sp->size_class];
-    ((void **)p)[0] = bin->head;
-    ((uintptr_t *)p)[1] = hm_free_key;
-    bin->head = p;
-    if (bin->room-- == 0)
+    if (hm_bin_push(&tc->bins[sp->size_class], p, hm_free_key))
         hm_flush(tc, sp->size_class);
 }
 

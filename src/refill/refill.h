@@ -20,18 +20,28 @@
  * word.  A free block's second word holds hm_free_key, which lets free()
  * notice a likely double free with one compare.  The bin counts the room
  * left below its cap rather than its blocks, so free() pays one decrement
- * for both: when room goes below zero (wraps) the bin holds cap + 1. */
+ * for both: when room goes negative the bin holds cap + 1. */
 struct hm_bin {
     void *head;
-    uint32_t room;      /* cap - blocks held; UINT32_MAX: one over the cap */
+    int32_t room;       /* cap - blocks held; -1: one over the cap */
     uint32_t cap;       /* set at each refill from the refill count */
 };
 
 static inline uint32_t hm_bin_count(const struct hm_bin *bin)
 {
-    uint32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
+    int32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
     uint32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
-    return room > cap ? cap + 1 : cap - room;
+    return room < 0 ? cap + 1 : cap - (uint32_t)room;
+}
+
+/* Pushes a free block, marked with the free key; true when the bin went
+ * one over its cap (the caller flushes it). */
+static inline bool hm_bin_push(struct hm_bin *bin, void *p, uintptr_t key)
+{
+    ((void **)p)[0] = bin->head;
+    ((uintptr_t *)p)[1] = key;
+    bin->head = p;
+    return --bin->room < 0;
 }
 
 struct hm_heap;
@@ -46,9 +56,13 @@ struct hm_heap;
 /* The thread cache: the only state the malloc/free fast paths touch. */
 struct hm_tcache {
     uintptr_t owner;    /* id of the heap whose spans this thread owns */
+    uintptr_t key;      /* hm_free_key, next to owner for free()'s compares */
     struct hm_heap *heap;
     struct hm_bin bins[HM_NUM_CLASSES + 1];
 };
+
+/* Page-map tags carry a bin's offset below the heap id's alignment. */
+_Static_assert(sizeof(struct hm_tcache) <= HM_HEAP_ALIGN, "bin offsets fit a page-map tag");
 
 extern uintptr_t hm_free_key;
 

@@ -172,10 +172,8 @@ static void large_init(struct hm_segment *seg, size_t map_size, size_t offset, s
     seg->map_size = map_size;
     seg->user = (char *)seg + offset;
     seg->alignment = alignment;
-    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++) {
-        seg->page_span[i] = &hm_sentinel_span;
-        atomic_store_explicit(&seg->page_info[i].owner, HM_OWNER_SENTINEL, memory_order_relaxed);
-    }
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
+        seg->page_span[i] = &hm_sentinel_span;     /* its page-map words stay 0 */
     hm_segmap_set((uintptr_t)seg->user, seg);
 }
 

@@ -5,19 +5,44 @@
 #include <sys/mman.h>
 
 struct hm_segmap hm_segmap;
+struct hm_pagemap hm_pagemap;
 struct hm_segment_counters hm_segment_counters;
+
+static void *reserve(size_t bytes)
+{
+    void *t = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return t == MAP_FAILED ? NULL : t;
+}
 
 int hm_segment_module_init(void)
 {
     size_t entries = (size_t)1 << (HM_ADDRESS_BITS - HM_SEGMENT_SHIFT);
-    void *t = mmap(NULL, entries * sizeof(void *), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (t == MAP_FAILED)
+    struct hm_segment *_Atomic *t = reserve(entries * sizeof(void *));
+    if (!t)
         return -1;
     hm_segmap.table = t;
     atomic_store_explicit(&hm_segmap.table[0], HM_SEGMAP_POISON, memory_order_relaxed);
     __atomic_store_n(&hm_segmap.entries, entries, __ATOMIC_RELEASE);
+
+    /* Without a page map (the OS refused 16 GiB of address space) every
+     * free takes the slow path, which needs only the segment map. */
+    size_t pages = (size_t)1 << (HM_ADDRESS_BITS - HM_PAGE_SHIFT);
+    _Atomic uintptr_t *p = reserve(pages * sizeof(uintptr_t));
+    if (p) {
+        hm_pagemap.table = p;
+        __atomic_store_n(&hm_pagemap.entries, pages, __ATOMIC_RELEASE);
+    }
     return 0;
+}
+
+void hm_pagemap_set(uintptr_t page_address, size_t pages, uintptr_t tag)
+{
+    if (!hm_pagemap.entries)
+        return;
+    uintptr_t first = page_address >> HM_PAGE_SHIFT;
+    for (size_t i = 0; i < pages; i++)
+        atomic_store_explicit(&hm_pagemap.table[first + i], tag, memory_order_relaxed);
 }
 
 void hm_segmap_set(uintptr_t u, struct hm_segment *seg)

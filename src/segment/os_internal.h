@@ -18,6 +18,8 @@ char *hm_os_map(size_t size, size_t align, size_t offset);
 void hm_os_unmap(void *p, size_t size);
 
 void hm_segmap_set(uintptr_t u, struct hm_segment *seg);
+/* Sets the page-map words of `pages` pages from page_address on. */
+void hm_pagemap_set(uintptr_t page_address, size_t pages, uintptr_t tag);
 void hm_count_mapped(int64_t bytes);
 
 #endif

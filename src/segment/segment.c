@@ -167,10 +167,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
     atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
-    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++) {
+    for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
         seg->page_span[i] = &hm_sentinel_span;
-        atomic_store_explicit(&seg->page_info[i].owner, HM_OWNER_SENTINEL, memory_order_relaxed);
-    }
     atomic_flag_clear(&seg->lock);
     registry_add(seg);
     hm_segmap_set((uintptr_t)seg, seg);
@@ -183,6 +181,9 @@ void hm_segment_free(struct hm_segment *seg)
 {
     registry_remove(seg);
     hm_segmap_set((uintptr_t)seg, NULL);
+    /* Released spans left their pages 0; make sure before the address
+     * range can go to someone else. */
+    hm_pagemap_set((uintptr_t)seg, HM_SEGMENT_PAGES, 0);
     hm_os_unmap(seg, HM_SEGMENT_SIZE);
     hm_count_mapped(-(int64_t)HM_SEGMENT_SIZE);
     atomic_fetch_sub_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
@@ -207,8 +208,19 @@ static int find_free_run(uint64_t free_pages, unsigned pages)
     return -1;
 }
 
-struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
-                              unsigned cls, uint32_t block_size, uintptr_t owner)
+static char *page_address(struct hm_segment *seg, unsigned page)
+{
+    return (char *)seg + (size_t)page * HM_PAGE_SIZE;
+}
+
+/* The page-map word of the span's pages (0 unless a heap owns it). */
+static uintptr_t span_tag(const struct hm_span *sp)
+{
+    return hm_page_tag(hm_span_owner(sp), sp->bin_offset);
+}
+
+struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
+                              uint32_t block_size, uintptr_t owner, uint32_t bin_offset)
 {
     seg_lock(seg);
     /* Pages still resident from a released span first: reusing them costs
@@ -227,7 +239,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     seg_unlock(seg);
 
     struct hm_span *sp = &seg->spans[at];
-    char *start = (char *)seg + (size_t)at * HM_PAGE_SIZE;
+    char *start = page_address(seg, (unsigned)at);
     size_t bytes = (size_t)pages * HM_PAGE_SIZE;
     sp->size_class = cls;
     sp->block_size = block_size;
@@ -235,6 +247,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
     sp->capacity = (uint32_t)(bytes / block_size);
     sp->page_index = (uint8_t)at;
     sp->pages = (uint8_t)pages;
+    sp->bin_offset = bin_offset;
     atomic_store_explicit(&sp->remote, NULL, memory_order_relaxed);
     sp->pending_next = NULL;
     sp->free = NULL;
@@ -264,7 +277,6 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
         return true;
     if (at + pages > HM_SEGMENT_PAGES)
         return false;
-    struct hm_page_info info = seg->page_info[at];
     if (pages > old) {
         uint64_t run = page_run(at + old, pages - old);
         seg_lock(seg);
@@ -277,18 +289,13 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
         seg_unlock(seg);
         if (!room)
             return false;
-        for (unsigned i = at + old; i < at + pages; i++) {
+        for (unsigned i = at + old; i < at + pages; i++)
             seg->page_span[i] = sp;
-            seg->page_info[i].bin_offset = info.bin_offset;
-            atomic_store_explicit(&seg->page_info[i].owner, atomic_load(&info.owner),
-                                  memory_order_relaxed);
-        }
+        hm_pagemap_set((uintptr_t)page_address(seg, at + old), pages - old, span_tag(sp));
     } else {
-        for (unsigned i = at + pages; i < at + old; i++) {
-            atomic_store_explicit(&seg->page_info[i].owner, HM_OWNER_SENTINEL,
-                                  memory_order_relaxed);
+        hm_pagemap_set((uintptr_t)page_address(seg, at + pages), old - pages, 0);
+        for (unsigned i = at + pages; i < at + old; i++)
             seg->page_span[i] = &hm_sentinel_span;
-        }
         uint64_t run = page_run(at + pages, old - pages), now = hm_clock_ns();
         seg_lock(seg);
         seg->free_pages |= run;
@@ -306,18 +313,8 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
 
 void hm_span_set_owner(struct hm_span *sp, uintptr_t owner)
 {
-    struct hm_segment *seg = hm_segment_of_span(sp);
     atomic_store_explicit(&sp->owner, owner, memory_order_relaxed);
-    for (unsigned i = 0; i < sp->pages; i++)
-        atomic_store_explicit(&seg->page_info[sp->page_index + i].owner, owner,
-                              memory_order_relaxed);
-}
-
-void hm_span_set_bin(struct hm_span *sp, uint32_t bin_offset)
-{
-    struct hm_segment *seg = hm_segment_of_span(sp);
-    for (unsigned i = 0; i < sp->pages; i++)
-        seg->page_info[sp->page_index + i].bin_offset = bin_offset;
+    hm_pagemap_set((uintptr_t)sp->start, sp->pages, span_tag(sp));
 }
 
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp)

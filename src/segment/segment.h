@@ -6,9 +6,11 @@
  * whose header sits at the start of its first 4 MiB granule.
  *
  * The segment map has one entry per 4 MiB granule of the 47-bit address
- * space.  free() finds a pointer's header in one load, and an address we
- * never mapped finds NULL: that is how invalid frees are caught without a
- * per-block header. */
+ * space: the slow paths find a pointer's header in one load, and an address
+ * we never mapped finds NULL, which is how invalid frees are caught without
+ * a per-block header.  The page map has one word per 64 KiB page: free()'s
+ * fast path reads only that word to learn whether the block is of a span
+ * of this thread's, and which bin takes it. */
 #ifndef HM_SEGMENT_H
 #define HM_SEGMENT_H
 
@@ -24,22 +26,14 @@
 #define HM_SEGMENT_PAGES 64u
 #define HM_ADDRESS_BITS  47
 
-/* Span owners.  A live span's owner is its heap's id (the heap's address);
- * these values are never heap ids. */
-#define HM_OWNER_NONE      ((uintptr_t)0)   /* a thread cache not set up yet */
+/* Span owners.  A live span's owner is its heap's id: the heap's address,
+ * a multiple of HM_HEAP_ALIGN.  These values are never heap ids. */
+#define HM_HEAP_ALIGN      ((uintptr_t)4096)
+#define HM_OWNER_NONE      (~(uintptr_t)1)  /* a thread cache not set up yet */
 #define HM_OWNER_ABANDONED ((uintptr_t)1)   /* its thread exited */
 #define HM_OWNER_SENTINEL  (~(uintptr_t)0)  /* not a span: a free or header page */
 
 enum hm_segment_kind { HM_SEGMENT_SPANS = 1, HM_SEGMENT_LARGE = 2 };
-
-/* What free() needs of a page, in one load: the owner of the span on it
- * (as hm_span.owner) and where the owner's bin for the span's class sits
- * in its thread cache. */
-struct hm_page_info {
-    _Atomic uintptr_t owner;
-    uint32_t bin_offset;
-    uint32_t pad;
-};
 
 /* One span.  The first cache line is read by every thread that frees into
  * the span; the second is written by remote frees; the third belongs to the
@@ -52,7 +46,8 @@ struct hm_span {
     uint32_t capacity;              /* blocks the span holds */
     uint8_t page_index;
     uint8_t pages;
-    char pad0[64 - 8 - 8 - 8 - 4 - 2];
+    uint32_t bin_offset;            /* of the owner's bin for the class, in its thread cache */
+    char pad0[64 - 8 - 8 - 8 - 4 - 2 - 2 - 4];
 
     _Atomic(void *) remote;          /* blocks freed by other threads */
     struct hm_span *pending_next;   /* link in the segment's pending stack */
@@ -87,7 +82,6 @@ struct hm_segment {
     size_t map_size;
     char *user;
     size_t alignment;
-    struct hm_page_info page_info[HM_SEGMENT_PAGES];
     struct hm_span *page_span[HM_SEGMENT_PAGES];
     struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
     /* Per span, one bit per block: the span's "holes", free blocks whose
@@ -108,25 +102,37 @@ extern struct hm_span hm_sentinel_span;
  * that a pointer below 4 MiB (whose granule base is NULL) never matches. */
 #define HM_SEGMAP_POISON ((struct hm_segment *)1)
 
+static inline struct hm_segment *hm_segmap_entry(uintptr_t u)
+{
+    return atomic_load_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], memory_order_relaxed);
+}
+
 /* The header of the segment or large block that owns address u, or NULL. */
 static inline struct hm_segment *hm_segment_of(uintptr_t u)
 {
-    uintptr_t i = u >> HM_SEGMENT_SHIFT;
-    if (__builtin_expect(i >= hm_segmap.entries, 0))
+    if (__builtin_expect((u >> HM_SEGMENT_SHIFT) >= hm_segmap.entries, 0))
         return 0;
-    struct hm_segment *seg = atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed);
+    struct hm_segment *seg = hm_segmap_entry(u);
     return seg == HM_SEGMAP_POISON ? 0 : seg;
 }
 
-/* The fast path of free(): the segment of u, found by alignment, when the
- * segment map confirms that it is one of ours (a large block's header at
- * the start of its granule passes too: its pages have no owner).  Only
- * after the check is the header read, so a foreign pointer never is. */
-static inline bool hm_segment_is_aligned_ours(uintptr_t u, const struct hm_segment *seg)
+/* The page map: one word per 64 KiB page of the 47-bit address space
+ * (16 GiB of address space, reserved; only the words of pages we use are
+ * ever touched).  A page of a live span holds the span's tag: its owner's
+ * heap id ORed with the offset of the owner's bin for the span's class in
+ * the owner's thread cache.  Every other page holds 0.  free() needs
+ * nothing else: the tag XOR the thread's own heap id is below
+ * HM_HEAP_ALIGN exactly when the page is a span of this thread's, and is
+ * then the bin's offset. */
+struct hm_pagemap {
+    _Atomic uintptr_t *table;
+    uintptr_t entries;              /* 0 until the map exists */
+};
+extern struct hm_pagemap hm_pagemap __attribute__((visibility("hidden")));
+
+static inline uintptr_t hm_page_tag(uintptr_t owner, uint32_t bin_offset)
 {
-    uintptr_t i = u >> HM_SEGMENT_SHIFT;
-    return __builtin_expect(i < hm_segmap.entries, 1) &&
-           atomic_load_explicit(&hm_segmap.table[i], memory_order_relaxed) == seg;
+    return owner & (HM_HEAP_ALIGN - 1) ? 0 : owner | bin_offset;   /* not a heap: 0 */
 }
 
 static inline struct hm_segment *hm_segment_base(uintptr_t u)
@@ -134,10 +140,6 @@ static inline struct hm_segment *hm_segment_base(uintptr_t u)
     return (struct hm_segment *)(u & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
 }
 
-static inline const struct hm_page_info *hm_page_info_of(const struct hm_segment *seg, uintptr_t u)
-{
-    return &seg->page_info[(u >> HM_PAGE_SHIFT) & (HM_SEGMENT_PAGES - 1)];
-}
 
 /* The span of a block in a span segment; &hm_sentinel_span for pages that
  * carry no span and for every page of a large block's header. */
@@ -167,17 +169,17 @@ void hm_segment_free(struct hm_segment *seg);
 bool hm_segment_is_empty(const struct hm_segment *seg);
 
 /* A span of `pages` pages for class cls, or NULL when the segment has no
- * run that long.  The span's blocks are carved lazily (bump pointer). */
-struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages,
-                              unsigned cls, uint32_t block_size, uintptr_t owner);
+ * run that long.  The span's blocks are carved lazily (bump pointer).
+ * bin_offset: where the owner's bin for cls sits in its thread cache
+ * (below HM_HEAP_ALIGN), for the page map. */
+struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
+                              uint32_t block_size, uintptr_t owner, uint32_t bin_offset);
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
 /* A one-block span (a page block) grows into the free pages after it or
  * gives back its last pages; false when the pages after it are taken. */
 bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages);
-/* A span changes hands (thread exit, adoption): its pages follow. */
+/* A span changes hands (thread exit, adoption): its pages' tags follow. */
 void hm_span_set_owner(struct hm_span *sp, uintptr_t owner);
-/* Where the owner's bin for the span's blocks is (set once, at creation). */
-void hm_span_set_bin(struct hm_span *sp, uint32_t bin_offset);
 static inline struct hm_segment *hm_segment_of_span(const struct hm_span *sp)
 {
     return (struct hm_segment *)((uintptr_t)sp & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));

@@ -18,6 +18,9 @@
 #define HM_MAX_CLASS_SIZE  (128u * 1024u)  /* above this: a large block */
 
 extern const uint8_t  hm_small_class[65];
+/* The class times two, for malloc's fast path: a thread cache's bins are
+ * 16 bytes, and an address scales an index by at most 8. */
+extern const uint8_t  hm_small_bin_slot[65] __attribute__((visibility("hidden")));
 extern const uint32_t hm_class_size[HM_NUM_CLASSES];
 extern const uint8_t  hm_class_span_pages[HM_NUM_CLASSES];
 
@@ -37,6 +40,11 @@ static inline unsigned hm_size_class(size_t size)
     size_t s = size - 1;
     unsigned top = 63u - (unsigned)__builtin_clzll(s);
     return 8u + (top - 7u) * 8u + (unsigned)((s >> (top - 3u)) - 8u);
+}
+
+static inline unsigned hm_small_size_slot(size_t size)
+{
+    return hm_small_bin_slot[(size + 15) >> 4];
 }
 
 static inline size_t hm_size_class_size(unsigned cls)
