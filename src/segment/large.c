@@ -19,8 +19,13 @@
 #define HM_LARGE_HEADER_SIZE \
     ((offsetof(struct hm_segment, spans) + 63) & ~(size_t)63)
 
+/* The byte bound counts address space, not resident memory: a big buffer
+ * of which a program touched a few pages costs its full size here.  It is
+ * wide enough that a handful of multi-MiB buffers in rotation are never
+ * unmapped and mapped again (each cycle costs a page fault per touched
+ * page and a TLB shootdown); the decay bounds how long any of it stays. */
 #define CACHE_SLOTS      32
-#define CACHE_MAX_BYTES  ((size_t)64 << 20)
+#define CACHE_MAX_BYTES  ((size_t)256 << 20)
 #define CACHE_MAX_BLOCK  ((size_t)32 << 20)
 
 static void large_unmap(struct hm_segment *seg)
