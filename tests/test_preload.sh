@@ -70,6 +70,13 @@ for i in range(2000):
 print(len(b), hashlib.md5(b).hexdigest())
 EOF
     same "python3" "$py" "$work/t.py"
+    grep -q 'page_map=on' "$work/hak.err" && ok "python3: free's fast path had its page map" ||
+        not_ok "python3: no page map"
+    # Under a 3 GB address-space limit the page map's 16 GiB reservation
+    # fails: every free takes the slow path, and the output is the same.
+    same "python3 (no page map)" bash -c 'ulimit -v 3000000 && exec "$0" "$1"' "$py" "$work/t.py"
+    grep -q 'page_map=off' "$work/hak.err" && ok "python3: ran without the page map" ||
+        not_ok "python3 (no page map): the page map was there"
 else
     echo "skip: python3 not installed"
 fi

@@ -102,6 +102,9 @@ void hakmem_stats_print(int fd)
     field(&l, "abandoned", s.segments_abandoned);
     field(&l, "adopted", s.segments_adopted);
     field(&l, "purged", s.bytes_purged);
+    /* Without the page map (its address space refused) every free takes
+     * the slow path. */
+    hm_line_str(&l, hm_pagemap.entries ? " page_map=on" : " page_map=off");
     hm_line_str(&l, "\n");
     hm_line_write(&l, fd);
 }
