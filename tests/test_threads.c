@@ -275,12 +275,92 @@ static void first_call_is_free(void **state)
     hakmem_free(again);
 }
 
+/* ---- double frees across threads end with a diagnostic -------------- */
+
+static void *free_it(void *p)
+{
+    hakmem_free(p);
+    return NULL;
+}
+
+static void free_on_thread(void *p)
+{
+    pthread_t t;
+    pthread_create(&t, NULL, free_it, p);
+    pthread_join(t, NULL);     /* its exit sends its batch of remote frees */
+}
+
+static void remote_free_twice(void)
+{
+    void *p = hakmem_malloc(40);
+    free_on_thread(p);
+    free_on_thread(p);
+}
+
+static void local_then_remote(void)
+{
+    void *p = hakmem_malloc(40);
+    hakmem_free(p);
+    free_on_thread(p);
+}
+
+static void remote_then_local(void)
+{
+    void *p = hakmem_malloc(40);
+    free_on_thread(p);
+    hakmem_free(p);
+}
+
+static void remote_page_block_twice(void)
+{
+    void *p = hakmem_malloc(300000);
+    free_on_thread(p);
+    free_on_thread(p);
+}
+
+/* The first free of each is fine: the block is live. */
+static void remote_frees_of_reused_blocks(void)
+{
+    for (int i = 0; i < 1000; i++) {
+        void *p = hakmem_malloc(40 + (size_t)(i % 3) * 300000);
+        free_on_thread(p);
+    }
+}
+
+static void expect_death(void (*fn)(void), const char *message)
+{
+    char buf[512];
+    int status = run_child(fn, buf, sizeof buf);
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGABRT);
+    if (!strstr(buf, message))
+        fail_msg("expected \"%s\", got \"%s\"", message, buf);
+}
+
+static void double_frees_across_threads_abort(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* TSan cannot start threads in a forked child */
+    skip();
+#endif
+    expect_death(remote_free_twice, "hakmem: free(): double free detected 0x");
+    expect_death(local_then_remote, "hakmem: free(): double free detected 0x");
+    expect_death(remote_then_local, "hakmem: free(): double free detected 0x");
+    expect_death(remote_page_block_twice, "hakmem: free(): ");
+    char buf[512];
+    int status = run_child(remote_frees_of_reused_blocks, buf, sizeof buf);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_string_equal(buf, "");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(stress_no_overlap),
         cmocka_unit_test(cross_thread_frees_at_volume),
         cmocka_unit_test(first_call_is_free),
+        cmocka_unit_test(double_frees_across_threads_abort),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(fork_while_busy),
     };

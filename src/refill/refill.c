@@ -171,8 +171,9 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         hm_remote_flush(h);
 }
 
-/* Moves one span's remote list onto its local free list. */
-static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
+/* Moves one span's remote list onto its local free list; the span is not
+ * settled (listed or released) yet.  Returns how many blocks came. */
+static uint32_t take_remote(struct hm_heap *h, struct hm_span *sp)
 {
     /* acq_rel: the pusher that next finds the list empty rewrites
      * sp->pending_next, which the caller read just before. */
@@ -191,7 +192,14 @@ static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
     h->stats[sp->size_class].remote_frees += n;
     h->stats[sp->size_class].remote_since_refill += n;
     HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
-    span_settle(h, sp);
+    return n;
+}
+
+static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
+{
+    uint32_t n = take_remote(h, sp);
+    if (n)
+        span_settle(h, sp);
     return n;
 }
 
@@ -407,6 +415,7 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
         return NULL;
     sp->bump = sp->end;
     sp->used = 1;
+    ((uintptr_t *)sp->start)[1] = 0;    /* handed out: not free (see hm_free_slow) */
     h->stats[HM_PAGES_CLASS].refills++;
     HM_TRACE_REFILL(HM_PAGES_CLASS, 1, 1, h->id);
     return sp->start;
@@ -590,16 +599,23 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 
 /* ---- slow frees -------------------------------------------------------- */
 
-/* Whether p is already free in this thread's cache or its span's list. */
+/* Whether p is already free: in this thread's cache, or on its span's
+ * list, where the blocks other threads freed are moved first.  (A block
+ * still in another thread's unsent batch is not seen.) */
 static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
     for (void *b = tc->bins[sp->size_class].head; b; b = *(void **)b)
         if (b == p)
             return true;
-    for (void *b = sp->free; b; b = *(void **)b)
-        if (b == p)
-            return true;
-    return false;
+    bool found = false;
+    bool took = take_remote(tc->heap, sp) > 0;
+    for (void *b = sp->free; b && !found; b = *(void **)b)
+        found = b == p;
+    /* p is out of the span unless it was freed already: used >= 1, and
+     * settling cannot release the span under a valid free. */
+    if (took && !found)
+        span_settle(tc->heap, sp);
+    return found;
 }
 
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
@@ -622,13 +638,21 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     struct hm_span *sp = hm_span_of(seg, u);
     if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
         hm_fatal(call, "invalid pointer", p);
+    uintptr_t *words = p;
     if (hm_span_owner(sp) != tc->owner) {
+        /* Every block is handed out with its second word cleared, and every
+         * free marks it: the key here means a block that is free already
+         * (in its owner's cache or lists, or in a remote batch). */
+        if (words[1] == hm_free_key)
+            hm_fatal(call, "double free detected", p);
+        words[1] = hm_free_key;
         remote_free(tc, sp, p);
         return;
     }
     /* Our own block whose second word holds the free key: a double free,
-     * unless the program happened to store that value there. */
-    if (is_free_here(tc, sp, p))
+     * unless the program happened to store that value there (the lists
+     * tell). */
+    if (words[1] == hm_free_key && is_free_here(tc, sp, p))
         hm_fatal(call, "double free detected", p);
     if (hm_bin_push(&tc->bins[sp->size_class], p, hm_free_key))
         hm_flush(tc, sp->size_class);
