@@ -270,16 +270,6 @@ static void usable_size_of_foreign(void)
     hakmem_malloc_usable_size(p);
 }
 
-static void expect_abort(void (*fn)(void), const char *message)
-{
-    char buf[512];
-    int status = run_child(fn, buf, sizeof buf);
-    assert_true(WIFSIGNALED(status));
-    assert_int_equal(WTERMSIG(status), SIGABRT);
-    if (!strstr(buf, message))
-        fail_msg("expected \"%s\", got \"%s\"", message, buf);
-}
-
 static void invalid_frees_abort(void **state)
 {
     (void)state;

@@ -87,4 +87,15 @@ static inline int run_child(void (*fn)(void), char *buf, size_t len)
     return status;
 }
 
+/* Runs fn in a child, which must die of SIGABRT having said `message`. */
+static inline void expect_abort(void (*fn)(void), const char *message)
+{
+    char buf[512];
+    int status = run_child(fn, buf, sizeof buf);
+    assert_true(WIFSIGNALED(status));
+    assert_int_equal(WTERMSIG(status), SIGABRT);
+    if (!strstr(buf, message))
+        fail_msg("expected \"%s\", got \"%s\"", message, buf);
+}
+
 #endif
