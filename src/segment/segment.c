@@ -219,6 +219,13 @@ static uintptr_t span_tag(const struct hm_span *sp)
     return hm_page_tag(hm_span_owner(sp), sp->bin_offset);
 }
 
+bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages)
+{
+    uint64_t free_pages = __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED);
+    uint64_t dirty = __atomic_load_n(&seg->dirty_pages, __ATOMIC_RELAXED);
+    return find_free_run(free_pages & dirty, pages) >= 0;
+}
+
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
                               uint32_t block_size, uintptr_t owner, uint32_t bin_offset)
 {
