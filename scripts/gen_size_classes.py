@@ -3,7 +3,10 @@
 
 Classes: 16..128 in steps of 16, then eight classes per power of two up to
 128 KiB (step = 1/8 of the lower bound, so waste above 128 B is <= 12.5%).
-A span holds at least eight blocks of its class, in 64 KiB pages.
+A span is the fewest 64 KiB pages that hold at least eight blocks of its
+class below 8 KiB, four up to 32 KiB and two above: a partly used span
+strands memory in proportion to its size, and for big blocks the cost of
+taking and returning spans more often is small next to the block.
 """
 import os
 
@@ -21,7 +24,11 @@ def class_of(size):
 
 
 small = [class_of(i * 16) for i in range(65)]
-pages = [max(1, -(-s * 8 // PAGE)) for s in sizes]
+def min_blocks(size):
+    return 8 if size < 8192 else 4 if size <= 32768 else 2
+
+
+pages = [max(1, -(-s * min_blocks(s) // PAGE)) for s in sizes]
 
 
 def rows(name, values, per):

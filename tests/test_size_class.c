@@ -32,16 +32,20 @@ static void every_size_maps_to_the_smallest_class_that_fits(void **state)
     }
 }
 
-static void spans_hold_at_least_eight_blocks(void **state)
+/* Eight blocks a span below 8 KiB, four up to 32 KiB, two above; in the
+ * fewest pages that hold them. */
+static void spans_hold_enough_blocks(void **state)
 {
     (void)state;
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        size_t size = hm_size_class_size(c);
+        size_t want = size < 8192 ? 8 : size <= 32768 ? 4 : 2;
         size_t bytes = (size_t)hm_class_span_pages[c] * 65536;
-        assert_true(bytes / hm_size_class_size(c) >= 8);
-        /* and no larger than needed */
+        assert_true(bytes / size >= want);
         if (hm_class_span_pages[c] > 1)
-            assert_true((bytes - 65536) / hm_size_class_size(c) < 8);
+            assert_true((bytes - 65536) / size < want);
     }
+    assert_int_equal(hm_class_span_pages[HM_NUM_CLASSES - 1], 4);   /* 128 KiB: two */
 }
 
 int main(void)
@@ -49,7 +53,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(classes_grow_by_at_most_one_eighth),
         cmocka_unit_test(every_size_maps_to_the_smallest_class_that_fits),
-        cmocka_unit_test(spans_hold_at_least_eight_blocks),
+        cmocka_unit_test(spans_hold_enough_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
