@@ -72,19 +72,18 @@ static void free_pages_decay_after_the_delay(void **state)
     fill_heap();
     free_heap();
     long freed = rss_kb();
-    /* Not at once: the emptied segments (about 12) stay mapped and
-     * resident for reuse until the delay has passed. */
-    assert_true(freed - base > 40 * 1024);
-    hakmem_stats(&s);
-    assert_true(s.segments >= s0.segments + 10);
+    /* Not all at once: a few empty segments stay for reuse, resident
+     * until the delay has passed. */
+    assert_true(freed - base > 12 * 1024);
+    /* But only those few: a thread that idles after a burst of frees runs
+     * no purge, and without ACE nothing else does. */
+    assert_true(freed - base < 32 * 1024);
     nap_ms(120);
     slow_path_activity();                       /* runs the purge */
     long later = rss_kb();
     assert_true(later < base + 8 * 1024);
     hakmem_stats(&s);
     assert_true(s.bytes_purged - s0.bytes_purged >= 12u << 20);
-    /* Decayed: beyond the heap's reserve of four, they are unmapped. */
-    assert_true(s.segments <= s0.segments + 4 + 1);
 }
 
 static void *alloc_free_exit(void *arg)

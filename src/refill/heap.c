@@ -175,17 +175,22 @@ void hm_heap_release_empty_pool(void)
         hm_segment_free(seg);
 }
 
-/* An empty segment joins the heap's reserve, most recent first: its pages
- * are still resident and the next span of any class reuses them.  Beyond
- * HM_HEAP_RESERVE, hm_heap_purge unmaps the reserve's segments once their
- * pages have decayed, so a live set that shrinks and grows again within
- * the purge delay does not pay a page fault per page twice. */
+/* An empty segment joins the heap's reserve (its pages decay like any free
+ * page), up to HM_HEAP_RESERVE; beyond, the process pool or the OS takes
+ * it at once.  Keeping more until they decay would save page faults when
+ * a live set shrinks and grows again, but a thread whose burst of frees
+ * ends in idleness runs no slow path to purge them: without the ACE
+ * thread, that memory would stay resident for as long as it idles. */
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg)
 {
     segment_unlink(h, seg);
-    seg->next = h->reserve;
-    h->reserve = seg;
-    h->reserve_count++;
+    if (h->reserve_count < HM_HEAP_RESERVE) {
+        seg->next = h->reserve;
+        h->reserve = seg;
+        h->reserve_count++;
+        return;
+    }
+    empty_pool_put(seg);
 }
 
 /* The heap's empty segments: to the process pool (thread exit), or back
@@ -213,19 +218,8 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     hm_heap_compact_sparse(h, now, delay_ns, 3);
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
-    unsigned kept = 0;
-    for (struct hm_segment **link = &h->reserve; *link;) {
-        struct hm_segment *seg = *link;
+    for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
-        if (kept == HM_HEAP_RESERVE && !__atomic_load_n(&seg->dirty_pages, __ATOMIC_RELAXED)) {
-            *link = seg->next;              /* decayed, and beyond the reserve */
-            h->reserve_count--;
-            hm_segment_free(seg);
-            continue;
-        }
-        kept += kept < HM_HEAP_RESERVE;
-        link = &seg->next;
-    }
     uint64_t last = atomic_load_explicit(&last_global, memory_order_relaxed);
     if (now - last >= delay_ns / 4 &&
         atomic_compare_exchange_strong(&last_global, &last, now))

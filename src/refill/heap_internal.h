@@ -22,8 +22,7 @@ struct hm_heap {
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
     struct hm_segment *segments;            /* segments this heap owns */
     /* Empty segments kept for reuse (their pages decay like any free page),
-     * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped
-     * once decayed. */
+     * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped. */
     struct hm_segment *reserve;
     unsigned reserve_count;
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
