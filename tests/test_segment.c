@@ -156,6 +156,34 @@ static void large_cache_reuses_then_decays(void **state)
     assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0), 0);
 }
 
+/* The cache keeps freed large blocks by the memory they hold resident:
+ * many barely touched ones stay (they cost address space only), while of
+ * fully written ones no more than the resident bound (64 MiB) does. */
+static size_t cache_after_freeing(unsigned n, size_t size, size_t touch)
+{
+    char *blocks[16];
+    bool zeroed;
+    hm_large_cache_purge(hm_clock_ns(), 0);
+    for (unsigned i = 0; i < n; i++) {
+        blocks[i] = hm_large_alloc(size, 16, &zeroed);
+        assert_non_null(blocks[i]);
+        memset(blocks[i], 1, touch);
+    }
+    for (unsigned i = 0; i < n; i++)
+        hm_large_free(hm_segment_of((uintptr_t)blocks[i]));
+    return hm_large_cache_purge(hm_clock_ns(), 0);     /* what had stayed */
+}
+
+static void large_cache_bounds_resident_memory(void **state)
+{
+    (void)state;
+    const size_t mib = 1u << 20;
+    assert_true(cache_after_freeing(16, 8 * mib, 4096) >= 16 * 8 * mib);
+    size_t dense = cache_after_freeing(16, 8 * mib, 8 * mib);
+    assert_true(dense >= 48 * mib);
+    assert_true(dense <= 64 * mib + 8 * mib + mib);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -164,6 +192,7 @@ int main(void)
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
+        cmocka_unit_test(large_cache_bounds_resident_memory),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }
