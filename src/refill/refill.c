@@ -171,9 +171,8 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         hm_remote_flush(h);
 }
 
-/* Moves one span's remote list onto its local free list; the span is not
- * settled (listed or released) yet.  Returns how many blocks came. */
-static uint32_t take_remote(struct hm_heap *h, struct hm_span *sp)
+/* Moves one span's remote list onto its local free list. */
+static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
 {
     /* acq_rel: the pusher that next finds the list empty rewrites
      * sp->pending_next, which the caller read just before. */
@@ -192,14 +191,7 @@ static uint32_t take_remote(struct hm_heap *h, struct hm_span *sp)
     h->stats[sp->size_class].remote_frees += n;
     h->stats[sp->size_class].remote_since_refill += n;
     HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
-    return n;
-}
-
-static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
-{
-    uint32_t n = take_remote(h, sp);
-    if (n)
-        span_settle(h, sp);
+    span_settle(h, sp);
     return n;
 }
 
@@ -599,23 +591,23 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 
 /* ---- slow frees -------------------------------------------------------- */
 
-/* Whether p is already free: in this thread's cache, or on its span's
- * list, where the blocks other threads freed are moved first.  (A block
+static bool on_list(void *list, void *p)
+{
+    for (void *b = list; b; b = *(void **)b)
+        if (b == p)
+            return true;
+    return false;
+}
+
+/* Whether p is already free: in this thread's cache, on its span's list,
+ * or on the span's remote list.  That one is only read: other threads
+ * push onto it meanwhile, but only its owner (this thread) ever takes
+ * blocks off it, so a walk from a snapshot of its head is safe.  (A block
  * still in another thread's unsent batch is not seen.) */
 static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
-    for (void *b = tc->bins[sp->size_class].head; b; b = *(void **)b)
-        if (b == p)
-            return true;
-    bool found = false;
-    bool took = take_remote(tc->heap, sp) > 0;
-    for (void *b = sp->free; b && !found; b = *(void **)b)
-        found = b == p;
-    /* p is out of the span unless it was freed already: used >= 1, and
-     * settling cannot release the span under a valid free. */
-    if (took && !found)
-        span_settle(tc->heap, sp);
-    return found;
+    return on_list(tc->bins[sp->size_class].head, p) || on_list(sp->free, p) ||
+           on_list(atomic_load_explicit(&sp->remote, memory_order_acquire), p);
 }
 
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
