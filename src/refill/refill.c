@@ -171,28 +171,68 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         hm_remote_flush(h);
 }
 
-/* Moves one span's remote list onto its local free list. */
-static uint32_t collect_span(struct hm_heap *h, struct hm_span *sp)
+/* A span's remote list, taken, and how far it has been walked. */
+struct remote_list {
+    struct hm_span *sp;
+    void *head, *tail;
+    uint32_t n;
+};
+
+/* Walks the lists side by side to their tails.  Their blocks were last
+ * written by the threads that freed them, so each link read is a miss to
+ * another core; independent lists keep that many misses in flight, where
+ * one list walked alone waits for each in turn. */
+static void walk_lists(struct remote_list *l, unsigned k)
 {
-    /* acq_rel: the pusher that next finds the list empty rewrites
-     * sp->pending_next, which the caller read just before. */
-    void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acq_rel);
-    if (!list)
-        return 0;
-    uint32_t n = 1;
-    void *tail = list;
-    while (*(void **)tail) {
-        tail = *(void **)tail;
-        n++;
+    for (bool more = true; more;) {
+        more = false;
+        for (unsigned i = 0; i < k; i++) {
+            void *next = *(void **)l[i].tail;
+            if (next) {
+                l[i].tail = next;
+                l[i].n++;
+                more = true;
+            }
+        }
     }
-    *(void **)tail = sp->free;
-    sp->free = list;
-    sp->used -= n;
-    h->stats[sp->size_class].remote_frees += n;
-    h->stats[sp->size_class].remote_since_refill += n;
-    HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
-    span_settle(h, sp);
-    return n;
+}
+
+/* The walked lists join their spans' free lists.  A span may be released
+ * here, and with the last the segment: nothing of it is read after. */
+static void splice_lists(struct hm_heap *h, struct remote_list *l, unsigned k)
+{
+    for (unsigned i = 0; i < k; i++) {
+        struct hm_span *sp = l[i].sp;
+        *(void **)l[i].tail = sp->free;
+        sp->free = l[i].head;
+        sp->used -= l[i].n;
+        h->stats[sp->size_class].remote_frees += l[i].n;
+        h->stats[sp->size_class].remote_since_refill += l[i].n;
+        HM_TRACE_REMOTE_COLLECT(sp->size_class, l[i].n);
+        span_settle(h, sp);
+    }
+}
+
+/* Collects the remote lists of the spans announced on seg's pending stack
+ * (a span is on it at most once: it is pushed when its list turns
+ * non-empty, and its list is taken only here). */
+static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
+{
+    struct remote_list l[HM_SEGMENT_PAGES];
+    unsigned k = 0;
+    struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
+    while (sp && k < HM_SEGMENT_PAGES) {
+        /* Read the link before the list: once the remote list is empty a
+         * remote free may push the span again.  acq_rel on the list: that
+         * pusher rewrites sp->pending_next, read just before. */
+        struct hm_span *next_sp = sp->pending_next;
+        void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acq_rel);
+        if (list)
+            l[k++] = (struct remote_list){ sp, list, list, 1 };
+        sp = next_sp;
+    }
+    walk_lists(l, k);
+    splice_lists(h, l, k);
 }
 
 void hm_heap_collect(struct hm_heap *h)
@@ -201,17 +241,8 @@ void hm_heap_collect(struct hm_heap *h)
     while (seg) {
         /* Collecting may empty and free this segment: step first. */
         struct hm_segment *next = seg->next;
-        if (atomic_load_explicit(&seg->pending, memory_order_relaxed)) {
-            struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL,
-                                                          memory_order_acquire);
-            while (sp) {
-                /* Read the link before the list: once the remote list is
-                 * empty a remote free may push the span again. */
-                struct hm_span *next_sp = sp->pending_next;
-                collect_span(h, sp);
-                sp = next_sp;
-            }
-        }
+        if (atomic_load_explicit(&seg->pending, memory_order_relaxed))
+            collect_segment(h, seg);
         seg = next;
     }
 }
