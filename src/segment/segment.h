@@ -153,12 +153,13 @@ static inline uintptr_t hm_span_owner(const struct hm_span *sp)
     return atomic_load_explicit(&sp->owner, memory_order_relaxed);
 }
 
-/* Whether p is the start of a block of sp (a division: slow paths only). */
+/* Whether p is the start of a block of sp (a division: slow paths only;
+ * 32-bit, since a span lies within one segment). */
 static inline bool hm_span_is_block(const struct hm_span *sp, uintptr_t u)
 {
     uintptr_t off = u - (uintptr_t)sp->start;
-    return u >= (uintptr_t)sp->start && off % sp->block_size == 0
-        && off / sp->block_size < sp->capacity;
+    return u >= (uintptr_t)sp->start && off < (uintptr_t)sp->capacity * sp->block_size &&
+           (uint32_t)off % sp->block_size == 0;
 }
 
 /* Reserves the segment map (address space only).  0 on success. */
