@@ -69,7 +69,7 @@ static inline void *bin_pop(bin_ref *bin)
     if (likely(p)) {
         bin->head = *(void **)p;
         bin->room++;
-        ((uintptr_t *)p)[1] = 0;    /* no longer looks free */
+        ((uintptr_t *)p)[1] = 0;    /* no longer looks free (see hm_free_slow) */
     }
     return p;
 }

@@ -218,10 +218,10 @@ static void splice_lists(struct hm_heap *h, struct remote_list *l, unsigned k)
  * non-empty, and its list is taken only here). */
 static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
 {
-    struct remote_list l[HM_SEGMENT_PAGES];
+    struct remote_list l[16];
     unsigned k = 0;
     struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
-    while (sp && k < HM_SEGMENT_PAGES) {
+    while (sp) {
         /* Read the link before the list: once the remote list is empty a
          * remote free may push the span again.  acq_rel on the list: that
          * pusher rewrites sp->pending_next, read just before. */
@@ -229,6 +229,13 @@ static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
         void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acq_rel);
         if (list)
             l[k++] = (struct remote_list){ sp, list, list, 1 };
+        /* A full set is spliced at once.  The segment stays: the spans
+         * still on the chain have blocks out on their remote lists. */
+        if (k == sizeof l / sizeof l[0]) {
+            walk_lists(l, k);
+            splice_lists(h, l, k);
+            k = 0;
+        }
         sp = next_sp;
     }
     walk_lists(l, k);
@@ -407,7 +414,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     void *p = list;
     bin->head = *(void **)p;
     bin->room = (int32_t)(bin->cap - (got - 1));
-    ((uintptr_t *)p)[1] = 0;
+    ((uintptr_t *)p)[1] = 0;    /* every block leaves with word 1 clear: see hm_free_slow */
 
     struct hm_heap_class_stats *s = &h->stats[cls];
     s->refills++;
@@ -663,9 +670,12 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
         hm_fatal(call, "invalid pointer", p);
     uintptr_t *words = p;
     if (hm_span_owner(sp) != tc->owner) {
-        /* Every block is handed out with its second word cleared, and every
-         * free marks it: the key here means a block that is free already
-         * (in its owner's cache or lists, or in a remote batch). */
+        /* Every block is handed out with its second word cleared (bin_pop,
+         * hm_refill, hm_alloc_pages: a new way out must clear it too), and
+         * every free marks it: the key here means a block that is free
+         * already (in its owner's cache or lists, or in a remote batch).
+         * Best effort: two threads freeing one block at once can both
+         * pass. */
         if (words[1] == hm_free_key)
             hm_fatal(call, "double free detected", p);
         words[1] = hm_free_key;

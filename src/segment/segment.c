@@ -104,6 +104,14 @@ uint64_t hm_clock_precise_ns(void)
     return clock_read(CLOCK_MONOTONIC);
 }
 
+/* Page bitmaps change under the segment lock, but hints read them without
+ * it (hm_segment_has_dirty_run, the heap's span search): the stores are
+ * atomic (relaxed), so those reads are not data races. */
+static void set_pages(uint64_t *bits, uint64_t value)
+{
+    __atomic_store_n(bits, value, __ATOMIC_RELAXED);
+}
+
 /* Gives back the segment's dirty free pages when the oldest has waited
  * delay_ns.  Caller holds the lock. */
 static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns)
@@ -121,7 +129,7 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
         bytes += (size_t)run * HM_PAGE_SIZE;
         dirty &= run + first >= 64 ? 0 : ~(uint64_t)0 << (first + run);
     }
-    seg->dirty_pages = 0;
+    set_pages(&seg->dirty_pages, 0);
     __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
     if (bytes)
         HM_TRACE_PURGE(bytes);
@@ -240,8 +248,8 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
         return NULL;
     }
     uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
-    seg->free_pages &= ~run;
-    seg->dirty_pages &= ~run;           /* in use again: resident is right */
+    set_pages(&seg->free_pages, seg->free_pages & ~run);
+    set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);           /* in use again: resident is right */
     seg->pages_used += pages;
     seg_unlock(seg);
 
@@ -289,8 +297,8 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
         seg_lock(seg);
         bool room = (seg->free_pages & run) == run;
         if (room) {
-            seg->free_pages &= ~run;
-            seg->dirty_pages &= ~run;
+            set_pages(&seg->free_pages, seg->free_pages & ~run);
+            set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
             seg->pages_used += pages - old;
         }
         seg_unlock(seg);
@@ -305,8 +313,8 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
             seg->page_span[i] = &hm_sentinel_span;
         uint64_t run = page_run(at + pages, old - pages), now = hm_clock_ns();
         seg_lock(seg);
-        seg->free_pages |= run;
-        seg->dirty_pages |= run;
+        set_pages(&seg->free_pages, seg->free_pages | run);
+        set_pages(&seg->dirty_pages, seg->dirty_pages | run);
         mark_dirty_since(seg, now);
         seg->pages_used -= old - pages;
         seg_unlock(seg);
@@ -335,8 +343,8 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
     uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
     uint64_t now = hm_clock_ns();
     seg_lock(seg);
-    seg->free_pages |= run;
-    seg->dirty_pages |= run;
+    set_pages(&seg->free_pages, seg->free_pages | run);
+    set_pages(&seg->dirty_pages, seg->dirty_pages | run);
     mark_dirty_since(seg, now);
     seg->pages_used -= pages;
     seg_unlock(seg);
