@@ -17,11 +17,13 @@ uintptr_t hm_free_key;
 
 /* ---- refill counts ----------------------------------------------------- */
 
-/* Defaults: about 16 KiB per batch, 2 to 64 blocks, so small classes move
- * many blocks per refill and large ones few.  The learner may move a count
- * within [min, max]; max caps a batch at 64 KiB (and so a bin, twice the
- * count, at 128 KiB per class), so learning cannot trade much memory for
- * fewer refills. */
+/* Defaults: about 8 KiB per batch (two OS pages of fresh memory touched),
+ * 2 to 64 blocks, so small classes move many blocks per refill and large
+ * ones few; a short-lived thread does not carve much it will not use.  A
+ * class refilled often learns a bigger batch with ACE.  The learner may
+ * move a count within [min, max]; max caps a batch at 64 KiB (and so a
+ * bin, twice the count, at 128 KiB per class), so learning cannot trade
+ * much memory for fewer refills. */
 static _Atomic uint32_t refill_count[HM_NUM_CLASSES];
 
 static uint32_t clamp_u32(uint64_t v, uint32_t lo, uint32_t hi)
@@ -33,7 +35,7 @@ struct hm_refill_bounds hm_refill_bounds(unsigned cls)
 {
     uint64_t size = hm_size_class_size(cls);
     struct hm_refill_bounds b;
-    b.def = clamp_u32(16384 / size, 2, 64);
+    b.def = clamp_u32(8192 / size, 2, 64);
     b.min = 1;
     b.max = clamp_u32(65536 / size, 2, 256);
     return b;
