@@ -109,7 +109,7 @@ static uint64_t cache_delay_ns;
  * page tables only).  On failure, all of it. */
 static size_t resident_bytes(char *p, size_t size)
 {
-    unsigned char vec[2048];
+    unsigned char vec[4096];        /* 16 MiB a call */
     size_t bytes = 0;
     for (size_t off = 0; off < size; off += sizeof vec * HM_OS_PAGE) {
         size_t len = size - off < sizeof vec * HM_OS_PAGE ? size - off : sizeof vec * HM_OS_PAGE;
