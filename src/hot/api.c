@@ -32,9 +32,9 @@ struct hm_tcache *hm_tcache_self(void)
  * and a bin is that offset plus a constant, so they never compute the
  * cache's address (which costs a load of %fs:0 and an add).  The address
  * and thread sanitizers instrument %fs-relative accesses as if they were
- * plain ones, so their builds use plain pointers: the "offset" is then the
- * cache's address. */
-#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
+ * plain ones, so their builds (and compilers without __seg_fs) use plain
+ * pointers: the "offset" is then the cache's address. */
+#if defined(__SEG_FS) && !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
 typedef __seg_fs struct hm_tcache tc_ref;
 typedef __seg_fs struct hm_bin bin_ref;
 

@@ -287,7 +287,7 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct
 {
     /* Full segments are most of a big heap: skip them without the lock
      * (only this thread takes pages from its segments). */
-    if (__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
+    if ((unsigned)__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
         return NULL;
     return hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id,
                          (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
