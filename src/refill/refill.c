@@ -199,10 +199,11 @@ static void walk_lists(struct remote_list *l, unsigned k)
     }
 }
 
-/* The walked lists join their spans' free lists.  A span may be released
+/* The lists, walked, join their spans' free lists.  A span may be released
  * here, and with the last the segment: nothing of it is read after. */
 static void splice_lists(struct hm_heap *h, struct remote_list *l, unsigned k)
 {
+    walk_lists(l, k);
     for (unsigned i = 0; i < k; i++) {
         struct hm_span *sp = l[i].sp;
         *(void **)l[i].tail = sp->free;
@@ -234,13 +235,11 @@ static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
         /* A full set is spliced at once.  The segment stays: the spans
          * still on the chain have blocks out on their remote lists. */
         if (k == sizeof l / sizeof l[0]) {
-            walk_lists(l, k);
             splice_lists(h, l, k);
             k = 0;
         }
         sp = next_sp;
     }
-    walk_lists(l, k);
     splice_lists(h, l, k);
 }
 

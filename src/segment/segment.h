@@ -102,17 +102,13 @@ extern struct hm_span hm_sentinel_span;
  * that a pointer below 4 MiB (whose granule base is NULL) never matches. */
 #define HM_SEGMAP_POISON ((struct hm_segment *)1)
 
-static inline struct hm_segment *hm_segmap_entry(uintptr_t u)
-{
-    return atomic_load_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], memory_order_relaxed);
-}
-
 /* The header of the segment or large block that owns address u, or NULL. */
 static inline struct hm_segment *hm_segment_of(uintptr_t u)
 {
     if (__builtin_expect((u >> HM_SEGMENT_SHIFT) >= hm_segmap.entries, 0))
         return 0;
-    struct hm_segment *seg = hm_segmap_entry(u);
+    struct hm_segment *seg = atomic_load_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT],
+                                                  memory_order_relaxed);
     return seg == HM_SEGMAP_POISON ? 0 : seg;
 }
 

@@ -17,17 +17,24 @@
 #define HM_SMALL_LOOKUP_MAX 1024u          /* sizes served by the byte table */
 #define HM_MAX_CLASS_SIZE  (128u * 1024u)  /* above this: a large block */
 
-extern const uint8_t  hm_small_class[65];
-/* The class times two, for malloc's fast path: a thread cache's bins are
- * 16 bytes, and an address scales an index by at most 8. */
+/* The class of each size up to HM_SMALL_LOOKUP_MAX, times two: malloc's
+ * fast path indexes a thread cache's 16-byte bins with it, and an address
+ * scales an index by at most 8. */
 extern const uint8_t  hm_small_bin_slot[65] __attribute__((visibility("hidden")));
 extern const uint32_t hm_class_size[HM_NUM_CLASSES];
 extern const uint8_t  hm_class_span_pages[HM_NUM_CLASSES];
 
-/* Class of a size of at most HM_SMALL_LOOKUP_MAX: one table load. */
+/* The bin slot (class times two) of a size of at most HM_SMALL_LOOKUP_MAX:
+ * one table load. */
+static inline unsigned hm_small_size_slot(size_t size)
+{
+    return hm_small_bin_slot[(size + 15) >> 4];
+}
+
+/* Class of a size of at most HM_SMALL_LOOKUP_MAX. */
 static inline unsigned hm_small_size_class(size_t size)
 {
-    return hm_small_class[(size + 15) >> 4];
+    return hm_small_size_slot(size) >> 1;
 }
 
 /* Class of any size up to HM_MAX_CLASS_SIZE, by formula: for s = size - 1
@@ -40,11 +47,6 @@ static inline unsigned hm_size_class(size_t size)
     size_t s = size - 1;
     unsigned top = 63u - (unsigned)__builtin_clzll(s);
     return 8u + (top - 7u) * 8u + (unsigned)((s >> (top - 3u)) - 8u);
-}
-
-static inline unsigned hm_small_size_slot(size_t size)
-{
-    return hm_small_bin_slot[(size + 15) >> 4];
 }
 
 static inline size_t hm_size_class_size(unsigned cls)
