@@ -10,9 +10,9 @@
  * decision period (ACE_DECIDE_INTERVALS intervals: 100 ms by default) it
  * calls the rule for each class whose window
  *   - had refills, lasted a period, and holds ACE_MIN_REFILLS refills or
- *     lasted ACE_IDLE_NS (so a sporadic class is judged on 1 s of evidence,
+ *     lasted HM_ACE_IDLE_NS (so a sporadic class is judged on 1 s of evidence,
  *     not on one noisy event), or
- *   - had no refills for ACE_IDLE_NS (1 s): an idle window,
+ *   - had no refills for HM_ACE_IDLE_NS (1 s): an idle window,
  * publishes a changed count with hm_refill_count_store (one atomic store; the
  * refill engine reads it at its next refill: Contract B), and starts a new
  * window for that class.  After ACE_BACKOFF_AFTER wakes in a row that drained
@@ -43,7 +43,6 @@
 #define ACE_DEFAULT_INTERVAL_MS 10u
 #define ACE_MAX_INTERVAL_MS     10000u
 #define ACE_DECIDE_INTERVALS    10u
-#define ACE_IDLE_NS             1000000000ull   /* the rule's idle window */
 #define ACE_MIN_REFILLS         4u
 #define ACE_BACKOFF_AFTER       10u
 #define ACE_MAX_SLEEP_NS        1000000000ull
@@ -135,9 +134,9 @@ static uint64_t ace_tick(uint64_t now, bool force)
         bool decide;
         if (w->refills > 0)
             decide = force || (len >= period &&
-                               (w->refills >= ACE_MIN_REFILLS || len >= ACE_IDLE_NS));
+                               (w->refills >= ACE_MIN_REFILLS || len >= HM_ACE_IDLE_NS));
         else
-            decide = len >= ACE_IDLE_NS;
+            decide = len >= HM_ACE_IDLE_NS;
         if (!decide)
             continue;
         if (hm_ace_region_holds(c)) {     /* acectl froze learning or pinned c */

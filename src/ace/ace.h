@@ -15,6 +15,11 @@
 #include "../queue/queue.h"
 #include "../refill/refill.h"
 
+/* The idle window: a class with no refills for this long decays toward its
+ * default (the rule), and a window this long is judged however few refills
+ * it saw (the ACE thread). */
+#define HM_ACE_IDLE_NS 1000000000ull   /* 1 s */
+
 extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
 
 /* Reads HAKMEM_ACE and HAKMEM_ACE_INTERVAL_MS.  Called during process init,

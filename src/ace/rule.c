@@ -38,7 +38,6 @@
  * remote_collected is not used by the rule. */
 #include "ace.h"
 
-#define HM_ACE_IDLE_NS          1000000000ull   /* idle window: 1 s */
 #define HM_ACE_GROW_INTERVAL_NS 1000000ull      /* 1 ms: > 1000 refills/s */
 #define HM_ACE_SHRINK_INTERVAL_NS 4000000ull   /* 4 ms: < 250 refills/s */
 #define HM_ACE_GROW_RATE        1000ull         /* refills/s, aggregate */

@@ -67,7 +67,7 @@ static struct hm_heap *heap_take(void)
     h = (struct hm_heap *)heap_chunk_next;
     /* Heap ids (addresses) are multiples of HM_HEAP_ALIGN: page-map tags
      * carry a bin offset in the low bits. */
-    heap_chunk_next += (sizeof *h + HM_HEAP_ALIGN - 1) & ~(size_t)(HM_HEAP_ALIGN - 1);
+    heap_chunk_next += hm_round_up(sizeof *h, HM_HEAP_ALIGN);
     return h;
 }
 
@@ -447,9 +447,8 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
 void hm_heap_counters(struct hm_heap_counters *out)
 {
     memset(out, 0, sizeof *out);
+    out->threads_live = hm_heap_live_count();
     pthread_mutex_lock(&heaps_lock);
-    for (struct hm_heap *h = heaps_live; h; h = h->next_live)
-        out->threads_live++;
     out->threads_exited = threads_exited;
     pthread_mutex_unlock(&heaps_lock);
     pthread_mutex_lock(&abandoned_lock);

@@ -471,14 +471,13 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
  * gives back the OS pages that hold only free blocks: those blocks leave
  * the free list (their links would be lost with the pages) for the span's
  * hole bitmap, from which refills take them later.  Owner only. */
-#define OS_PAGE 4096u
 
 static bool page_all_free(const struct hm_span *sp, const uint64_t *freeb, uint32_t carved,
                           uintptr_t page)
 {
     size_t bs = sp->block_size;
     uint32_t i0 = (uint32_t)((page - (uintptr_t)sp->start) / bs);
-    uint32_t i1 = (uint32_t)((page + OS_PAGE - 1 - (uintptr_t)sp->start) / bs);
+    uint32_t i1 = (uint32_t)((page + HM_OS_PAGE - 1 - (uintptr_t)sp->start) / bs);
     for (uint32_t i = i0; i <= i1 && i < carved; i++)
         if (!(freeb[i >> 6] >> (i & 63) & 1))
             return false;
@@ -488,7 +487,7 @@ static bool page_all_free(const struct hm_span *sp, const uint64_t *freeb, uint3
 static bool block_on_purged_page(const struct hm_span *sp, uint32_t i, const uint64_t *purged)
 {
     size_t lo = (size_t)i * sp->block_size, hi = lo + sp->block_size - 1;
-    for (size_t pg = lo / OS_PAGE; pg <= hi / OS_PAGE; pg++)
+    for (size_t pg = lo / HM_OS_PAGE; pg <= hi / HM_OS_PAGE; pg++)
         if (purged[pg >> 6] >> (pg & 63) & 1)
             return true;
     return false;
@@ -510,19 +509,19 @@ static void span_compact(struct hm_span *sp)
     }
 
     /* Pages of the carved area that hold nothing live go back. */
-    uint64_t purged[(16 * HM_PAGE_SIZE / OS_PAGE) / 64] = { 0 };
+    uint64_t purged[(16 * HM_PAGE_SIZE / HM_OS_PAGE) / 64] = { 0 };
     uintptr_t start = (uintptr_t)sp->start;
-    size_t npages = ((size_t)(sp->bump - sp->start) + OS_PAGE - 1) / OS_PAGE;
+    size_t npages = ((size_t)(sp->bump - sp->start) + HM_OS_PAGE - 1) / HM_OS_PAGE;
     size_t bytes = 0;
     for (size_t pg = 0; pg < npages;) {
         size_t run = 0;
-        while (pg + run < npages && page_all_free(sp, freeb, carved, start + (pg + run) * OS_PAGE)) {
+        while (pg + run < npages && page_all_free(sp, freeb, carved, start + (pg + run) * HM_OS_PAGE)) {
             purged[(pg + run) >> 6] |= (uint64_t)1 << ((pg + run) & 63);
             run++;
         }
         if (run) {
-            madvise((void *)(start + pg * OS_PAGE), run * OS_PAGE, MADV_DONTNEED);
-            bytes += run * OS_PAGE;
+            madvise((void *)(start + pg * HM_OS_PAGE), run * HM_OS_PAGE, MADV_DONTNEED);
+            bytes += run * HM_OS_PAGE;
         }
         pg += run + 1;
     }
@@ -573,7 +572,7 @@ void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_n
             uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / sp->block_size);
             uint64_t listed = carved - sp->used - sp->holes;
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
-                (listed - sp->listed_after_compact) * sp->block_size >= 2 * OS_PAGE)
+                (listed - sp->listed_after_compact) * sp->block_size >= 2 * HM_OS_PAGE)
                 span_compact(sp);
         }
     }
@@ -649,26 +648,42 @@ static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
            on_list(atomic_load_explicit(&sp->remote, memory_order_acquire), p);
 }
 
-void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
+/* What p (not NULL) is: a block of a span (returned), a large block
+ * (*large set) or a bootstrap block (both NULL).  Anything else ends the
+ * process with a diagnostic naming `call`. */
+static struct hm_span *block_of(void *p, const char *call, struct hm_segment **large)
 {
-    if (!p)
-        return;
     uintptr_t u = (uintptr_t)p;
     struct hm_segment *seg = hm_segment_of(u);
+    *large = NULL;
     if (!seg) {
         if (hm_bootstrap_owns(p))
-            return;
+            return NULL;
         hm_fatal(call, "invalid pointer", p);
     }
     if (seg->kind == HM_SEGMENT_LARGE) {
         if (p != seg->user)
             hm_fatal(call, "invalid pointer", p);
-        hm_large_free(seg);
-        return;
+        *large = seg;
+        return NULL;
     }
     struct hm_span *sp = hm_span_of(seg, u);
     if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
         hm_fatal(call, "invalid pointer", p);
+    return sp;
+}
+
+void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
+{
+    if (!p)
+        return;
+    struct hm_segment *large;
+    struct hm_span *sp = block_of(p, call, &large);
+    if (!sp) {
+        if (large)
+            hm_large_free(large);
+        return;                         /* a bootstrap block stays */
+    }
     uintptr_t *words = p;
     if (hm_span_owner(sp) != tc->owner) {
         /* Every block is handed out with its second word cleared (bin_pop,
@@ -696,22 +711,11 @@ size_t hm_usable_size(void *p, const char *call)
 {
     if (!p)
         return 0;
-    uintptr_t u = (uintptr_t)p;
-    struct hm_segment *seg = hm_segment_of(u);
-    if (!seg) {
-        if (hm_bootstrap_owns(p))
-            return hm_bootstrap_usable_size(p);
-        hm_fatal(call, "invalid pointer", p);
-    }
-    if (seg->kind == HM_SEGMENT_LARGE) {
-        if (p != seg->user)
-            hm_fatal(call, "invalid pointer", p);
-        return hm_large_usable_size(seg);
-    }
-    struct hm_span *sp = hm_span_of(seg, u);
-    if (sp == &hm_sentinel_span || !hm_span_is_block(sp, u))
-        hm_fatal(call, "invalid pointer", p);
-    return sp->block_size;
+    struct hm_segment *large;
+    struct hm_span *sp = block_of(p, call, &large);
+    if (sp)
+        return sp->block_size;
+    return large ? hm_large_usable_size(large) : hm_bootstrap_usable_size(p);
 }
 
 /* ---- set-up ------------------------------------------------------------ */

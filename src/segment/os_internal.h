@@ -5,13 +5,6 @@
 
 #include "segment.h"
 
-#define HM_OS_PAGE ((size_t)4096)
-
-static inline size_t hm_round_up(size_t n, size_t a)
-{
-    return (n + a - 1) & ~(a - 1);
-}
-
 /* Maps `size` bytes at a base such that base + offset is a multiple of
  * `align`; NULL when the OS refuses. */
 char *hm_os_map(size_t size, size_t align, size_t offset);

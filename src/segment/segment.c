@@ -203,10 +203,16 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
 }
 
 
+/* Bits first .. first + count - 1. */
+static uint64_t page_run(unsigned first, unsigned count)
+{
+    return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
+}
+
 /* First run of `pages` free pages, or -1. */
 static int find_free_run(uint64_t free_pages, unsigned pages)
 {
-    uint64_t want = pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1);
+    uint64_t want = page_run(0, pages);
     for (unsigned i = 1; i + pages <= HM_SEGMENT_PAGES; i++) {
         if (((free_pages >> i) & want) == want)
             return (int)i;
@@ -247,7 +253,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
         seg_unlock(seg);
         return NULL;
     }
-    uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
+    uint64_t run = page_run((unsigned)at, pages);
     set_pages(&seg->free_pages, seg->free_pages & ~run);
     set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);           /* in use again: resident is right */
     seg->pages_used += pages;
@@ -278,11 +284,6 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
         seg->page_span[at + (int)i] = sp;
     hm_span_set_owner(sp, owner);
     return sp;
-}
-
-static uint64_t page_run(unsigned first, unsigned count)
-{
-    return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
 bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
@@ -340,7 +341,7 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
     hm_span_set_owner(sp, HM_OWNER_SENTINEL);
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + i] = &hm_sentinel_span;
-    uint64_t run = (pages >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << pages) - 1)) << at;
+    uint64_t run = page_run((unsigned)at, pages);
     uint64_t now = hm_clock_ns();
     seg_lock(seg);
     set_pages(&seg->free_pages, seg->free_pages | run);

@@ -25,6 +25,13 @@
 #define HM_PAGE_SIZE     ((size_t)1 << HM_PAGE_SHIFT)
 #define HM_SEGMENT_PAGES 64u
 #define HM_ADDRESS_BITS  47
+#define HM_OS_PAGE       ((size_t)4096)
+
+/* n rounded up to a multiple of a (a power of two). */
+static inline size_t hm_round_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
 
 /* Span owners.  A live span's owner is its heap's id: the heap's address,
  * a multiple of HM_HEAP_ALIGN.  These values are never heap ids. */
@@ -129,11 +136,6 @@ extern struct hm_pagemap hm_pagemap __attribute__((visibility("hidden")));
 static inline uintptr_t hm_page_tag(uintptr_t owner, uint32_t bin_offset)
 {
     return owner & (HM_HEAP_ALIGN - 1) ? 0 : owner | bin_offset;   /* not a heap: 0 */
-}
-
-static inline struct hm_segment *hm_segment_base(uintptr_t u)
-{
-    return (struct hm_segment *)(u & ~(uintptr_t)(HM_SEGMENT_SIZE - 1));
 }
 
 
