@@ -62,6 +62,8 @@ struct hakmem_class_info {
     uint64_t blocks_cached;     /* blocks sitting in thread caches now */
     uint64_t ace_events;        /* refill events the ACE thread received */
     uint64_t ace_drops;         /* refill events dropped (queue full) */
+    uint64_t blocks_drained;    /* frees handed straight to their spans while
+                                 * the class's live set shrank */
 };
 
 struct hakmem_stats {

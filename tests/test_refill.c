@@ -3,6 +3,7 @@
 #include "test_util.h"
 
 #include <pthread.h>
+#include <stdbool.h>
 
 #include "hakmem.h"
 #include "hot/hot.h"
@@ -79,17 +80,107 @@ static void bins_flush_past_their_cap(void **state)
     struct hm_tcache *tc = hm_tcache_self();
     struct hakmem_class_info before, after;
     hakmem_class_info(CLS, &before);
-    enum { N = 1000 };
+    /* A few overflows: fewer than would start the bin draining. */
+    enum { N = 300 };
     void *blocks[N];
     for (int i = 0; i < N; i++)
         blocks[i] = hakmem_malloc(64);
+    int32_t cap = tc->bins[CLS].cap;
+    assert_int_equal(cap, 2 * hm_refill_count_load(CLS));
     for (int i = 0; i < N; i++) {
         hakmem_free(blocks[i]);
-        assert_true(hm_bin_count(&tc->bins[CLS]) <= tc->bins[CLS].cap);
+        assert_true(hm_bin_count(&tc->bins[CLS]) <= (uint32_t)cap);
     }
     hakmem_class_info(CLS, &after);
+    assert_int_equal(tc->bins[CLS].cap, cap);
     assert_true(after.flushes > before.flushes);
-    assert_true(after.blocks_flushed - before.blocks_flushed >= N - tc->bins[CLS].cap);
+    assert_true(after.blocks_flushed - before.blocks_flushed >= (uint64_t)(N - cap));
+    assert_int_equal(after.blocks_drained, before.blocks_drained);
+}
+
+/* The fewest spans (64 KiB pages: the class's spans are one page) that
+ * hold 80% of the blocks of a[0..n), and in *total the spans holding any. */
+static int by_count_desc(const void *x, const void *y)
+{
+    return (int)*(const unsigned *)y - (int)*(const unsigned *)x;
+}
+
+static unsigned spans_holding_most(void **a, size_t n, unsigned *total)
+{
+    static uintptr_t page[4096];
+    static unsigned count[4096];
+    unsigned k = 0;
+    for (size_t i = 0; i < n; i++) {
+        uintptr_t pg = (uintptr_t)a[i] >> 16;
+        unsigned j = 0;
+        while (j < k && page[j] != pg)
+            j++;
+        if (j == k) {
+            assert_true(k < 4096);
+            page[k] = pg;
+            count[k++] = 0;
+        }
+        count[j]++;
+    }
+    qsort(count, k, sizeof count[0], by_count_desc);
+    size_t held = 0;
+    unsigned m = 0;
+    while (held * 5 < n * 4)
+        held += count[m++];
+    *total = k;
+    return m;
+}
+
+/* A class whose live set shrinks (three frees for each malloc) starts
+ * draining: frees go straight back to their spans and mallocs are served
+ * by refills, so the blocks that survive the shrink gather in few spans
+ * and the others empty.  A cache that reused the last freed blocks would
+ * scatter them over every span.  Back in balance, the bin caches again. */
+static void shrinking_class_drains_and_gathers_survivors(void **state)
+{
+    (void)state;
+    enum { DCLS = 2, SIZE = 48, N = 100000 };  /* 1365 blocks per span */
+    struct hm_tcache *tc = hm_tcache_self();
+    static void *a[N];
+    size_t n = 0;
+    uint64_t rng = 7;
+    struct hakmem_class_info before, after;
+    hakmem_class_info(DCLS, &before);
+    for (; n < N; n++)
+        a[n] = hakmem_malloc(SIZE);
+    unsigned spans_at_peak;
+    spans_holding_most(a, n, &spans_at_peak);
+    bool drained = false;
+    while (n > N / 100) {
+        if (next_rand(&rng) % 4) {
+            size_t i = next_rand(&rng) % n;
+            hakmem_free(a[i]);
+            a[i] = a[--n];
+        } else {
+            a[n++] = hakmem_malloc(SIZE);
+        }
+        drained |= tc->bins[DCLS].cap == HM_BIN_DRAINING;
+    }
+    assert_true(drained);
+    hakmem_class_info(DCLS, &after);
+    assert_true(after.blocks_drained - before.blocks_drained > N / 2);
+    /* ~1000 survivors: ~100 from before the shrink, scattered over the
+     * spans; most of the rest in the few spans the last refills used.
+     * Scattered evenly, 80% of them would need 80% of the spans. */
+    unsigned spans_left;
+    unsigned most = spans_holding_most(a, n, &spans_left);
+    assert_true(spans_at_peak >= 70);
+    assert_true(most * 4 <= spans_at_peak);
+
+    /* Balance: one malloc per free.  The bin stops draining. */
+    for (int i = 0; i < 2000; i++) {
+        size_t j = next_rand(&rng) % n;
+        hakmem_free(a[j]);
+        a[j] = hakmem_malloc(SIZE);
+    }
+    assert_int_equal(tc->bins[DCLS].cap, 2 * hm_refill_count_load(DCLS));
+    while (n)
+        hakmem_free(a[--n]);
 }
 
 struct handoff {
@@ -220,6 +311,7 @@ int main(void)
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
         cmocka_unit_test(exited_threads_segments_are_adopted),
         cmocka_unit_test(page_blocks_reuse_their_pages),
+        cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

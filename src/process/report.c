@@ -40,6 +40,7 @@ int hakmem_class_info(unsigned cls, struct hakmem_class_info *out)
     out->blocks_cached = c.blocks_cached;
     out->ace_events = hm_ace_class_events(cls);
     out->ace_drops = c.ace_drops;
+    out->blocks_drained = c.blocks_drained;
     return 0;
 }
 
@@ -70,7 +71,7 @@ static void field(struct hm_line *l, const char *name, uint64_t v)
 void hakmem_stats_print(int fd)
 {
     struct hm_line l = { .len = 0 };
-    hm_line_str(&l, "hakmem stats: class  size  refill  refills  blocks_refilled  flushes  blocks_flushed  remote_frees  cached\n");
+    hm_line_str(&l, "hakmem stats: class  size  refill  refills  blocks_refilled  flushes  blocks_flushed  remote_frees  cached  drained\n");
     hm_line_write(&l, fd);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         struct hakmem_class_info ci;
@@ -87,6 +88,7 @@ void hakmem_stats_print(int fd)
         hm_line_u64(&l, ci.blocks_flushed, 16);
         hm_line_u64(&l, ci.remote_frees, 14);
         hm_line_u64(&l, ci.blocks_cached, 8);
+        hm_line_u64(&l, ci.blocks_drained, 9);
         hm_line_str(&l, "\n");
         hm_line_write(&l, fd);
     }

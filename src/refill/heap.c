@@ -358,6 +358,7 @@ static void retire_stats(struct hm_heap *h)
         retired[c].blocks_flushed += h->stats[c].blocks_flushed;
         retired[c].remote_frees += h->stats[c].remote_frees;
         retired[c].ace_drops += h->stats[c].ace_drops;
+        retired[c].blocks_drained += h->stats[c].blocks_drained;
     }
 }
 
@@ -431,6 +432,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
     out->blocks_flushed = retired[cls].blocks_flushed;
     out->remote_frees = retired[cls].remote_frees;
     out->ace_drops = retired[cls].ace_drops;
+    out->blocks_drained = retired[cls].blocks_drained;
     for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
         const struct hm_heap_class_stats *s = &h->stats[cls];
         out->refills += __atomic_load_n(&s->refills, __ATOMIC_RELAXED);
@@ -439,6 +441,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->blocks_flushed += __atomic_load_n(&s->blocks_flushed, __ATOMIC_RELAXED);
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
+        out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
         out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]);
     }
     pthread_mutex_unlock(&heaps_lock);

@@ -11,6 +11,10 @@ struct hm_heap_class_stats {
     uint32_t batch_refills;           /* ACE: refills in the pending batch */
     uint32_t flushed_since_refill;    /* ACE: overflow since the batch was sent */
     uint32_t remote_since_refill;
+    uint32_t flushes_since_refill;    /* overflows since the bin was last empty */
+    uint32_t last_refill;             /* blocks the last refill put in the bin */
+    uint32_t drain_frees, drain_allocs;   /* a draining bin's current window */
+    uint64_t blocks_drained;
 };
 
 /* A thread's heap: the spans it owns, per class, and the segments they live

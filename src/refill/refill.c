@@ -255,9 +255,46 @@ void hm_heap_collect(struct hm_heap *h)
     }
 }
 
-/* ---- refill ------------------------------------------------------------ */
-
 static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint32_t keep);
+
+/* ---- draining bins ---------------------------------------------------- */
+
+/* A bin that overflows this many times between two refills belongs to a
+ * class whose live set shrinks (frees outran mallocs by about four caps): it
+ * starts draining (see struct hm_bin).  A class in balance overflows that
+ * often between two refills about once in 2^7 times. */
+#define DRAIN_AFTER_FLUSHES 8
+/* A draining bin judges the shrink over at least this many allocations:
+ * a class with small batches sees too few per refill. */
+#define DRAIN_WINDOW 32
+
+static void drain_start(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
+{
+    struct hm_bin *bin = &tc->bins[cls];
+    struct hm_heap_class_stats *s = &h->stats[cls];
+    bin_trim(h, tc, cls, 0);
+    bin->cap = HM_BIN_DRAINING;
+    bin->room = HM_BIN_DRAINING;
+    s->drain_frees = 0;
+    s->drain_allocs = 0;
+    s->last_refill = 0;         /* the bin was emptied, not handed out */
+}
+
+/* At a draining bin's refill: the bin ran dry, so the last refill's blocks
+ * were all handed out.  It goes on draining while frees come at least half
+ * again as often as allocations; a class in balance goes back to caching. */
+static bool still_draining(struct hm_heap_class_stats *s)
+{
+    s->drain_allocs += s->last_refill;
+    if (s->drain_allocs < DRAIN_WINDOW)
+        return true;
+    bool shrinking = (uint64_t)s->drain_frees * 2 > (uint64_t)s->drain_allocs * 3;
+    s->drain_frees = 0;
+    s->drain_allocs = 0;
+    return shrinking;
+}
+
+/* ---- refill ------------------------------------------------------------ */
 
 /* Takes up to n blocks from a span, handed back first, then never-carved
  * ones, and prepends them to *list.  Returns how many. */
@@ -388,7 +425,9 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     /* The count is read here and only here (Contract B). */
     uint32_t want = hm_refill_count_load(cls);
     struct hm_bin *bin = &tc->bins[cls];
-    bin->cap = 2 * want;        /* the bin is empty: room follows below */
+    struct hm_heap_class_stats *s = &h->stats[cls];
+    /* The bin is empty: room follows below. */
+    bin->cap = bin->cap < 0 && still_draining(s) ? HM_BIN_DRAINING : (int32_t)(2 * want);
 
     void *list = NULL;
     uint32_t got = 0;
@@ -414,10 +453,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     }
     void *p = list;
     bin->head = *(void **)p;
-    bin->room = (int32_t)(bin->cap - (got - 1));
+    bin->room = bin->cap - (int32_t)(got - 1);
     ((uintptr_t *)p)[1] = 0;    /* every block leaves with word 1 clear: see hm_free_slow */
 
-    struct hm_heap_class_stats *s = &h->stats[cls];
+    s->flushes_since_refill = 0;
+    s->last_refill = got;
     s->refills++;
     s->blocks_refilled += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
@@ -608,7 +648,7 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
         b = next;
         n++;
     }
-    bin->room = (int32_t)(bin->cap - keep);
+    bin->room = bin->cap - (int32_t)keep;
     h->stats[cls].blocks_flushed += n;
     h->stats[cls].flushed_since_refill += n;
     HM_TRACE_FLUSH(cls, n);
@@ -617,9 +657,24 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
 void hm_flush(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
+    struct hm_bin *bin = &tc->bins[cls];
+    struct hm_heap_class_stats *s = &h->stats[cls];
+    if (bin->cap < 0) {
+        void *b = bin->head;            /* the block just freed */
+        bin->head = *(void **)b;
+        bin->room++;
+        hm_span_put(h, own_span_of(h, b, "free"), b);
+        s->blocks_drained++;
+        s->drain_frees++;
+        return;
+    }
+    s->flushes++;
+    if (cls < HM_NUM_CLASSES && ++s->flushes_since_refill >= DRAIN_AFTER_FLUSHES) {
+        drain_start(h, tc, cls);
+        return;
+    }
     /* Keep the newest half: they are the likeliest to be in cache. */
-    bin_trim(h, tc, cls, tc->bins[cls].cap / 2);
-    h->stats[cls].flushes++;
+    bin_trim(h, tc, cls, (uint32_t)bin->cap / 2);
 }
 
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)

@@ -20,18 +20,28 @@
  * word.  A free block's second word holds hm_free_key, which lets free()
  * notice a likely double free with one compare.  The bin counts the room
  * left below its cap rather than its blocks, so free() pays one decrement
- * for both: when room goes negative the bin holds cap + 1. */
+ * for both: when room goes negative the bin holds cap + 1.
+ *
+ * A draining bin (cap HM_BIN_DRAINING) takes no frees: its room stays far
+ * below zero, so every free overflows and the flush hands the block
+ * straight back to its span.  While a class's live set shrinks, its
+ * allocations then come from the spans refills pick, not from whichever
+ * blocks were freed last, so the survivors gather in few spans and the
+ * others empty (see hm_flush). */
 struct hm_bin {
     void *head;
     int32_t room;       /* cap - blocks held; -1: one over the cap */
-    uint32_t cap;       /* set at each refill from the refill count */
+    int32_t cap;        /* set at each refill from the refill count */
 };
+
+#define HM_BIN_DRAINING (-(1 << 30))
 
 static inline uint32_t hm_bin_count(const struct hm_bin *bin)
 {
     int32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
-    uint32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
-    return room < 0 ? cap + 1 : cap - (uint32_t)room;
+    int32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
+    int64_t n = (int64_t)cap - room;        /* a racy read may be torn */
+    return n < 0 ? 0 : (uint32_t)n;
 }
 
 /* Pushes a free block, marked with the free key; true when the bin went
@@ -110,7 +120,7 @@ struct hm_refill_bounds hm_refill_bounds(unsigned cls);
 /* Per-class counters summed over all heaps (racy reads of live threads). */
 struct hm_class_counters {
     uint64_t refills, blocks_refilled, flushes, blocks_flushed;
-    uint64_t remote_frees, blocks_cached, ace_drops;
+    uint64_t remote_frees, blocks_cached, ace_drops, blocks_drained;
 };
 void hm_class_counters(unsigned cls, struct hm_class_counters *out);
 
