@@ -265,19 +265,6 @@ static void abandon_segment(struct hm_segment *seg)
     pthread_mutex_unlock(&abandoned_lock);
 }
 
-/* The heap is about to grow (no room left in its segments): spans that
- * became nearly empty (1/8 full) since the last pass give back the OS pages
- * that hold only free blocks first, so a program whose live set moves from
- * one size to another reuses memory instead of adding to it.  Churn within
- * the heap's memory never gets here, so it does not pay for it. */
-static void compact_before_growing(struct hm_heap *h)
-{
-    if (h->sparse_spans) {
-        h->sparse_spans = 0;
-        hm_heap_compact_sparse(h, hm_clock_ns(), 0, 3);
-    }
-}
-
 struct span_shape {
     unsigned cls, pages;
     uint32_t block_size;
@@ -318,7 +305,6 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
         if (s.cls < HM_NUM_CLASSES && h->partial[s.cls])
             return h->partial[s.cls];
     }
-    compact_before_growing(h);
     struct hm_segment *seg = h->reserve;
     if (seg) {
         h->reserve = seg->next;

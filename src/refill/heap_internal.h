@@ -38,7 +38,6 @@ struct hm_heap {
     struct hm_span *remote_span;
     void *remote_head, *remote_tail;
     uint32_t remote_count;
-    uint32_t sparse_spans;                  /* became nearly empty since the last compaction */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
 
