@@ -215,7 +215,12 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
     static _Atomic uint64_t last_global;
     uint64_t now = hm_clock_ns();
-    hm_heap_compact_sparse(h, now, delay_ns, 3);
+    /* The pass walks every partial span: a few times per delay is enough,
+     * where every 64 refills of 2-block batches would be thousands. */
+    if (now - h->compacted_ns >= delay_ns / 4) {
+        h->compacted_ns = now;
+        hm_heap_compact_sparse(h, now, delay_ns, 3);
+    }
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
     for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)

@@ -32,6 +32,7 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
+    uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     /* Frees of blocks of one other thread's span, batched: one CAS per
      * batch instead of one per block.  Counted as used by the span, so it
      * cannot go away meanwhile. */
