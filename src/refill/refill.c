@@ -185,6 +185,8 @@ static void walk_lists(struct remote_list *l, unsigned k)
         for (unsigned i = 0; i < k; i++) {
             void *next = *(void **)l[i].tail;
             if (next) {
+                /* For writing: the refill that hands it out relinks it. */
+                __builtin_prefetch(next, 1);
                 l[i].tail = next;
                 l[i].n++;
                 more = true;
@@ -318,6 +320,7 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
     while (got < n && sp->free) {
         void *b = sp->free;
         sp->free = *(void **)b;
+        __builtin_prefetch(sp->free, 1);    /* relinked next round */
         *(void **)b = *list;
         *list = b;
         got++;
