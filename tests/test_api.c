@@ -264,6 +264,40 @@ static void free_interior_then_trim(void)
     hakmem_trim();
 }
 
+/* About 2000 frees in a row start the 64 B bin draining (see struct
+ * hm_bin): frees then go straight to the span's free list, where the
+ * double free must still be found.  One block of the last one's span
+ * stays live, so the span stays (freed whole, its pages would make any
+ * later free of it an invalid pointer). */
+static void *drain_64(void)
+{
+    static void *p[2000];
+    for (int i = 0; i < 2000; i++)
+        p[i] = hakmem_malloc(64);
+    void *last = p[1999];
+    bool kept = false;
+    for (int i = 0; i < 1999; i++) {
+        if (!kept && (uintptr_t)p[i] >> 16 == (uintptr_t)last >> 16)
+            kept = true;
+        else
+            hakmem_free(p[i]);
+    }
+    return last;
+}
+
+static void free_twice_while_draining(void)
+{
+    void *last = drain_64();
+    hakmem_free(last);
+    hakmem_free(last);
+}
+
+static void free_interior_while_draining(void)
+{
+    char *last = drain_64();
+    hakmem_free(last + 16);
+}
+
 static void usable_size_of_foreign(void)
 {
     void *p = malloc(10);
@@ -279,6 +313,8 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_page_block_twice, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_misaligned, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
+    expect_abort(free_twice_while_draining, "hakmem: free(): double free detected 0x");
+    expect_abort(free_interior_while_draining, "invalid pointer (found in a thread cache)");
     expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");
 }
 
