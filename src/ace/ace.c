@@ -258,7 +258,10 @@ void hm_ace_module_init(void)
     const char *on = getenv("HAKMEM_ACE");
     hm_ace_on = on && on[0] == '1' && on[1] == '\0';
     ace_interval_ns = parse_interval_ms(getenv("HAKMEM_ACE_INTERVAL_MS")) * 1000000ull;
-    hm_queue_init(&ace_queue);
+    /* Without ACE nothing is ever pushed: the ring's 164 KiB stay
+     * untouched (and so not resident). */
+    if (hm_ace_on)
+        hm_queue_init(&ace_queue);
     atomic_store(&ace_state, ACE_IDLE);
 }
 
@@ -267,7 +270,8 @@ void hm_ace_fork_child(void)
     /* Only this thread exists: the parent's ACE thread (which may have held
      * the lock) and any producer mid-push are gone. */
     pthread_mutex_init(&ace_lock, NULL);
-    hm_queue_init(&ace_queue);
+    if (hm_ace_on)
+        hm_queue_init(&ace_queue);
     memset(ace_win, 0, sizeof(ace_win));
     ace_windows_open = false;
     atomic_store_explicit(&ace_events, 0, memory_order_relaxed);
