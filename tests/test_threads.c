@@ -94,6 +94,131 @@ static void stress_no_overlap(void **state)
     assert_int_equal(atomic_load(&errors), 0);
 }
 
+/* Live sets that grow, then shrink to 1% (three frees per malloc), in
+ * phases of different sizes, as a server's load changes: bins start and
+ * stop draining, spans empty and their pages go to other classes.  One
+ * free in eight is handed to the other thread, so remote frees land in
+ * spans while they drain.  Every block is checked before it is freed. */
+enum { PHASE_SLOTS = 20000, PASS_MAX = 256 };
+
+struct phase_arg {
+    unsigned id;
+    atomic_int *errors;
+    struct slot *pass;          /* blocks the other thread will free */
+    atomic_int *passed;
+    pthread_mutex_t *lock;
+};
+
+static size_t phase_size(uint64_t *seed, int phase)
+{
+    uint64_t r = next_rand(seed) >> 8;
+    switch (phase % 3) {
+    case 0: return 16 + r % 241;
+    case 1: return 1024 + r % 7169;
+    default: return 16 + (r % 2 ? r % 1024 : r % 65536);
+    }
+}
+
+static void free_checked(struct slot *s, atomic_int *errors)
+{
+    if (!verify(s))
+        atomic_fetch_add(errors, 1);
+    hakmem_free(s->p);
+}
+
+/* Frees what the other thread handed over. */
+static void take_passed(struct phase_arg *a)
+{
+    pthread_mutex_lock(a->lock);
+    for (int i = 0; i < *a->passed; i++)
+        free_checked(&a->pass[i], a->errors);
+    *a->passed = 0;
+    pthread_mutex_unlock(a->lock);
+}
+
+static void release(struct phase_arg *a, struct phase_arg *other, struct slot *s, int n)
+{
+    if (n % 8 == 0) {
+        pthread_mutex_lock(other->lock);
+        if (*other->passed < PASS_MAX) {
+            other->pass[(*other->passed)++] = *s;
+            pthread_mutex_unlock(other->lock);
+            return;
+        }
+        pthread_mutex_unlock(other->lock);
+    }
+    free_checked(s, a->errors);
+}
+
+static struct phase_arg phase_args[2];
+
+static uint64_t total_drained(void)
+{
+    uint64_t n = 0;
+    struct hakmem_class_info ci;
+    for (unsigned c = 0; hakmem_class_info(c, &ci) == 0; c++)
+        n += ci.blocks_drained;
+    return n;
+}
+
+static void *phases(void *argp)
+{
+    struct phase_arg *a = argp, *other = &phase_args[a->id ^ 1];
+    /* The shrink may allocate before it frees: room above the target. */
+    static struct slot live[2][2 * PHASE_SLOTS];
+    struct slot *l = live[a->id];
+    uint64_t seed = a->id + 99;
+    int n = 0, frees = 0, target = scaled(PHASE_SLOTS);
+    for (int phase = 0; phase < 6; phase++) {
+        while (n < target) {                        /* grow */
+            l[n].n = phase_size(&seed, phase);
+            l[n].p = hakmem_malloc(l[n].n);
+            l[n].tag = a->id * 7777u + (unsigned)n + (unsigned)phase * 100003u;
+            stamp(&l[n++]);
+        }
+        while (n > target / 100) {                  /* shrink */
+            if (next_rand(&seed) % 4) {
+                int i = (int)(next_rand(&seed) % (uint64_t)n);
+                release(a, other, &l[i], ++frees);
+                l[i] = l[--n];
+            } else {
+                l[n].n = phase_size(&seed, phase);
+                l[n].p = hakmem_malloc(l[n].n);
+                l[n].tag = a->id * 5555u + (unsigned)n;
+                stamp(&l[n++]);
+            }
+            if (frees % 1024 == 0)
+                take_passed(a);
+        }
+    }
+    while (n > 0)
+        free_checked(&l[--n], a->errors);
+    take_passed(a);
+    return NULL;
+}
+
+static void shrinking_phases_no_overlap(void **state)
+{
+    (void)state;
+    atomic_int errors = 0;
+    static struct slot pass[2][PASS_MAX];
+    static atomic_int passed[2];
+    static pthread_mutex_t locks[2] = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER };
+    uint64_t drained = total_drained();
+    pthread_t t[2];
+    for (unsigned i = 0; i < 2; i++)
+        phase_args[i] = (struct phase_arg){ i, &errors, pass[i], &passed[i], &locks[i] };
+    for (unsigned i = 0; i < 2; i++)
+        pthread_create(&t[i], NULL, phases, &phase_args[i]);
+    for (unsigned i = 0; i < 2; i++)
+        pthread_join(t[i], NULL);
+    for (unsigned i = 0; i < 2; i++)         /* what a thread passed after the other ended */
+        take_passed(&phase_args[i]);
+    assert_int_equal(atomic_load(&errors), 0);
+    if (scaled(PHASE_SLOTS) == PHASE_SLOTS)  /* quick runs shrink too little */
+        assert_true(total_drained() > drained + PHASE_SLOTS);
+}
+
 /* Producer/consumer through a ring: every free is a cross-thread free. */
 enum { RING = 4096 };
 static struct slot ring[RING];
@@ -348,6 +473,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(stress_no_overlap),
+        cmocka_unit_test(shrinking_phases_no_overlap),
         cmocka_unit_test(cross_thread_frees_at_volume),
         cmocka_unit_test(first_call_is_free),
         cmocka_unit_test(double_frees_across_threads_abort),
