@@ -219,6 +219,55 @@ static void shrinking_phases_no_overlap(void **state)
         assert_true(total_drained() > drained + PHASE_SLOTS);
 }
 
+/* A thread's own blocks freed after its heap went away (by a key
+ * destructor that runs after hakmem's in the last round, as glibc's own
+ * thread clean-up does) go straight to their spans: no new heap is left
+ * registered for a thread that is gone. */
+static pthread_key_t late_key;
+enum { LATE_BLOCKS = 4 };   /* glibc runs the destructors 4 rounds at most */
+
+struct late {
+    void *blocks[LATE_BLOCKS];
+    int freed;
+};
+
+static void late_free(void *arg)
+{
+    struct late *l = arg;
+    hakmem_free(l->blocks[l->freed++]);
+    if (l->freed < LATE_BLOCKS)             /* again next round, while glibc runs them */
+        pthread_setspecific(late_key, l);
+}
+
+static void *allocate_late(void *arg)
+{
+    struct late *l = arg;
+    for (int i = 0; i < LATE_BLOCKS; i++)
+        l->blocks[i] = hakmem_malloc(48);
+    pthread_setspecific(late_key, l);
+    return NULL;
+}
+
+static void frees_after_thread_exit_leave_no_heap(void **state)
+{
+    (void)state;
+    hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
+    assert_int_equal(pthread_key_create(&late_key, late_free), 0);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    static struct late l[4];
+    for (int i = 0; i < 4; i++) {
+        pthread_t t;
+        pthread_create(&t, NULL, allocate_late, &l[i]);
+        pthread_join(t, NULL);
+        assert_int_equal(l[i].freed, LATE_BLOCKS);
+    }
+    hakmem_stats(&s1);
+    assert_int_equal(s1.threads_live, s0.threads_live);
+    assert_int_equal(s1.threads_exited, s0.threads_exited + 4);
+    pthread_key_delete(late_key);
+}
+
 /* Producer/consumer through a ring: every free is a cross-thread free. */
 enum { RING = 4096 };
 static struct slot ring[RING];
@@ -476,6 +525,7 @@ int main(void)
         cmocka_unit_test(shrinking_phases_no_overlap),
         cmocka_unit_test(cross_thread_frees_at_volume),
         cmocka_unit_test(first_call_is_free),
+        cmocka_unit_test(frees_after_thread_exit_leave_no_heap),
         cmocka_unit_test(double_frees_across_threads_abort),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(fork_while_busy),

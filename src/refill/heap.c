@@ -392,8 +392,9 @@ void hm_thread_exit(struct hm_tcache *tc)
     h->segments = NULL;
     hm_heap_release_reserve(h, false);
 
-    /* From here a malloc on this thread (a later destructor) starts over. */
-    tc->owner = HM_OWNER_NONE;
+    /* From here a malloc on this thread (a later destructor) starts over;
+     * a free does not (see remote_free). */
+    tc->owner = HM_OWNER_EXITED;
     tc->heap = NULL;
 
     pthread_mutex_lock(&heaps_lock);

@@ -151,8 +151,15 @@ void hm_remote_flush(struct hm_heap *h)
  * producer/consumer pair frees in allocation order, so batches fill. */
 static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
-    struct hm_heap *h = tc->heap ? tc->heap : hm_heap_attach(tc);
-    if (!h) {                       /* set-up in progress: no batch */
+    /* A thread that only frees gets a heap for its batches.  Not one whose
+     * heap went at exit: glibc frees the thread's own buffers after the
+     * last round of key destructors, and a heap attached then would never
+     * be given back (its batch lost, its cache's TLS gone under the
+     * reports that read it). */
+    struct hm_heap *h = tc->heap;
+    if (!h && tc->owner != HM_OWNER_EXITED)
+        h = hm_heap_attach(tc);
+    if (!h) {                       /* set-up in progress, or exited: no batch */
         remote_push(sp, p, p);
         return;
     }

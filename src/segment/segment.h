@@ -37,6 +37,7 @@ static inline size_t hm_round_up(size_t n, size_t a)
  * a multiple of HM_HEAP_ALIGN.  These values are never heap ids. */
 #define HM_HEAP_ALIGN      ((uintptr_t)4096)
 #define HM_OWNER_NONE      (~(uintptr_t)1)  /* a thread cache not set up yet */
+#define HM_OWNER_EXITED    (~(uintptr_t)2)  /* its heap was given back at thread exit */
 #define HM_OWNER_ABANDONED ((uintptr_t)1)   /* its thread exited */
 #define HM_OWNER_SENTINEL  (~(uintptr_t)0)  /* not a span: a free or header page */
 
