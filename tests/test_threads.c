@@ -181,14 +181,14 @@ static void *phases(void *argp)
                 int i = (int)(next_rand(&seed) % (uint64_t)n);
                 release(a, other, &l[i], ++frees);
                 l[i] = l[--n];
+                if (frees % 1024 == 0)
+                    take_passed(a);
             } else {
                 l[n].n = phase_size(&seed, phase);
                 l[n].p = hakmem_malloc(l[n].n);
                 l[n].tag = a->id * 5555u + (unsigned)n;
                 stamp(&l[n++]);
             }
-            if (frees % 1024 == 0)
-                take_passed(a);
         }
     }
     while (n > 0)

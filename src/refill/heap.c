@@ -74,8 +74,8 @@ static struct hm_heap *heap_take(void)
 static void set_caps(struct hm_tcache *tc)
 {
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
-        tc->bins[c].cap = 2 * hm_refill_count_load(c);
-        tc->bins[c].room = (int32_t)tc->bins[c].cap;
+        tc->bins[c].cap = (int32_t)(2 * hm_refill_count_load(c));
+        tc->bins[c].room = tc->bins[c].cap;
     }
 }
 

@@ -264,8 +264,9 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
 
 /* A bin that overflows this many times between two refills belongs to a
  * class whose live set shrinks (frees outran mallocs by about four caps): it
- * starts draining (see struct hm_bin).  A class in balance overflows that
- * often between two refills about once in 2^7 times. */
+ * starts draining (see struct hm_bin).  In balance, each overflow after
+ * the first needs the bin to gain half a cap before it runs dry, a coin
+ * flip for a fair random walk: 8 in a row are rare. */
 #define DRAIN_AFTER_FLUSHES 8
 /* A draining bin judges the shrink over at least this many allocations:
  * a class with small batches sees too few per refill. */
@@ -284,8 +285,9 @@ static void drain_start(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 }
 
 /* At a draining bin's refill: the bin ran dry, so the last refill's blocks
- * were all handed out.  It goes on draining while frees come at least half
- * again as often as allocations; a class in balance goes back to caching. */
+ * were handed out (bin_trim takes back what a trim returned instead).  It
+ * goes on draining while frees come more than half again as often as
+ * mallocs; a class in balance goes back to caching. */
 static bool still_draining(struct hm_heap_class_stats *s)
 {
     s->drain_allocs += s->last_refill;
@@ -430,8 +432,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     uint32_t want = hm_refill_count_load(cls);
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
-    /* The bin is empty: room follows below. */
-    bin->cap = bin->cap < 0 && still_draining(s) ? HM_BIN_DRAINING : (int32_t)(2 * want);
+    bool draining = bin->cap < 0 && still_draining(s);
 
     void *list = NULL;
     uint32_t got = 0;
@@ -455,9 +456,14 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
         if (!sp->free && !sp->holes && sp->bump >= sp->end)
             hm_partial_remove(h, sp);       /* full: back on a list when a block returns */
     }
+    /* The bin was empty (room == cap) until now: cap and room change
+     * together, only once there are blocks, so a failed refill leaves it
+     * as it was and a report reading the two sees them in step. */
     void *p = list;
+    int32_t cap = draining ? HM_BIN_DRAINING : (int32_t)(2 * want);
     bin->head = *(void **)p;
-    bin->room = bin->cap - (int32_t)(got - 1);
+    bin->cap = cap;
+    bin->room = cap - (int32_t)(got - 1);
     ((uintptr_t *)p)[1] = 0;    /* every block leaves with word 1 clear: see hm_free_slow */
 
     s->flushes_since_refill = 0;
@@ -472,7 +478,10 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
         enforce_cache_budget(h, tc);
         hm_heap_purge(h, hm_options.purge_delay_ns);
     }
-    if (hm_ace_on)
+    /* A draining class refills on every batch however well its count
+     * fits (its frees never overflow): the learner would read that as
+     * refills too frequent and grow the count of a shrinking class. */
+    if (hm_ace_on && !draining)
         report_refill(h, cls, want);
     return p;
 }
@@ -630,13 +639,13 @@ void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_n
 
 /* ---- flush ------------------------------------------------------------- */
 
-static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *call)
+static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
 {
     uintptr_t u = (uintptr_t)b;
     struct hm_segment *seg = hm_segment_of(u);
     struct hm_span *sp = seg ? hm_span_of(seg, u) : NULL;
     if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, u))
-        hm_fatal(call, "invalid pointer (found in a thread cache)", b);
+        hm_fatal("free", what, b);
     return sp;
 }
 
@@ -654,11 +663,15 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     uint32_t n = 0;
     while (b) {
         void *next = *(void **)b;
-        hm_span_put(h, own_span_of(h, b, "free"), b);
+        hm_span_put(h, own_span_of(h, b, "invalid pointer (found in a thread cache)"), b);
         b = next;
         n++;
     }
     bin->room = bin->cap - (int32_t)keep;
+    if (bin->cap < 0) {         /* not handed out: the drain window must not count them */
+        uint32_t *last = &h->stats[cls].last_refill;
+        *last -= n < *last ? n : *last;
+    }
     h->stats[cls].blocks_flushed += n;
     h->stats[cls].flushed_since_refill += n;
     HM_TRACE_FLUSH(cls, n);
@@ -673,7 +686,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
         void *b = bin->head;            /* the block just freed */
         bin->head = *(void **)b;
         bin->room++;
-        hm_span_put(h, own_span_of(h, b, "free"), b);
+        hm_span_put(h, own_span_of(h, b, "invalid pointer"), b);
         s->blocks_drained++;
         s->drain_frees++;
         return;

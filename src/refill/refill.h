@@ -31,17 +31,32 @@
 struct hm_bin {
     void *head;
     int32_t room;       /* cap - blocks held; -1: one over the cap */
-    int32_t cap;        /* set at each refill from the refill count */
+    int32_t cap;        /* 2x the refill count at each refill; or draining */
 };
 
 #define HM_BIN_DRAINING (-(1 << 30))
 
+/* Blocks held.  Other threads' reports read the two fields unlocked and
+ * may see them out of step: what cannot be is read as 0. */
 static inline uint32_t hm_bin_count(const struct hm_bin *bin)
 {
     int32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
     int32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
-    int64_t n = (int64_t)cap - room;        /* a racy read may be torn */
-    return n < 0 ? 0 : (uint32_t)n;
+    int64_t n = (int64_t)cap - room;
+    int64_t most = cap >= 0 ? (int64_t)cap + 1 : 65536;  /* a draining bin: one batch */
+    return n < 0 || n > most ? 0 : (uint32_t)n;
+}
+
+/* A prefetch for writing (PREFETCHW: every x86-64 CPU runs it, older
+ * Intel ones as a no-op).  GCC emits a read prefetch for
+ * __builtin_prefetch(p, 1) unless built for a CPU with it. */
+static inline void hm_prefetch_write(const void *p)
+{
+#if defined(__x86_64__)
+    __asm__ volatile("prefetchw (%0)" : : "r"(p));
+#else
+    __builtin_prefetch(p, 1);
+#endif
 }
 
 /* Pushes a free block, marked with the free key; true when the bin went
