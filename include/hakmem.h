@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define HAKMEM_VERSION "0.1.0"
+#define HAKMEM_VERSION "0.2.0"   /* 0.2: hakmem_class_info gained blocks_drained */
 
 #if defined(__GNUC__)
 #define HAKMEM_API __attribute__((visibility("default")))
