@@ -197,6 +197,57 @@ static void thread_cache_stays_within_budget(void **state)
     assert_true(cached_bytes() <= 256u << 10);
 }
 
+/* Threads that exit while their blocks live abandon their segments; when
+ * another thread frees those blocks, the segments empty, but only an owner
+ * can see that.  The purge pass adopts such segments and gives them back,
+ * even when no thread needs the room. */
+enum { ABANDONERS = 8, LEFT = 4000 };     /* 64 B blocks: 250 KiB a thread */
+static void *left[ABANDONERS][LEFT];
+static pthread_barrier_t all_alive;
+
+static void *allocate_and_leave(void *arg)
+{
+    void **mine = arg;
+    for (int i = 0; i < LEFT; i++)
+        mine[i] = hakmem_malloc(64);
+    pthread_barrier_wait(&all_alive);       /* one segment each */
+    return NULL;
+}
+
+static void abandoned_segments_emptied_elsewhere_go_back(void **state)
+{
+    (void)state;
+    struct hakmem_stats s0, s1, s2;
+    hakmem_trim();
+    slow_path_activity();       /* this thread has spans: it needs no room later */
+    hakmem_stats(&s0);
+    pthread_barrier_init(&all_alive, NULL, ABANDONERS);
+    pthread_t t[ABANDONERS];
+    for (int i = 0; i < ABANDONERS; i++)
+        pthread_create(&t[i], NULL, allocate_and_leave, left[i]);
+    for (int i = 0; i < ABANDONERS; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&all_alive);
+    hakmem_stats(&s1);
+    assert_true(s1.segments >= s0.segments + ABANDONERS);
+    for (int i = 0; i < ABANDONERS; i++)
+        for (int k = 0; k < LEFT; k++)
+            hakmem_free(left[i][k]);        /* remote: into abandoned segments */
+    for (int i = 0; i < 40; i++) {
+        slow_path_activity();
+        nap_ms(20);
+        hakmem_stats(&s2);
+        if (s2.segments_adopted >= s1.segments_adopted + ABANDONERS)
+            break;
+    }
+    print_message("segments: before %llu, abandoned %llu, after %llu\n",
+                  (unsigned long long)s0.segments, (unsigned long long)s1.segments,
+                  (unsigned long long)s2.segments);
+    assert_true(s2.segments_adopted >= s1.segments_adopted + ABANDONERS);
+    /* Empty now: beyond the heap's reserve of 4 and the pool of 2, unmapped. */
+    assert_true(s2.segments <= s0.segments + 4 + 2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -205,6 +256,7 @@ int main(void)
         cmocka_unit_test(exited_threads_memory_decays),
         cmocka_unit_test(thread_cache_stays_within_budget),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
+        cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

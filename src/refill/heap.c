@@ -208,6 +208,72 @@ void hm_heap_release_reserve(struct hm_heap *h, bool unmap)
     h->reserve_count = 0;
 }
 
+/* Takes over a segment of an exited thread: its spans become ours, and
+ * those with blocks to hand out join our partial lists. */
+static void adopt(struct hm_heap *h, struct hm_segment *seg)
+{
+    atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
+    segment_link(h, seg);
+    for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
+        struct hm_span *sp = seg->page_span[i];
+        if (sp != &seg->spans[i])
+            continue;
+        hm_span_set_owner(sp, h->id);
+        if (sp->free || sp->holes || sp->bump < sp->end)
+            hm_partial_push(h, sp);
+    }
+}
+
+/* Takes the first abandoned segment that `pick` accepts off the stack. */
+static struct hm_segment *take_abandoned(bool (*pick)(struct hm_segment *))
+{
+    if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
+        return NULL;
+    pthread_mutex_lock(&abandoned_lock);
+    struct hm_segment **link = &abandoned, *seg;
+    while ((seg = *link) && !pick(seg))
+        link = &seg->next;
+    if (seg) {
+        __atomic_store_n(link, seg->next, __ATOMIC_RELAXED);
+        segments_adopted++;
+    }
+    pthread_mutex_unlock(&abandoned_lock);
+    return seg;
+}
+
+static bool any_segment(struct hm_segment *seg)
+{
+    (void)seg;
+    return true;
+}
+
+static bool has_remote_frees(struct hm_segment *seg)
+{
+    return atomic_load_explicit(&seg->pending, memory_order_relaxed) != NULL;
+}
+
+/* The newest abandoned segment, for a heap out of room. */
+static struct hm_segment *adopt_segment(struct hm_heap *h)
+{
+    struct hm_segment *seg = take_abandoned(any_segment);
+    if (seg)
+        adopt(h, seg);
+    return seg;
+}
+
+/* Only an owner collects the frees other threads made into a segment, and
+ * threads adopt only when out of room, the newest first: a segment left
+ * deep in the stack, emptied by remote frees, would keep its memory for
+ * good.  The purge pass adopts two that have such frees waiting; those
+ * that empty go back like any empty segment. */
+static void reclaim_abandoned(struct hm_heap *h)
+{
+    struct hm_segment *seg;
+    for (int n = 0; n < 2 && (seg = take_abandoned(has_remote_frees)); n++)
+        adopt(h, seg);
+    hm_heap_collect(h);
+}
+
 /* Own segments every call; every segment (those of exited threads, the
  * large-block cache) at most four times per delay, by whichever thread
  * gets there first. */
@@ -220,6 +286,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if (now - h->compacted_ns >= delay_ns / 4) {
         h->compacted_ns = now;
         hm_heap_compact_sparse(h, now, delay_ns, 3);
+        reclaim_abandoned(h);
     }
     for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
         hm_segment_purge(seg, now, delay_ns);
@@ -229,34 +296,6 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if (now - last >= delay_ns / 4 &&
         atomic_compare_exchange_strong(&last_global, &last, now))
         hm_segment_purge_all(now, delay_ns);
-}
-
-/* Takes over a segment of an exited thread: its spans become ours, and
- * those with blocks to hand out join our partial lists. */
-static struct hm_segment *adopt_segment(struct hm_heap *h)
-{
-    if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
-        return NULL;
-    pthread_mutex_lock(&abandoned_lock);
-    struct hm_segment *seg = abandoned;
-    if (seg) {
-        __atomic_store_n(&abandoned, seg->next, __ATOMIC_RELAXED);
-        segments_adopted++;
-    }
-    pthread_mutex_unlock(&abandoned_lock);
-    if (!seg)
-        return NULL;
-    atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
-    segment_link(h, seg);
-    for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
-        struct hm_span *sp = seg->page_span[i];
-        if (sp != &seg->spans[i])
-            continue;
-        hm_span_set_owner(sp, h->id);
-        if (sp->free || sp->holes || sp->bump < sp->end)
-            hm_partial_push(h, sp);
-    }
-    return seg;
 }
 
 static void abandon_segment(struct hm_segment *seg)
