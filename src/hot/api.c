@@ -74,7 +74,7 @@ static inline void *bin_pop(bin_ref *bin)
          * for writing now.  A block another thread freed (and so last
          * wrote) then moves here in one transfer, ahead of the call that
          * needs it, instead of a read miss and then an upgrade. */
-        __builtin_prefetch(next, 1);
+        hm_prefetch_write(next);
         bin->room++;
         ((uintptr_t *)p)[1] = 0;    /* no longer looks free (see hm_free_slow) */
     }

@@ -193,7 +193,7 @@ static void walk_lists(struct remote_list *l, unsigned k)
             void *next = *(void **)l[i].tail;
             if (next) {
                 /* For writing: the refill that hands it out relinks it. */
-                __builtin_prefetch(next, 1);
+                hm_prefetch_write(next);
                 l[i].tail = next;
                 l[i].n++;
                 more = true;
@@ -329,7 +329,6 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
     while (got < n && sp->free) {
         void *b = sp->free;
         sp->free = *(void **)b;
-        __builtin_prefetch(sp->free, 1);    /* relinked next round */
         *(void **)b = *list;
         *list = b;
         got++;
