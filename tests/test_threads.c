@@ -228,14 +228,15 @@ enum { LATE_BLOCKS = 4 };   /* glibc runs the destructors 4 rounds at most */
 
 struct late {
     void *blocks[LATE_BLOCKS];
-    int freed;
+    atomic_int freed;   /* atomic: TSan does not order key destructors before the join */
 };
 
 static void late_free(void *arg)
 {
     struct late *l = arg;
-    hakmem_free(l->blocks[l->freed++]);
-    if (l->freed < LATE_BLOCKS)             /* again next round, while glibc runs them */
+    int i = atomic_fetch_add(&l->freed, 1);
+    hakmem_free(l->blocks[i]);
+    if (i + 1 < LATE_BLOCKS)             /* again next round, while glibc runs them */
         pthread_setspecific(late_key, l);
 }
 
@@ -260,7 +261,7 @@ static void frees_after_thread_exit_leave_no_heap(void **state)
         pthread_t t;
         pthread_create(&t, NULL, allocate_late, &l[i]);
         pthread_join(t, NULL);
-        assert_int_equal(l[i].freed, LATE_BLOCKS);
+        assert_int_equal(atomic_load(&l[i].freed), LATE_BLOCKS);
     }
     hakmem_stats(&s1);
     assert_int_equal(s1.threads_live, s0.threads_live);
