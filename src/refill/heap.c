@@ -269,9 +269,13 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
 static void reclaim_abandoned(struct hm_heap *h)
 {
     struct hm_segment *seg;
-    for (int n = 0; n < 2 && (seg = take_abandoned(has_remote_frees)); n++)
+    int n = 0;
+    while (n < 2 && (seg = take_abandoned(has_remote_frees))) {
         adopt(h, seg);
-    hm_heap_collect(h);
+        n++;
+    }
+    if (n)
+        hm_heap_collect(h);
 }
 
 /* Own segments every call; every segment (those of exited threads, the

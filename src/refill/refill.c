@@ -301,8 +301,6 @@ static bool still_draining(struct hm_heap_class_stats *s)
 
 /* ---- refill ------------------------------------------------------------ */
 
-/* Takes up to n blocks from a span, handed back first, then never-carved
- * ones, and prepends them to *list.  Returns how many. */
 /* Takes up to n of the span's holes (free blocks whose pages went back to
  * the OS: touching them faults in zero pages). */
 static uint32_t take_holes(struct hm_span *sp, uint32_t n, void **list)
@@ -323,6 +321,8 @@ static uint32_t take_holes(struct hm_span *sp, uint32_t n, void **list)
     return got;
 }
 
+/* Takes up to n blocks from a span, handed back first, then holes, then
+ * never-carved ones, and prepends them to *list.  Returns how many. */
 static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
 {
     uint32_t got = 0;

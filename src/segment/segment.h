@@ -168,13 +168,14 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner);
 void hm_segment_free(struct hm_segment *seg);
 bool hm_segment_is_empty(const struct hm_segment *seg);
 
+/* Whether the segment has `pages` free pages in a row that may still be
+ * resident (a hint: read without the lock). */
+bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages);
+
 /* A span of `pages` pages for class cls, or NULL when the segment has no
  * run that long.  The span's blocks are carved lazily (bump pointer).
  * bin_offset: where the owner's bin for cls sits in its thread cache
  * (below HM_HEAP_ALIGN), for the page map. */
-/* Whether the segment has `pages` free pages in a row that may still be
- * resident (a hint: read without the lock). */
-bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages);
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
                               uint32_t block_size, uintptr_t owner, uint32_t bin_offset);
 void hm_span_release(struct hm_segment *seg, struct hm_span *sp);
