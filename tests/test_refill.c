@@ -262,7 +262,7 @@ static void *free_one(void *p)
     return NULL;
 }
 
-/* Blocks above the classes up to 4032 KiB are spans of pages: freed, their
+/* Blocks above the classes up to 2 MiB are spans of pages: freed, their
  * pages are reused at once, by the owner or after a remote free. */
 static void page_blocks_reuse_their_pages(void **state)
 {
