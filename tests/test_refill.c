@@ -220,6 +220,96 @@ static void remote_frees_come_back_to_the_owner(void **state)
         hakmem_free(blocks[i]);
 }
 
+/* Remote frees are batched per class: a thread that frees another's
+ * blocks of several classes in turn sends each class's blocks 32 at a
+ * time, not one CAS per block as a single batch (sent at every change of
+ * span) would. */
+enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };
+struct mixed {
+    void *b[MIXED_CLASSES][MIXED_BLOCKS];
+    pthread_barrier_t ready, step, done;
+};
+
+static void *mixed_owner(void *arg)
+{
+    struct mixed *m = arg;
+    for (int i = 0; i < MIXED_BLOCKS; i++)
+        for (int c = 0; c < MIXED_CLASSES; c++)
+            m->b[c][i] = hakmem_malloc(16 * (size_t)(c + 1));
+    pthread_barrier_wait(&m->ready);
+    pthread_barrier_wait(&m->done);         /* no refill meanwhile: nothing collected */
+    return NULL;
+}
+
+static void mixed_free(struct mixed *m, int from, int to)
+{
+    for (int i = from; i < to; i++)
+        for (int c = 0; c < MIXED_CLASSES; c++)
+            hakmem_free(m->b[c][i]);
+}
+
+static void *mixed_freer(void *arg)
+{
+    struct mixed *m = arg;
+    pthread_barrier_wait(&m->ready);
+    mixed_free(m, 0, 31);
+    pthread_barrier_wait(&m->step);         /* freed */
+    pthread_barrier_wait(&m->step);         /* looked at */
+    mixed_free(m, 31, 32);
+    pthread_barrier_wait(&m->step);
+    pthread_barrier_wait(&m->step);
+    mixed_free(m, 32, MIXED_BLOCKS);        /* the rest go at exit */
+    return NULL;
+}
+
+static unsigned remote_length(struct hm_span *sp)
+{
+    unsigned n = 0;
+    for (void *b = atomic_load(&sp->remote); b; b = *(void **)b)
+        n++;
+    return n;
+}
+
+static void expect_remote_lengths(struct hm_span **sp, unsigned n)
+{
+    for (int c = 0; c < MIXED_CLASSES; c++)
+        assert_int_equal(remote_length(sp[c]), n);
+}
+
+static void remote_frees_are_batched_per_class(void **state)
+{
+    (void)state;
+    static struct mixed m;
+    pthread_barrier_init(&m.ready, NULL, 3);
+    pthread_barrier_init(&m.step, NULL, 2);
+    pthread_barrier_init(&m.done, NULL, 2);
+    pthread_t owner, freer;
+    pthread_create(&owner, NULL, mixed_owner, &m);
+    pthread_create(&freer, NULL, mixed_freer, &m);
+    pthread_barrier_wait(&m.ready);
+    struct hm_span *sp[MIXED_CLASSES];
+    for (int c = 0; c < MIXED_CLASSES; c++) {   /* a fresh heap: one span a class */
+        uintptr_t u = (uintptr_t)m.b[c][0];
+        sp[c] = hm_span_of(hm_segment_of(u), u);
+        for (int i = 1; i < MIXED_BLOCKS; i++)
+            assert_ptr_equal(hm_span_of(hm_segment_of((uintptr_t)m.b[c][i]),
+                                        (uintptr_t)m.b[c][i]), sp[c]);
+    }
+    pthread_barrier_wait(&m.step);
+    expect_remote_lengths(sp, 0);           /* 31 a class: all still batched */
+    pthread_barrier_wait(&m.step);
+    pthread_barrier_wait(&m.step);
+    expect_remote_lengths(sp, 32);          /* the 32nd sent each batch whole */
+    pthread_barrier_wait(&m.step);
+    pthread_join(freer, NULL);
+    expect_remote_lengths(sp, MIXED_BLOCKS);    /* exit sent the rest */
+    pthread_barrier_wait(&m.done);
+    pthread_join(owner, NULL);
+    pthread_barrier_destroy(&m.ready);
+    pthread_barrier_destroy(&m.step);
+    pthread_barrier_destroy(&m.done);
+}
+
 static void *alloc_and_exit(void *arg)
 {
     void **out = arg;
@@ -309,6 +399,7 @@ int main(void)
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
+        cmocka_unit_test(remote_frees_are_batched_per_class),
         cmocka_unit_test(exited_threads_segments_are_adopted),
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),

@@ -17,6 +17,12 @@ struct hm_heap_class_stats {
     uint64_t blocks_drained;
 };
 
+struct hm_remote_batch {
+    struct hm_span *sp;
+    void *head, *tail;
+    uint32_t count;
+};
+
 /* A thread's heap: the spans it owns, per class, and the segments they live
  * in.  Only its thread touches it, except the registry link and the
  * counters that reports read. */
@@ -33,12 +39,12 @@ struct hm_heap {
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
-    /* Frees of blocks of one other thread's span, batched: one CAS per
-     * batch instead of one per block.  Counted as used by the span, so it
-     * cannot go away meanwhile. */
-    struct hm_span *remote_span;
-    void *remote_head, *remote_tail;
-    uint32_t remote_count;
+    /* Frees of other threads' blocks, batched per class (one span per
+     * batch): one CAS per batch instead of one per block.  Blocks in a
+     * batch count as used by their span, so it cannot go away meanwhile. */
+    struct hm_remote_batch remote[HM_NUM_CLASSES + 1];
+    uint64_t remote_open[2];                /* bit per class: batch not empty */
+    uint32_t remote_held;                   /* blocks in all batches */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
 
@@ -59,7 +65,7 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
-/* Sends this heap's pending batch of remote frees to its span. */
+/* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                             unsigned fill_shift);

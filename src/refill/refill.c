@@ -135,26 +135,42 @@ static void remote_push(struct hm_span *sp, void *head, void *tail)
                                                     memory_order_relaxed));
 }
 
-#define REMOTE_BATCH 32
+/* A batch goes when it holds REMOTE_BATCH blocks or a block of another
+ * span of its class comes; all go once REMOTE_HELD_MAX blocks wait, at the
+ * thread's next refill, and at its exit.  So a thread holds back at most
+ * that many blocks from their owners. */
+#define REMOTE_BATCH    32
+#define REMOTE_HELD_MAX 256
+
+static void batch_send(struct hm_heap *h, unsigned cls)
+{
+    struct hm_remote_batch *b = &h->remote[cls];
+    remote_push(b->sp, b->head, b->tail);
+    h->remote_held -= b->count;
+    b->sp = NULL;
+    b->count = 0;
+    h->remote_open[cls / 64] &= ~(1ull << (cls % 64));
+}
 
 void hm_remote_flush(struct hm_heap *h)
 {
-    if (!h->remote_count)
-        return;
-    remote_push(h->remote_span, h->remote_head, h->remote_tail);
-    h->remote_span = NULL;
-    h->remote_count = 0;
+    for (unsigned w = 0; w < 2; w++)
+        while (h->remote_open[w])
+            batch_send(h, w * 64 + (unsigned)__builtin_ctzll(h->remote_open[w]));
 }
 
-/* A block of another thread's span joins this thread's batch for that
- * span; a block of another span, or a full batch, sends the batch.  A
- * producer/consumer pair frees in allocation order, so batches fill. */
+/* A block of another thread's span joins this thread's batch for its
+ * class.  Per class, not one batch for all: a thread that frees what
+ * another allocated in mixed sizes (a consumer) meets a new span at almost
+ * every block, and one batch sent at every change of span was one CAS per
+ * block.  A class's blocks mostly come from the owner's one current span,
+ * so batches fill. */
 static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
     /* A thread that only frees gets a heap for its batches.  Not one whose
      * heap went at exit: glibc frees the thread's own buffers after the
      * last round of key destructors, and a heap attached then would never
-     * be given back (its batch lost, its cache's TLS gone under the
+     * be given back (its batches lost, its cache's TLS gone under the
      * reports that read it). */
     struct hm_heap *h = tc->heap;
     if (!h && tc->owner != HM_OWNER_EXITED)
@@ -163,14 +179,22 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         remote_push(sp, p, p);
         return;
     }
-    if (sp != h->remote_span) {
-        hm_remote_flush(h);
-        h->remote_span = sp;
-        h->remote_tail = p;
+    unsigned cls = sp->size_class;
+    struct hm_remote_batch *b = &h->remote[cls];
+    if (b->count && b->sp != sp)
+        batch_send(h, cls);
+    if (!b->count) {
+        b->sp = sp;
+        b->tail = p;
+        h->remote_open[cls / 64] |= 1ull << (cls % 64);
     }
-    *(void **)p = h->remote_count ? h->remote_head : NULL;
-    h->remote_head = p;
-    if (++h->remote_count >= REMOTE_BATCH)
+    *(void **)p = b->count ? b->head : NULL;
+    b->head = p;
+    b->count++;
+    h->remote_held++;
+    if (b->count >= REMOTE_BATCH)
+        batch_send(h, cls);
+    else if (h->remote_held >= REMOTE_HELD_MAX)
         hm_remote_flush(h);
 }
 
