@@ -5,12 +5,39 @@
 
 #include "hakmem.h"
 #include "segment/segment.h"
+#include "size_class/size_class.h"
 
 static int setup(void **state)
 {
     (void)state;
     hakmem_free(hakmem_malloc(1));   /* sets the process up */
     return 0;
+}
+
+/* hm_span_is_block divides by multiplying with a reciprocal: it must agree
+ * with the remainder for every block size a span can have (the classes,
+ * and page blocks of 1 to 32 pages) at every 16-byte offset in a segment. */
+static void block_check_matches_division(void **state)
+{
+    (void)state;
+    uint32_t sizes[HM_NUM_CLASSES + 32];
+    unsigned n = 0;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        sizes[n++] = (uint32_t)hm_size_class_size(c);
+    for (unsigned pages = 1; pages <= 32; pages++)
+        sizes[n++] = pages * (uint32_t)HM_PAGE_SIZE;
+    static char fake[64];
+    for (unsigned i = 0; i < n; i++) {
+        struct hm_span sp = { .start = fake, .block_size = sizes[i],
+                              .block_recip = hm_block_recip(sizes[i]),
+                              .capacity = (uint32_t)(HM_SEGMENT_SIZE / sizes[i]) };
+        unsigned bad = 0;
+        for (uintptr_t off = 0; off < (uintptr_t)sp.capacity * sizes[i]; off += 16)
+            bad += hm_span_is_block(&sp, (uintptr_t)fake + off) != (off % sizes[i] == 0);
+        assert_int_equal(bad, 0);
+        assert_false(hm_span_is_block(&sp, (uintptr_t)fake - 16));
+        assert_false(hm_span_is_block(&sp, (uintptr_t)fake + (uintptr_t)sp.capacity * sizes[i]));
+    }
 }
 
 static void segmap_knows_only_our_memory(void **state)
@@ -187,6 +214,7 @@ static void large_cache_bounds_resident_memory(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(block_check_matches_division),
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),

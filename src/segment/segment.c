@@ -264,6 +264,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     size_t bytes = (size_t)pages * HM_PAGE_SIZE;
     sp->size_class = cls;
     sp->block_size = block_size;
+    sp->block_recip = hm_block_recip(block_size);
     sp->start = start;
     sp->capacity = (uint32_t)(bytes / block_size);
     sp->page_index = (uint8_t)at;
@@ -322,6 +323,7 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
     }
     sp->pages = (uint8_t)pages;
     sp->block_size = (uint32_t)(pages * HM_PAGE_SIZE);
+    sp->block_recip = hm_block_recip(sp->block_size);
     sp->end = sp->start + sp->block_size;
     sp->bump = sp->end;
     return true;
