@@ -173,28 +173,87 @@ static uint64_t cached_bytes(void)
     return bytes;
 }
 
-/* Run with HAKMEM_TCACHE_MAX_KB=256: one thread's cache stays near that. */
-static void thread_cache_stays_within_budget(void **state)
+/* Blocks that fill each class's bin (twice its refill count), read before
+ * any thread fills: reports read other threads' counters racily. */
+static unsigned fill_count[256], fill_size[256];
+
+static void plan_fill(void)
 {
-    (void)state;
-    static void *p[256];
     for (unsigned c = 0; c < hakmem_class_count(); c++) {
         struct hakmem_class_info ci;
         hakmem_class_info(c, &ci);
-        unsigned n = 2 * ci.refill_count < 256 ? 2 * ci.refill_count : 256;
-        for (unsigned i = 0; i < n; i++)
-            p[i] = hakmem_malloc(ci.block_size);
-        for (unsigned i = 0; i < n; i++)
+        fill_count[c] = 2 * ci.refill_count < 256 ? 2 * ci.refill_count : 256;
+        fill_size[c] = ci.block_size;
+    }
+}
+
+static void fill_every_bin(void)
+{
+    static __thread void *p[256];
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        for (unsigned i = 0; i < fill_count[c]; i++)
+            p[i] = hakmem_malloc(fill_size[c]);
+        for (unsigned i = 0; i < fill_count[c]; i++)
             hakmem_free(p[i]);
     }
-    assert_true(cached_bytes() > 512u << 10);   /* full bins: over budget */
-    /* The budget is enforced every 64 refills: make some (16-byte class). */
-    static void *small[64 * 70];
+}
+
+/* The budget is enforced every 64 refills: make some (16-byte class). */
+static void make_refills(void)
+{
+    static __thread void *small[64 * 70];
     for (unsigned i = 0; i < 64 * 70; i++)
         small[i] = hakmem_malloc(16);
     for (unsigned i = 0; i < 64 * 70; i++)
         hakmem_free(small[i]);
+}
+
+/* Run with HAKMEM_TCACHE_MAX_KB=256: one thread's cache stays near that. */
+static void thread_cache_stays_within_budget(void **state)
+{
+    (void)state;
+    plan_fill();
+    fill_every_bin();
+    assert_true(cached_bytes() > 512u << 10);   /* full bins: over budget */
+    make_refills();
     assert_true(cached_bytes() <= 256u << 10);
+}
+
+/* All caches together: with HAKMEM_TCACHE_MAX_KB=256, this thread and
+ * three more that each fill every bin share the 256 KiB. */
+enum { FILLERS = 3 };
+static pthread_barrier_t filled, checked;
+
+static void *filler(void *arg)
+{
+    (void)arg;
+    pthread_barrier_wait(&filled);          /* all alive: the share is a quarter */
+    fill_every_bin();
+    make_refills();
+    pthread_barrier_wait(&filled);
+    pthread_barrier_wait(&checked);
+    return NULL;
+}
+
+static void all_caches_together_stay_within_budget(void **state)
+{
+    (void)state;
+    pthread_t t[FILLERS];
+    plan_fill();
+    pthread_barrier_init(&filled, NULL, FILLERS + 1);
+    pthread_barrier_init(&checked, NULL, FILLERS + 1);
+    for (int i = 0; i < FILLERS; i++)
+        pthread_create(&t[i], NULL, filler, NULL);
+    pthread_barrier_wait(&filled);
+    fill_every_bin();
+    make_refills();
+    pthread_barrier_wait(&filled);
+    assert_true(cached_bytes() <= 256u << 10);
+    pthread_barrier_wait(&checked);
+    for (int i = 0; i < FILLERS; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&filled);
+    pthread_barrier_destroy(&checked);
 }
 
 /* Threads that exit while their blocks live abandon their segments; when
@@ -255,6 +314,7 @@ int main(void)
         cmocka_unit_test(free_pages_decay_after_the_delay),
         cmocka_unit_test(exited_threads_memory_decays),
         cmocka_unit_test(thread_cache_stays_within_budget),
+        cmocka_unit_test(all_caches_together_stay_within_budget),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
     };

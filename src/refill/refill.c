@@ -408,13 +408,16 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
 }
 
 /* The bytes one thread may cache: a share of HAKMEM_TCACHE_MAX_KB among
- * the live threads, at least 256 KiB, so 500 threads do not each keep a
- * full cache. */
+ * the live threads, so 500 threads do not each keep a full cache; at least
+ * 64 KiB (the small classes' bins, about one refill each), so the bound
+ * holds for all caches together up to 512 threads at the default. */
+#define CACHE_BUDGET_MIN ((uint64_t)64 << 10)
+
 static uint64_t cache_budget(void)
 {
     uint64_t threads = hm_heap_live_count();
     uint64_t share = hm_options.tcache_max_bytes / (threads ? threads : 1);
-    return share > (256u << 10) ? share : (256u << 10);
+    return share > CACHE_BUDGET_MIN ? share : CACHE_BUDGET_MIN;
 }
 
 static uint64_t cached_bytes(struct hm_tcache *tc)
