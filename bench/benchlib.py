@@ -12,7 +12,8 @@ REPO = BENCH_DIR.parent
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 
 PROGRAMS = ["tiny_hot", "random_mixed", "mid_large_mt", "larson", "xmalloc",
-            "cache_scratch", "realloc_grow", "large", "thread_churn", "phase_server"]
+            "cache_scratch", "realloc_grow", "large", "thread_churn", "phase_server",
+            "tail_latency"]
 
 PEERS = {  # name: (library, Debian package)
     "jemalloc": (LIBDIR / "libjemalloc.so.2", "libjemalloc2"),
