@@ -114,6 +114,46 @@ static void exited_threads_memory_decays(void **state)
     assert_true(rss_kb() < base + 4 * 1024);
 }
 
+/* A slow path gives memory back in steps of 256 KiB: 12 MiB of old free
+ * pages do not all go in the one malloc that finds them (milliseconds),
+ * but over the slow paths that follow. */
+static void purge_goes_in_steps(void **state)
+{
+    (void)state;
+    enum { PAGE_BLOCKS = 64, PAGE_BLOCK = 256 * 1024 };
+    static char *pb[PAGE_BLOCKS];
+    static void *small[64 * 64];
+    hakmem_trim();
+    for (int i = 0; i < PAGE_BLOCKS; i++) {
+        pb[i] = hakmem_malloc(PAGE_BLOCK);
+        memset(pb[i], 1, PAGE_BLOCK);
+    }
+    for (int i = 0; i < PAGE_BLOCKS; i++)       /* a quarter stays: segments stay */
+        if (i % 4)
+            hakmem_free(pb[i]);
+    nap_ms(120);                                /* older than the delay */
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    /* 64 refills of 64 blocks: a step every 8 refills at most (the pace
+     * while behind), each 256 KiB and a span compacted past it. */
+    for (unsigned i = 0; i < sizeof small / sizeof small[0]; i++)
+        small[i] = hakmem_malloc(16);
+    hakmem_stats(&s1);
+    uint64_t purged = s1.bytes_purged - s0.bytes_purged;
+    print_message("purged in 64 refills: %llu KiB\n", (unsigned long long)purged >> 10);
+    assert_true(purged > 0);
+    assert_true(purged <= 9 * (512u << 10));
+    for (int i = 0; i < 200 && s1.bytes_purged - s0.bytes_purged < (11u << 20); i++) {
+        slow_path_activity();
+        hakmem_stats(&s1);
+    }
+    assert_true(s1.bytes_purged - s0.bytes_purged >= (11u << 20));
+    for (unsigned i = 0; i < sizeof small / sizeof small[0]; i++)
+        hakmem_free(small[i]);
+    for (int i = 0; i < PAGE_BLOCKS; i += 4)
+        hakmem_free(pb[i]);
+}
+
 /* A live set shrunk to 1% keeps its spans, but not the pages that hold
  * only free blocks: those go back, and the blocks are reused later. */
 static void sparse_spans_give_back_their_free_pages(void **state)
@@ -136,8 +176,9 @@ static void sparse_spans_give_back_their_free_pages(void **state)
     long sparse = rss_kb();
     assert_true(sparse - base > 30 * 1024);     /* every span still has live blocks */
     /* The pass over nearly empty spans runs at most four times per delay
-     * (50 ms): one marks the spans, one after the delay compacts them. */
-    for (int i = 0; i < 10 && rss_kb() > sparse - 24 * 1024; i++) {
+     * (50 ms): one marks the spans, one after the delay compacts them, in
+     * steps of 256 KiB every 64 refills. */
+    for (int i = 0; i < 60 && rss_kb() > sparse - 24 * 1024; i++) {
         slow_path_activity();
         nap_ms(20);
     }
@@ -315,6 +356,7 @@ int main(void)
         cmocka_unit_test(exited_threads_memory_decays),
         cmocka_unit_test(thread_cache_stays_within_budget),
         cmocka_unit_test(all_caches_together_stay_within_budget),
+        cmocka_unit_test(purge_goes_in_steps),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
     };

@@ -162,7 +162,7 @@ static void large_blocks_map_align_and_resize(void **state)
 static void large_cache_reuses_then_decays(void **state)
 {
     (void)state;
-    hm_large_cache_purge(hm_clock_ns(), 0);
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
     bool zeroed;
     char *p = hm_large_alloc(1u << 20, 16, &zeroed);
     assert_true(zeroed);
@@ -179,8 +179,8 @@ static void large_cache_reuses_then_decays(void **state)
     assert_true(zeroed);
     hm_large_free(hm_segment_of((uintptr_t)r));
     hm_large_free(hm_segment_of((uintptr_t)q));
-    assert_true(hm_large_cache_purge(hm_clock_ns(), 0) >= (1u << 20));
-    assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0), 0);
+    assert_true(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL) >= (1u << 20));
+    assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL), 0);
 }
 
 /* The cache keeps freed large blocks by the memory they hold resident:
@@ -190,7 +190,7 @@ static size_t cache_after_freeing(unsigned n, size_t size, size_t touch)
 {
     char *blocks[16];
     bool zeroed;
-    hm_large_cache_purge(hm_clock_ns(), 0);
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
     for (unsigned i = 0; i < n; i++) {
         blocks[i] = hm_large_alloc(size, 16, &zeroed);
         assert_non_null(blocks[i]);
@@ -198,7 +198,7 @@ static size_t cache_after_freeing(unsigned n, size_t size, size_t touch)
     }
     for (unsigned i = 0; i < n; i++)
         hm_large_free(hm_segment_of((uintptr_t)blocks[i]));
-    return hm_large_cache_purge(hm_clock_ns(), 0);     /* what had stayed */
+    return hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);     /* what had stayed */
 }
 
 static void large_cache_bounds_resident_memory(void **state)

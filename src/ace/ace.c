@@ -187,7 +187,7 @@ static void *ace_main(void *arg)
          * and cached large blocks unused for the purge delay go back. */
         if (now - last_purge >= ACE_PURGE_NS) {
             last_purge = now;
-            hm_segment_purge_all(hm_clock_ns(), hm_options.purge_delay_ns);
+            hm_segment_purge_all(hm_clock_ns(), hm_options.purge_delay_ns, HM_PURGE_ALL);
         }
         if (n > 0) {
             empty = 0;

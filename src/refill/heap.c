@@ -278,28 +278,54 @@ static void reclaim_abandoned(struct hm_heap *h)
         hm_heap_collect(h);
 }
 
+/* The most one call gives back: 64 OS pages, a few tens of microseconds
+ * (a purge costs about a microsecond a page, several in a VM), so the
+ * malloc that runs it is not one a server's slowest request waits on for
+ * milliseconds.  Steps come every 64 refills, every 8 while they fall
+ * behind (the ACE thread, when on, takes everything at once). */
+#define HM_PURGE_STEP ((size_t)256 << 10)
+
 /* Own segments every call; every segment (those of exited threads, the
  * large-block cache) at most four times per delay, by whichever thread
- * gets there first. */
+ * gets there first; all within one step.  A pass a step cut short goes on
+ * at the next step instead of waiting for its turn. */
+static _Atomic bool global_unfinished;      /* purge_all's last step ran out */
+
+unsigned hm_heap_purge_interval(const struct hm_heap *h)
+{
+    return h->purge_behind || atomic_load_explicit(&global_unfinished, memory_order_relaxed)
+               ? 8 : 64;
+}
+
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
     static _Atomic uint64_t last_global;
     uint64_t now = hm_clock_ns();
+    size_t done = 0;
     /* The pass walks every partial span: a few times per delay is enough,
      * where every 64 refills of 2-block batches would be thousands. */
-    if (now - h->compacted_ns >= delay_ns / 4) {
+    if (h->compact_unfinished || now - h->compacted_ns >= delay_ns / 4) {
         h->compacted_ns = now;
-        hm_heap_compact_sparse(h, now, delay_ns, 3);
+        done += hm_heap_compact_sparse(h, now, delay_ns, 3, HM_PURGE_STEP);
+        h->compact_unfinished = done >= HM_PURGE_STEP;
         reclaim_abandoned(h);
     }
-    for (struct hm_segment *seg = h->segments; seg; seg = seg->next)
-        hm_segment_purge(seg, now, delay_ns);
-    for (struct hm_segment *seg = h->reserve; seg; seg = seg->next)
-        hm_segment_purge(seg, now, delay_ns);
+    for (struct hm_segment *seg = h->segments; seg && done < HM_PURGE_STEP; seg = seg->next)
+        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    for (struct hm_segment *seg = h->reserve; seg && done < HM_PURGE_STEP; seg = seg->next)
+        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    h->purge_behind = done >= HM_PURGE_STEP;
+    if (h->purge_behind)
+        return;
     uint64_t last = atomic_load_explicit(&last_global, memory_order_relaxed);
-    if (now - last >= delay_ns / 4 &&
-        atomic_compare_exchange_strong(&last_global, &last, now))
-        hm_segment_purge_all(now, delay_ns);
+    if ((atomic_load_explicit(&global_unfinished, memory_order_relaxed) ||
+         now - last >= delay_ns / 4) &&
+        atomic_compare_exchange_strong(&last_global, &last, now)) {
+        size_t step = HM_PURGE_STEP - done;
+        bool behind = hm_segment_purge_all(now, delay_ns, step) >= step;
+        atomic_store_explicit(&global_unfinished, behind, memory_order_relaxed);
+        h->purge_behind = behind;
+    }
 }
 
 static void abandon_segment(struct hm_segment *seg)

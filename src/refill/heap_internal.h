@@ -38,7 +38,9 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
+    bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
+    bool compact_unfinished;                /* that pass ran out of its step */
     /* Frees of other threads' blocks, batched per class (one span per
      * batch): one CAS per batch instead of one per block.  Blocks in a
      * batch count as used by their span, so it cannot go away meanwhile. */
@@ -55,8 +57,11 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
 struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages);
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
-/* Gives back the free pages of this heap's segments that waited delay_ns. */
+/* Gives back the free pages of this heap's segments that waited delay_ns,
+ * a step at a time. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
+/* Refills between two steps: fewer while steps fall behind. */
+unsigned hm_heap_purge_interval(const struct hm_heap *h);
 uint64_t hm_heap_live_count(void);
 /* The heap's empty segments go to the process pool, or (unmap) to the OS. */
 void hm_heap_release_reserve(struct hm_heap *h, bool unmap);
@@ -67,8 +72,9 @@ void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
-void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                            unsigned fill_shift);
+/* Compacts nearly empty spans until `budget` bytes went back; returns them. */
+size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                              unsigned fill_shift, size_t budget);
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);

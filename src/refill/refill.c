@@ -498,8 +498,9 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     s->blocks_refilled += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
     /* Every 64 refills: keep the cache within its budget and give free
-     * pages back (without ACE nobody else does), a little at a time. */
-    if (++h->refills_since_purge >= 64) {
+     * pages back (without ACE nobody else does), a step at a time; every 8
+     * while the last step left some behind. */
+    if (++h->refills_since_purge >= hm_heap_purge_interval(h)) {
         h->refills_since_purge = 0;
         enforce_cache_budget(h, tc);
         hm_heap_purge(h, hm_options.purge_delay_ns);
@@ -578,7 +579,7 @@ static bool block_on_purged_page(const struct hm_span *sp, uint32_t i, const uin
     return false;
 }
 
-static void span_compact(struct hm_span *sp)
+static size_t span_compact(struct hm_span *sp)
 {
     size_t bs = sp->block_size;
     uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / bs);
@@ -612,7 +613,7 @@ static void span_compact(struct hm_span *sp)
     }
     if (!bytes) {
         sp->listed_after_compact = carved - sp->used - sp->holes;
-        return;
+        return 0;
     }
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     HM_TRACE_PURGE(bytes);
@@ -638,16 +639,18 @@ static void span_compact(struct hm_span *sp)
     sp->free = list;
     sp->holes = nholes;
     sp->listed_after_compact = carved - sp->used - nholes;
+    return bytes;
 }
 
 /* Spans at most 1/2^fill_shift full (nearly empty: 1/8 at least) for
  * delay_ns, whose free list grew by two OS pages' worth since their last
- * compaction. */
-void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                            unsigned fill_shift)
+ * compaction; until `budget` bytes went back. */
+size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                              unsigned fill_shift, size_t budget)
 {
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
-        for (struct hm_span *sp = h->partial[c]; sp; sp = sp->next) {
+    size_t bytes = 0;
+    for (unsigned c = 0; c < HM_NUM_CLASSES && bytes < budget; c++) {
+        for (struct hm_span *sp = h->partial[c]; sp && bytes < budget; sp = sp->next) {
             if ((uint64_t)sp->used << fill_shift > sp->capacity)
                 continue;
             if (!sp->sparse_since_ns) {
@@ -658,12 +661,11 @@ void hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_n
             uint64_t listed = carved - sp->used - sp->holes;
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
                 (listed - sp->listed_after_compact) * sp->block_size >= 2 * HM_OS_PAGE)
-                span_compact(sp);
+                bytes += span_compact(sp);
         }
     }
+    return bytes;
 }
-
-/* ---- flush ------------------------------------------------------------- */
 
 static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
 {
@@ -852,7 +854,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_heap_release_reserve(h, true);
     }
     hm_heap_release_empty_pool();
-    size_t purged = hm_segment_purge_all(hm_clock_ns(), 0);
+    size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
     return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                               memory_order_relaxed) < before;
 }

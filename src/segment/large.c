@@ -85,17 +85,19 @@ static struct hm_segment *cache_take(size_t map_size)
     return seg;
 }
 
-/* Takes out what must go (expired, or beyond the bounds once `incoming`
- * bytes join); the caller unmaps them outside the lock. */
-static unsigned cache_evict(uint64_t now_ns, uint64_t delay_ns, struct cached_block in,
-                            struct hm_segment **out)
+/* Takes out what must go (expired, while less than `budget` bytes went;
+ * or beyond the bounds once `incoming` bytes join); the caller unmaps them
+ * outside the lock. */
+static unsigned cache_evict(uint64_t now_ns, uint64_t delay_ns, size_t budget,
+                            struct cached_block in, struct hm_segment **out)
 {
     unsigned n = 0;
-    size_t in_mapped = in.seg ? in.seg->map_size : 0;
-    while (cache_count && (now_ns - cache[0].freed_ns >= delay_ns ||
+    size_t in_mapped = in.seg ? in.seg->map_size : 0, bytes = 0;
+    while (cache_count && ((now_ns - cache[0].freed_ns >= delay_ns && (!n || bytes < budget)) ||
                            cache_count == CACHE_SLOTS ||
                            cache_mapped + in_mapped > CACHE_MAX_MAPPED ||
                            cache_resident + in.resident > CACHE_MAX_RESIDENT)) {
+        bytes += cache[0].resident;
         out[n++] = cache[0].seg;
         HM_TRACE_PURGE(cache[0].seg->map_size);
         cache_remove_at(0);
@@ -135,7 +137,7 @@ static bool cache_put(struct hm_segment *seg)
         return false;
     struct hm_segment *victims[CACHE_SLOTS];
     pthread_mutex_lock(&cache_lock);
-    unsigned n = cache_evict(in.freed_ns, cache_delay_ns, in, victims);
+    unsigned n = cache_evict(in.freed_ns, cache_delay_ns, HM_PURGE_ALL, in, victims);
     cache[cache_count++] = in;
     cache_mapped += in.seg->map_size;
     cache_resident += in.resident;
@@ -150,13 +152,13 @@ void hm_large_cache_config(uint64_t delay_ns)
     cache_delay_ns = delay_ns;
 }
 
-size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns)
+size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return 0;
     struct hm_segment *victims[CACHE_SLOTS];
     pthread_mutex_lock(&cache_lock);
-    unsigned n = cache_evict(now_ns, delay_ns, (struct cached_block){ 0 }, victims);
+    unsigned n = cache_evict(now_ns, delay_ns, budget, (struct cached_block){ 0 }, victims);
     pthread_mutex_unlock(&cache_lock);
     size_t bytes = 0;
     for (unsigned i = 0; i < n; i++) {

@@ -112,51 +112,66 @@ static void set_pages(uint64_t *bits, uint64_t value)
     __atomic_store_n(bits, value, __ATOMIC_RELAXED);
 }
 
-/* Gives back the segment's dirty free pages when the oldest has waited
- * delay_ns.  Caller holds the lock. */
-static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns)
+/* Bits first .. first + count - 1. */
+static uint64_t page_run(unsigned first, unsigned count)
 {
-    if (!seg->dirty_since_ns || now_ns - seg->dirty_since_ns < delay_ns)
+    return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
+}
+
+/* Gives back the segment's dirty free pages, once the oldest has waited
+ * delay_ns, run by run until `budget` bytes went.  Caller holds the lock. */
+static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
+                           size_t budget)
+{
+    if (!seg->dirty_since_ns || now_ns - seg->dirty_since_ns < delay_ns || !budget)
         return 0;
     uint64_t dirty = seg->dirty_pages & seg->free_pages;
     size_t bytes = 0;
-    while (dirty) {
+    while (dirty && bytes < budget) {
         unsigned first = (unsigned)__builtin_ctzll(dirty);
         uint64_t rest = ~(dirty >> first);
         unsigned run = rest ? (unsigned)__builtin_ctzll(rest) : 64 - first;
+        size_t left = budget - bytes;       /* in pages, rounded up */
+        left = left / HM_PAGE_SIZE + (left % HM_PAGE_SIZE != 0);
+        if (run > left)
+            run = (unsigned)left;
         madvise((char *)seg + (size_t)first * HM_PAGE_SIZE, (size_t)run * HM_PAGE_SIZE,
                 MADV_DONTNEED);
         bytes += (size_t)run * HM_PAGE_SIZE;
-        dirty &= run + first >= 64 ? 0 : ~(uint64_t)0 << (first + run);
+        dirty &= ~page_run(first, run);
     }
-    set_pages(&seg->dirty_pages, 0);
-    __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
+    /* Still dirty: the pages past the budget (their age stays, so the next
+     * step takes them). */
+    set_pages(&seg->dirty_pages, dirty);
+    if (!dirty)
+        __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
     if (bytes)
         HM_TRACE_PURGE(bytes);
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     return bytes;
 }
 
-size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns)
+size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
+                        size_t budget)
 {
     if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
         return 0;
     seg_lock(seg);
-    size_t bytes = purge_locked(seg, now_ns, delay_ns);
+    size_t bytes = purge_locked(seg, now_ns, delay_ns, budget);
     seg_unlock(seg);
     return bytes;
 }
 
-size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns)
+size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
-    size_t bytes = hm_large_cache_purge(now_ns, delay_ns);
+    size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
     pthread_mutex_lock(&registry_lock);
-    for (struct hm_segment *seg = registry; seg; seg = seg->all_next) {
+    for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next) {
         if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
             continue;
         /* A busy segment is its owner at work: try it next time. */
         if (seg_trylock(seg)) {
-            bytes += purge_locked(seg, now_ns, delay_ns);
+            bytes += purge_locked(seg, now_ns, delay_ns, budget - bytes);
             seg_unlock(seg);
         }
     }
@@ -204,11 +219,6 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
 
 
 /* Bits first .. first + count - 1. */
-static uint64_t page_run(unsigned first, unsigned count)
-{
-    return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
-}
-
 /* First run of `pages` free pages, or -1. */
 static int find_free_run(uint64_t free_pages, unsigned pages)
 {

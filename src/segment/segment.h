@@ -213,16 +213,24 @@ static inline uint64_t *hm_span_holes(const struct hm_span *sp)
  * resident, and a span freed and reused at once costs no page faults.
  * hm_segment_purge does one segment (the owner's slow path); purge_all
  * walks every span segment, including those of exited threads (the ACE
- * thread, malloc_trim).  Both return the bytes given back. */
+ * thread, malloc_trim).  Both return the bytes given back, and stop once
+ * they gave back `budget` bytes (rounded up to a 64 KiB page): the
+ * application's slow paths purge in steps, since giving back memory costs
+ * about a microsecond an OS page and a step is one malloc's delay.  What
+ * is left keeps its age and goes at the next step.  HM_PURGE_ALL: no
+ * bound. */
+#define HM_PURGE_ALL SIZE_MAX
 uint64_t hm_clock_ns(void);          /* monotonic, coarse (a few ms): ages */
 uint64_t hm_clock_precise_ns(void);  /* monotonic, precise: intervals */
-size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns);
-size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns);
+size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
+                        size_t budget);
+size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 
 /* Freed large blocks wait in a bounded cache; this unmaps those unused for
- * delay_ns and returns their bytes.  config sets the delay free() applies. */
+ * delay_ns (while less than `budget` bytes went; at least one) and returns
+ * their bytes.  config sets the delay free() applies. */
 void hm_large_cache_config(uint64_t delay_ns);
-size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns);
+size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 
 /* Fork: the registry and cache locks are held across fork(). */
 void hm_segment_fork_prepare(void);
