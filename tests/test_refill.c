@@ -224,10 +224,44 @@ static void remote_frees_come_back_to_the_owner(void **state)
  * blocks of several classes in turn sends each class's blocks 32 at a
  * time, not one CAS per block as a single batch (sent at every change of
  * span) would. */
+/* An owner thread that allocates and then waits, a freer thread that
+ * frees its blocks in steps, and the test thread looking in between: each
+ * step is two waits on `step` (freed, looked at). */
+struct trio {
+    pthread_barrier_t ready, step, done;
+    pthread_t owner, freer;
+};
+
+static void trio_start(struct trio *t, void *(*owner)(void *), void *(*freer)(void *),
+                       void *arg)
+{
+    pthread_barrier_init(&t->ready, NULL, 3);
+    pthread_barrier_init(&t->step, NULL, 2);
+    pthread_barrier_init(&t->done, NULL, 2);
+    pthread_create(&t->owner, NULL, owner, arg);
+    pthread_create(&t->freer, NULL, freer, arg);
+    pthread_barrier_wait(&t->ready);
+}
+
+/* After the freer has exited (joined): the owner goes. */
+static void trio_finish(struct trio *t)
+{
+    pthread_barrier_wait(&t->done);
+    pthread_join(t->owner, NULL);
+    pthread_barrier_destroy(&t->ready);
+    pthread_barrier_destroy(&t->step);
+    pthread_barrier_destroy(&t->done);
+}
+
+static struct hm_span *span_at(void *p)
+{
+    return hm_span_of(hm_segment_of((uintptr_t)p), (uintptr_t)p);
+}
+
 enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };
 struct mixed {
+    struct trio t;
     void *b[MIXED_CLASSES][MIXED_BLOCKS];
-    pthread_barrier_t ready, step, done;
 };
 
 static void *mixed_owner(void *arg)
@@ -236,8 +270,8 @@ static void *mixed_owner(void *arg)
     for (int i = 0; i < MIXED_BLOCKS; i++)
         for (int c = 0; c < MIXED_CLASSES; c++)
             m->b[c][i] = hakmem_malloc(16 * (size_t)(c + 1));
-    pthread_barrier_wait(&m->ready);
-    pthread_barrier_wait(&m->done);         /* no refill meanwhile: nothing collected */
+    pthread_barrier_wait(&m->t.ready);
+    pthread_barrier_wait(&m->t.done);         /* no refill meanwhile: nothing collected */
     return NULL;
 }
 
@@ -251,13 +285,13 @@ static void mixed_free(struct mixed *m, int from, int to)
 static void *mixed_freer(void *arg)
 {
     struct mixed *m = arg;
-    pthread_barrier_wait(&m->ready);
+    pthread_barrier_wait(&m->t.ready);
     mixed_free(m, 0, 31);
-    pthread_barrier_wait(&m->step);         /* freed */
-    pthread_barrier_wait(&m->step);         /* looked at */
+    pthread_barrier_wait(&m->t.step);         /* freed */
+    pthread_barrier_wait(&m->t.step);         /* looked at */
     mixed_free(m, 31, 32);
-    pthread_barrier_wait(&m->step);
-    pthread_barrier_wait(&m->step);
+    pthread_barrier_wait(&m->t.step);
+    pthread_barrier_wait(&m->t.step);
     mixed_free(m, 32, MIXED_BLOCKS);        /* the rest go at exit */
     return NULL;
 }
@@ -280,34 +314,77 @@ static void remote_frees_are_batched_per_class(void **state)
 {
     (void)state;
     static struct mixed m;
-    pthread_barrier_init(&m.ready, NULL, 3);
-    pthread_barrier_init(&m.step, NULL, 2);
-    pthread_barrier_init(&m.done, NULL, 2);
-    pthread_t owner, freer;
-    pthread_create(&owner, NULL, mixed_owner, &m);
-    pthread_create(&freer, NULL, mixed_freer, &m);
-    pthread_barrier_wait(&m.ready);
+    trio_start(&m.t, mixed_owner, mixed_freer, &m);
     struct hm_span *sp[MIXED_CLASSES];
     for (int c = 0; c < MIXED_CLASSES; c++) {   /* a fresh heap: one span a class */
-        uintptr_t u = (uintptr_t)m.b[c][0];
-        sp[c] = hm_span_of(hm_segment_of(u), u);
+        sp[c] = span_at(m.b[c][0]);
         for (int i = 1; i < MIXED_BLOCKS; i++)
-            assert_ptr_equal(hm_span_of(hm_segment_of((uintptr_t)m.b[c][i]),
-                                        (uintptr_t)m.b[c][i]), sp[c]);
+            assert_ptr_equal(span_at(m.b[c][i]), sp[c]);
     }
-    pthread_barrier_wait(&m.step);
+    pthread_barrier_wait(&m.t.step);
     expect_remote_lengths(sp, 0);           /* 31 a class: all still batched */
-    pthread_barrier_wait(&m.step);
-    pthread_barrier_wait(&m.step);
+    pthread_barrier_wait(&m.t.step);
+    pthread_barrier_wait(&m.t.step);
     expect_remote_lengths(sp, 32);          /* the 32nd sent each batch whole */
-    pthread_barrier_wait(&m.step);
-    pthread_join(freer, NULL);
+    pthread_barrier_wait(&m.t.step);
+    pthread_join(m.t.freer, NULL);
     expect_remote_lengths(sp, MIXED_BLOCKS);    /* exit sent the rest */
-    pthread_barrier_wait(&m.done);
-    pthread_join(owner, NULL);
-    pthread_barrier_destroy(&m.ready);
-    pthread_barrier_destroy(&m.step);
-    pthread_barrier_destroy(&m.done);
+    trio_finish(&m.t);
+}
+
+/* Batches of big blocks go when they hold all their span's blocks: a
+ * page block (its span's one block) at once, five 12 KiB blocks (a 64 KiB
+ * span's five) with the fifth, so a thread that stops freeing does not
+ * keep them from their owner. */
+struct big_frees {
+    struct trio t;
+    char *page_block, *b12k[5];
+};
+
+static void *big_owner(void *arg)
+{
+    struct big_frees *m = arg;
+    m->page_block = hakmem_malloc(1u << 20);
+    for (int i = 0; i < 5; i++)
+        m->b12k[i] = hakmem_malloc(12 * 1024);
+    pthread_barrier_wait(&m->t.ready);
+    pthread_barrier_wait(&m->t.done);
+    return NULL;
+}
+
+static void *big_freer(void *arg)
+{
+    struct big_frees *m = arg;
+    pthread_barrier_wait(&m->t.ready);
+    hakmem_free(m->page_block);
+    for (int i = 0; i < 4; i++)
+        hakmem_free(m->b12k[i]);
+    pthread_barrier_wait(&m->t.step);         /* freed */
+    pthread_barrier_wait(&m->t.step);         /* looked at */
+    hakmem_free(m->b12k[4]);
+    pthread_barrier_wait(&m->t.step);
+    pthread_barrier_wait(&m->t.step);
+    return NULL;
+}
+
+static void big_batches_go_when_their_span_is_covered(void **state)
+{
+    (void)state;
+    static struct big_frees m;
+    trio_start(&m.t, big_owner, big_freer, &m);
+    struct hm_span *pages = span_at(m.page_block), *small = span_at(m.b12k[0]);
+    for (int i = 1; i < 5; i++)             /* a fresh heap: one span */
+        assert_ptr_equal(span_at(m.b12k[i]), small);
+    assert_int_equal(small->capacity, 5);
+    pthread_barrier_wait(&m.t.step);
+    assert_int_equal(remote_length(pages), 1);  /* its span's one block: sent */
+    assert_int_equal(remote_length(small), 0);  /* 4 of 5: still batched */
+    pthread_barrier_wait(&m.t.step);
+    pthread_barrier_wait(&m.t.step);
+    assert_int_equal(remote_length(small), 5);
+    pthread_barrier_wait(&m.t.step);
+    pthread_join(m.t.freer, NULL);
+    trio_finish(&m.t);
 }
 
 static void *alloc_and_exit(void *arg)
@@ -400,6 +477,7 @@ int main(void)
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
         cmocka_unit_test(remote_frees_are_batched_per_class),
+        cmocka_unit_test(big_batches_go_when_their_span_is_covered),
         cmocka_unit_test(exited_threads_segments_are_adopted),
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),

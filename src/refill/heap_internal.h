@@ -38,6 +38,7 @@ struct hm_heap {
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t refills_since_purge;
+    uint32_t refills_since_budget;
     bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     bool compact_unfinished;                /* that pass ran out of its step */
@@ -46,7 +47,7 @@ struct hm_heap {
      * batch count as used by their span, so it cannot go away meanwhile. */
     struct hm_remote_batch remote[HM_NUM_CLASSES + 1];
     uint64_t remote_open[2];                /* bit per class: batch not empty */
-    uint32_t remote_held;                   /* blocks in all batches */
+    size_t remote_held;                     /* bytes in all batches */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
 };
 

@@ -135,18 +135,21 @@ static void remote_push(struct hm_span *sp, void *head, void *tail)
                                                     memory_order_relaxed));
 }
 
-/* A batch goes when it holds REMOTE_BATCH blocks or a block of another
- * span of its class comes; all go once REMOTE_HELD_MAX blocks wait, at the
- * thread's next refill, and at its exit.  So a thread holds back at most
- * that many blocks from their owners. */
+/* A batch goes when it holds REMOTE_BATCH blocks or all its span's (a
+ * span of big blocks holds a few: one, for a page block), or when a block
+ * of another span of its class comes; all go once REMOTE_HELD_MAX bytes
+ * wait, at the thread's next refill, and at its exit.  So a thread holds
+ * back little memory from its owners, even one that stops freeing. */
 #define REMOTE_BATCH    32
-#define REMOTE_HELD_MAX 256
+#define REMOTE_HELD_MAX ((size_t)64 << 10)
 
 static void batch_send(struct hm_heap *h, unsigned cls)
 {
     struct hm_remote_batch *b = &h->remote[cls];
+    /* Read before the push: the owner may then collect the blocks, and
+     * release and reuse the span. */
+    h->remote_held -= (size_t)b->count * b->sp->block_size;
     remote_push(b->sp, b->head, b->tail);
-    h->remote_held -= b->count;
     b->sp = NULL;
     b->count = 0;
     h->remote_open[cls / 64] &= ~(1ull << (cls % 64));
@@ -191,8 +194,8 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
     *(void **)p = b->count ? b->head : NULL;
     b->head = p;
     b->count++;
-    h->remote_held++;
-    if (b->count >= REMOTE_BATCH)
+    h->remote_held += sp->block_size;
+    if (b->count >= REMOTE_BATCH || b->count >= sp->capacity)
         batch_send(h, cls);
     else if (h->remote_held >= REMOTE_HELD_MAX)
         hm_remote_flush(h);
@@ -497,12 +500,15 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     s->refills++;
     s->blocks_refilled += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
-    /* Every 64 refills: keep the cache within its budget and give free
-     * pages back (without ACE nobody else does), a step at a time; every 8
-     * while the last step left some behind. */
+    /* Every 64 refills: keep the cache within its budget, and give free
+     * pages back (without ACE nobody else does), a step at a time; steps
+     * every 8 refills while the last one left some behind. */
+    if (++h->refills_since_budget >= 64) {
+        h->refills_since_budget = 0;
+        enforce_cache_budget(h, tc);
+    }
     if (++h->refills_since_purge >= hm_heap_purge_interval(h)) {
         h->refills_since_purge = 0;
-        enforce_cache_budget(h, tc);
         hm_heap_purge(h, hm_options.purge_delay_ns);
     }
     /* A draining class refills on every batch however well its count

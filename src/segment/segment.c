@@ -118,6 +118,17 @@ static uint64_t page_run(unsigned first, unsigned count)
     return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
+/* Free pages go into use (under the lock): no longer free, and no longer
+ * dirty (in use, resident is right).  With the last dirty page goes the
+ * age, or pages freed later would inherit it and go back too early. */
+static void take_pages(struct hm_segment *seg, uint64_t run)
+{
+    set_pages(&seg->free_pages, seg->free_pages & ~run);
+    set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
+    if (!seg->dirty_pages)
+        __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
+}
+
 /* Gives back the segment's dirty free pages, once the oldest has waited
  * delay_ns, run by run until `budget` bytes went.  Caller holds the lock. */
 static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
@@ -263,9 +274,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
         seg_unlock(seg);
         return NULL;
     }
-    uint64_t run = page_run((unsigned)at, pages);
-    set_pages(&seg->free_pages, seg->free_pages & ~run);
-    set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);           /* in use again: resident is right */
+    take_pages(seg, page_run((unsigned)at, pages));
     seg->pages_used += pages;
     seg_unlock(seg);
 
@@ -309,8 +318,7 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
         seg_lock(seg);
         bool room = (seg->free_pages & run) == run;
         if (room) {
-            set_pages(&seg->free_pages, seg->free_pages & ~run);
-            set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
+            take_pages(seg, run);
             seg->pages_used += pages - old;
         }
         seg_unlock(seg);
