@@ -285,11 +285,16 @@ static void reclaim_abandoned(struct hm_heap *h)
  * behind (the ACE thread, when on, takes everything at once). */
 #define HM_PURGE_STEP ((size_t)256 << 10)
 
-/* Own segments every call; every segment (those of exited threads, the
- * large-block cache) at most four times per delay, by whichever thread
- * gets there first; all within one step.  A pass a step cut short goes on
- * at the next step instead of waiting for its turn. */
 static _Atomic bool global_unfinished;      /* purge_all's last step ran out */
+
+/* The segments of a list (the heap's, or its reserve: both linked through
+ * `next`) purged until the step is done; returns the bytes done so far. */
+static size_t purge_list(struct hm_segment *seg, uint64_t now, uint64_t delay_ns, size_t done)
+{
+    for (; seg && done < HM_PURGE_STEP; seg = seg->next)
+        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    return done;
+}
 
 unsigned hm_heap_purge_interval(const struct hm_heap *h)
 {
@@ -297,6 +302,10 @@ unsigned hm_heap_purge_interval(const struct hm_heap *h)
                ? 8 : 64;
 }
 
+/* Own segments every call; every segment (those of exited threads, the
+ * large-block cache) at most four times per delay, by whichever thread
+ * gets there first; all within one step.  A pass a step cut short goes on
+ * at the next step instead of waiting for its turn. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 {
     static _Atomic uint64_t last_global;
@@ -310,10 +319,8 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
         h->compact_unfinished = done >= HM_PURGE_STEP;
         reclaim_abandoned(h);
     }
-    for (struct hm_segment *seg = h->segments; seg && done < HM_PURGE_STEP; seg = seg->next)
-        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
-    for (struct hm_segment *seg = h->reserve; seg && done < HM_PURGE_STEP; seg = seg->next)
-        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    done = purge_list(h->segments, now, delay_ns, done);
+    done = purge_list(h->reserve, now, delay_ns, done);
     h->purge_behind = done >= HM_PURGE_STEP;
     if (h->purge_behind)
         return;

@@ -503,14 +503,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     /* Every 64 refills: keep the cache within its budget, and give free
      * pages back (without ACE nobody else does), a step at a time; steps
      * every 8 refills while the last one left some behind. */
-    if (++h->refills_since_budget >= 64) {
-        h->refills_since_budget = 0;
+    uint32_t tick = ++h->refill_ticks;
+    if (tick % 64 == 0)
         enforce_cache_budget(h, tc);
-    }
-    if (++h->refills_since_purge >= hm_heap_purge_interval(h)) {
-        h->refills_since_purge = 0;
+    if (tick % hm_heap_purge_interval(h) == 0)
         hm_heap_purge(h, hm_options.purge_delay_ns);
-    }
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class. */
