@@ -154,6 +154,34 @@ static void purge_goes_in_steps(void **state)
         hakmem_free(pb[i]);
 }
 
+/* A program whose only slow paths are page blocks purges too: their
+ * allocations pace the steps like refills. */
+static void page_blocks_alone_pace_the_purge(void **state)
+{
+    (void)state;
+    enum { PAGE_BLOCKS = 64, PAGE_BLOCK = 256 * 1024 };
+    static char *pb[PAGE_BLOCKS];
+    hakmem_trim();
+    for (int i = 0; i < PAGE_BLOCKS; i++) {
+        pb[i] = hakmem_malloc(PAGE_BLOCK);
+        memset(pb[i], 1, PAGE_BLOCK);
+    }
+    for (int i = 0; i < PAGE_BLOCKS; i++)
+        if (i % 4)
+            hakmem_free(pb[i]);
+    nap_ms(120);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    for (int i = 0; i < 256; i++)               /* 32 steps at least */
+        hakmem_free(hakmem_malloc(192 * 1024));
+    hakmem_stats(&s1);
+    uint64_t purged = s1.bytes_purged - s0.bytes_purged;
+    print_message("purged in 256 page blocks: %llu KiB\n", (unsigned long long)purged >> 10);
+    assert_true(purged >= (4u << 20));
+    for (int i = 0; i < PAGE_BLOCKS; i += 4)
+        hakmem_free(pb[i]);
+}
+
 /* A live set shrunk to 1% keeps its spans, but not the pages that hold
  * only free blocks: those go back, and the blocks are reused later. */
 static void sparse_spans_give_back_their_free_pages(void **state)
@@ -357,6 +385,7 @@ int main(void)
         cmocka_unit_test(thread_cache_stays_within_budget),
         cmocka_unit_test(all_caches_together_stay_within_budget),
         cmocka_unit_test(purge_goes_in_steps),
+        cmocka_unit_test(page_blocks_alone_pace_the_purge),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
     };

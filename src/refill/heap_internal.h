@@ -37,7 +37,7 @@ struct hm_heap {
     unsigned reserve_count;
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
-    uint32_t refill_ticks;                  /* refills ever: paces the periodic work */
+    uint32_t refill_ticks;                  /* refills and page blocks: pace periodic work */
     bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     bool compact_unfinished;                /* that pass ran out of its step */

@@ -448,6 +448,20 @@ static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
     }
 }
 
+/* The periodic work of the application's slow paths (refills and page
+ * blocks): every 64th keeps the cache within its budget, and gives free
+ * pages back (without ACE nobody else does), a step at a time; steps every
+ * 8th while the last one left some behind.  Page blocks count too: a
+ * program that allocates only those would otherwise never purge. */
+static void slow_path_tick(struct hm_heap *h, struct hm_tcache *tc)
+{
+    uint32_t tick = ++h->refill_ticks;
+    if (tick % 64 == 0)
+        enforce_cache_budget(h, tc);
+    if (tick % hm_heap_purge_interval(h) == 0)
+        hm_heap_purge(h, hm_options.purge_delay_ns);
+}
+
 void *hm_refill(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
@@ -500,14 +514,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     s->refills++;
     s->blocks_refilled += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
-    /* Every 64 refills: keep the cache within its budget, and give free
-     * pages back (without ACE nobody else does), a step at a time; steps
-     * every 8 refills while the last one left some behind. */
-    uint32_t tick = ++h->refill_ticks;
-    if (tick % 64 == 0)
-        enforce_cache_budget(h, tc);
-    if (tick % hm_heap_purge_interval(h) == 0)
-        hm_heap_purge(h, hm_options.purge_delay_ns);
+    slow_path_tick(h, tc);
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class. */
@@ -532,6 +539,7 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     ((uintptr_t *)sp->start)[1] = 0;    /* handed out: not free (see hm_free_slow) */
     h->stats[HM_PAGES_CLASS].refills++;
     HM_TRACE_REFILL(HM_PAGES_CLASS, 1, 1, h->id);
+    slow_path_tick(h, tc);
     return sp->start;
 }
 
