@@ -182,6 +182,29 @@ static void page_blocks_alone_pace_the_purge(void **state)
         hakmem_free(pb[i]);
 }
 
+/* A thread whose slow paths are only flushes (it frees more than it
+ * allocates) purges too. */
+static void flushes_alone_pace_the_purge(void **state)
+{
+    (void)state;
+    enum { KEPT = 4096 };
+    static void *kept[KEPT];
+    hakmem_trim();
+    for (int i = 0; i < KEPT; i++)
+        kept[i] = hakmem_malloc(BLOCK);
+    fill_heap();
+    free_heap();                                /* 50 MiB of free pages */
+    nap_ms(120);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    for (int i = 0; i < KEPT; i++)              /* flushes, no refill */
+        hakmem_free(kept[i]);
+    hakmem_stats(&s1);
+    uint64_t purged = s1.bytes_purged - s0.bytes_purged;
+    print_message("purged in %d frees: %llu KiB\n", KEPT, (unsigned long long)purged >> 10);
+    assert_true(purged >= (1u << 20));
+}
+
 /* A live set shrunk to 1% keeps its spans, but not the pages that hold
  * only free blocks: those go back, and the blocks are reused later. */
 static void sparse_spans_give_back_their_free_pages(void **state)
@@ -386,6 +409,7 @@ int main(void)
         cmocka_unit_test(all_caches_together_stay_within_budget),
         cmocka_unit_test(purge_goes_in_steps),
         cmocka_unit_test(page_blocks_alone_pace_the_purge),
+        cmocka_unit_test(flushes_alone_pace_the_purge),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
     };

@@ -728,6 +728,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
         hm_span_put(h, own_span_of(h, b, "invalid pointer"), b);
         s->blocks_drained++;
         s->drain_frees++;
+        slow_path_tick(h, tc);
         return;
     }
     s->flushes++;
@@ -737,6 +738,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
     }
     /* Keep the newest half: they are the likeliest to be in cache. */
     bin_trim(h, tc, cls, (uint32_t)bin->cap / 2);
+    slow_path_tick(h, tc);
 }
 
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
