@@ -49,7 +49,7 @@ struct cached_block {
 /* Oldest first: cache[0] is the next to expire. */
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct cached_block cache[CACHE_SLOTS];
-static unsigned cache_count;
+static unsigned cache_count;       /* written under the lock, read unlocked as a hint */
 static size_t cache_mapped, cache_resident;
 
 static void cache_remove_at(unsigned i)
@@ -58,7 +58,7 @@ static void cache_remove_at(unsigned i)
     cache_resident -= cache[i].resident;
     for (unsigned j = i + 1; j < cache_count; j++)
         cache[j - 1] = cache[j];
-    cache_count--;
+    __atomic_store_n(&cache_count, cache_count - 1, __ATOMIC_RELAXED);
 }
 
 /* The smallest cached block that fits, if it is at most twice the size:
@@ -138,7 +138,8 @@ static bool cache_put(struct hm_segment *seg)
     struct hm_segment *victims[CACHE_SLOTS];
     pthread_mutex_lock(&cache_lock);
     unsigned n = cache_evict(in.freed_ns, cache_delay_ns, HM_PURGE_ALL, in, victims);
-    cache[cache_count++] = in;
+    cache[cache_count] = in;
+    __atomic_store_n(&cache_count, cache_count + 1, __ATOMIC_RELAXED);
     cache_mapped += in.seg->map_size;
     cache_resident += in.resident;
     pthread_mutex_unlock(&cache_lock);
