@@ -258,6 +258,78 @@ static struct hm_span *span_at(void *p)
     return hm_span_of(hm_segment_of((uintptr_t)p), (uintptr_t)p);
 }
 
+static uint32_t list_length(void *b)
+{
+    uint32_t n = 0;
+    for (; b; b = *(void **)b)
+        n++;
+    return n;
+}
+
+/* The count the refill relies on: carved blocks, less those out and the
+ * holes, are exactly the span's free list. */
+static void expect_listed(struct hm_span *sp)
+{
+    uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / sp->block_size);
+    assert_int_equal(carved - sp->used - sp->holes, list_length(sp->free));
+}
+
+/* Gives back the bin and returns the span's free list head. */
+static void *to_span_list(struct hm_span *sp)
+{
+    hakmem_trim();
+    expect_listed(sp);
+    return sp->free;
+}
+
+/* A span's free list no longer than the batch goes into the bin whole, in
+ * its order: no walk through its (mostly cold) blocks.  A longer one gives
+ * the batch, taken one by one. */
+static void short_free_lists_go_whole(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    unsigned cls = hm_size_class(4096);
+    hm_refill_count_store(cls, 2);
+    void *b[8], *rest[8];
+    unsigned nrest = 0;
+    for (int i = 0; i < 8; i++)
+        b[i] = hakmem_malloc(4096);
+    empty_bin(tc, cls, rest, &nrest);
+    struct hm_span *sp = span_at(b[0]);
+    for (int i = 1; i < 8; i++)
+        assert_ptr_equal(span_at(b[i]), sp);
+
+    hakmem_free(b[2]);
+    hakmem_free(b[3]);
+    void *head = to_span_list(sp);
+    assert_int_equal(list_length(head), 2);
+    void *p = hakmem_malloc(4096);              /* the whole list */
+    assert_ptr_equal(p, head);
+    assert_null(sp->free);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 1);
+    expect_listed(sp);
+    hakmem_free(p);
+
+    hakmem_free(b[4]);
+    hakmem_free(b[5]);
+    head = to_span_list(sp);
+    assert_int_equal(list_length(head), 4);
+    p = hakmem_malloc(4096);                    /* two of four */
+    assert_ptr_not_equal(p, head);
+    assert_int_equal(list_length(sp->free), 2);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 1);
+    expect_listed(sp);
+
+    hakmem_free(p);
+    for (int i = 0; i < 8; i++)
+        if (i < 2 || i > 5)
+            hakmem_free(b[i]);
+    for (unsigned i = 0; i < nrest; i++)
+        hakmem_free(rest[i]);
+    hm_refill_count_store(cls, hm_refill_bounds(cls).def);
+}
+
 enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };
 struct mixed {
     struct trio t;
@@ -475,6 +547,7 @@ int main(void)
         cmocka_unit_test(refill_carves_one_batch),
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bins_flush_past_their_cap),
+        cmocka_unit_test(short_free_lists_go_whole),
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
         cmocka_unit_test(remote_frees_are_batched_per_class),
         cmocka_unit_test(big_batches_go_when_their_span_is_covered),
