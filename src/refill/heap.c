@@ -281,8 +281,9 @@ static void reclaim_abandoned(struct hm_heap *h)
 /* The most one call gives back: 64 OS pages, a few tens of microseconds
  * (a purge costs about a microsecond a page, several in a VM), so the
  * malloc that runs it is not one a server's slowest request waits on for
- * milliseconds.  Steps come every 64 refills, every 8 while they fall
- * behind (the ACE thread, when on, takes everything at once). */
+ * milliseconds.  Steps come every 64 slow paths of the thread (refills,
+ * page blocks, flushes), every 8 while they fall behind (the ACE thread,
+ * when on, takes everything at once). */
 #define HM_PURGE_STEP ((size_t)256 << 10)
 
 static _Atomic bool global_unfinished;      /* purge_all's last step ran out */
@@ -312,7 +313,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     uint64_t now = hm_clock_ns();
     size_t done = 0;
     /* The pass walks every partial span: a few times per delay is enough,
-     * where every 64 refills of 2-block batches would be thousands. */
+     * where every 64 slow paths of 2-block batches would be thousands. */
     if (h->compact_unfinished || now - h->compacted_ns >= delay_ns / 4) {
         h->compacted_ns = now;
         done += hm_heap_compact_sparse(h, now, delay_ns, 3, HM_PURGE_STEP);

@@ -37,7 +37,7 @@ struct hm_heap {
     unsigned reserve_count;
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
-    uint32_t refill_ticks;                  /* refills and page blocks: pace periodic work */
+    uint32_t slow_path_ticks;               /* refills, page blocks, flushes: pace periodic work */
     bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     bool compact_unfinished;                /* that pass ran out of its step */
@@ -60,7 +60,7 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 /* Gives back the free pages of this heap's segments that waited delay_ns,
  * a step at a time. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
-/* Refills between two steps (64, or 8 while steps fall behind: both
+/* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
 unsigned hm_heap_purge_interval(const struct hm_heap *h);
 uint64_t hm_heap_live_count(void);

@@ -464,14 +464,15 @@ static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
     }
 }
 
-/* The periodic work of the application's slow paths (refills and page
- * blocks): every 64th keeps the cache within its budget, and gives free
- * pages back (without ACE nobody else does), a step at a time; steps every
- * 8th while the last one left some behind.  Page blocks count too: a
- * program that allocates only those would otherwise never purge. */
+/* The periodic work of the application's slow paths (refills, page-block
+ * allocations, flushes): every 64th keeps the cache within its budget, and
+ * gives free pages back (without ACE nobody else does), a step at a time;
+ * steps every 8th while the last one left some behind.  Not refills alone:
+ * a program that allocates only page blocks, or a thread that mostly frees
+ * what others allocated, would seldom or never purge. */
 static void slow_path_tick(struct hm_heap *h, struct hm_tcache *tc)
 {
-    uint32_t tick = ++h->refill_ticks;
+    uint32_t tick = ++h->slow_path_ticks;
     if (tick % 64 == 0)
         enforce_cache_budget(h, tc);
     if (tick % hm_heap_purge_interval(h) == 0)
