@@ -9,7 +9,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+# Where the peers' libraries are: Debian's, or (HAKMEM_BENCH_PEER_DIR) copies
+# of them on a machine without apt.
+LIBDIR = Path(os.environ.get("HAKMEM_BENCH_PEER_DIR") or "/usr/lib/x86_64-linux-gnu")
 
 PROGRAMS = ["tiny_hot", "random_mixed", "mid_large_mt", "larson", "xmalloc",
             "cache_scratch", "realloc_grow", "large", "thread_churn", "phase_server",
