@@ -355,6 +355,16 @@ static uint32_t free_listed(const struct hm_span *sp)
     return (uint32_t)carved - sp->used - sp->holes;
 }
 
+#ifndef NDEBUG
+static uint32_t list_length(const void *b)
+{
+    uint32_t n = 0;
+    for (; b; b = *(void *const *)b)
+        n++;
+    return n;
+}
+#endif
+
 /* Takes up to n blocks from a span, handed back first, then holes, then
  * never-carved ones, and prepends them to *list.  Returns how many. */
 static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
@@ -366,6 +376,12 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
      * time later, each prefetched by the pop before it. */
     if (!*list && sp->free && free_listed(sp) <= n) {
         got = free_listed(sp);
+#ifndef NDEBUG
+        /* Debug builds check the count it trusts: one too few would let
+         * the span be released with a block still out. */
+        if (list_length(sp->free) != got)
+            hm_fatal("malloc", "heap corruption: a span's free list miscounted, near", sp->free);
+#endif
         *list = sp->free;
         sp->free = NULL;
     }
