@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs dependencies, builds, and runs every test:
 # unit, contract, integration, soak and benchmark smoke tests, then the unit
-# tests again under ASan+UBSan and the concurrent ones under TSan.  Ends
+# tests again under ASan+UBSan and under TSan.  Ends
 # with one line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ MESON_ARGS=(--suite unit)
 # die_after_fork=0: the fork tests start threads (the ACE thread) in the
 # child of a multi-threaded parent, which TSan otherwise refuses.
 run_meson build-tsan env \
-    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:suppressions=$PWD/tests/tsan.supp \
+    "TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:die_after_fork=0:suppressions=$PWD/tests/tsan.supp" \
     HAKMEM_TEST_QUICK=1
 
 ok=$(awk '/^Ok:/ {s += $2} END {print s + 0}' "$log")

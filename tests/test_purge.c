@@ -230,7 +230,7 @@ static void sparse_spans_give_back_their_free_pages(void **state)
     assert_true(sparse - base > 30 * 1024);     /* every span still has live blocks */
     /* The pass over nearly empty spans runs at most four times per delay
      * (50 ms): one marks the spans, one after the delay compacts them, in
-     * steps of 256 KiB every 64 refills. */
+     * steps of 256 KiB every 64 slow paths. */
     for (int i = 0; i < 60 && rss_kb() > sparse - 24 * 1024; i++) {
         slow_path_activity();
         nap_ms(20);
@@ -292,7 +292,7 @@ static void fill_every_bin(void)
     }
 }
 
-/* The budget is enforced every 64 refills: make some (16-byte class). */
+/* The budget is enforced every 64 slow paths: make refills (16-byte class). */
 static void make_refills(void)
 {
     static __thread void *small[64 * 70];

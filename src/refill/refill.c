@@ -356,11 +356,17 @@ static uint32_t free_listed(const struct hm_span *sp)
 }
 
 #ifndef NDEBUG
-static uint32_t list_length(const void *b)
+/* The length of a span's free list, walked at most `most` + 1 links, each
+ * checked to be a block of the span (a cycle or a broken link stops it
+ * with a diagnostic instead of a hang or a crash). */
+static uint32_t list_length(const struct hm_span *sp, uint32_t most)
 {
     uint32_t n = 0;
-    for (; b; b = *(void *const *)b)
+    for (const void *b = sp->free; b && n <= most; b = *(void *const *)b) {
+        if (!hm_span_is_block(sp, (uintptr_t)b) || (const char *)b >= sp->bump)
+            hm_fatal("malloc", "heap corruption: a freed block was overwritten, near", b);
         n++;
+    }
     return n;
 }
 #endif
@@ -379,7 +385,7 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
 #ifndef NDEBUG
         /* Debug builds check the count it trusts: one too few would let
          * the span be released with a block still out. */
-        if (list_length(sp->free) != got)
+        if (list_length(sp, got) != got)
             hm_fatal("malloc", "heap corruption: a span's free list miscounted, near", sp->free);
 #endif
         *list = sp->free;
@@ -485,7 +491,8 @@ static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
  * gives free pages back (without ACE nobody else does), a step at a time;
  * steps every 8th while the last one left some behind.  Not refills alone:
  * a program that allocates only page blocks, or a thread that mostly frees
- * what others allocated, would seldom or never purge. */
+ * blocks of segments it adopted from exited threads (larson's), would
+ * seldom or never purge. */
 static void slow_path_tick(struct hm_heap *h, struct hm_tcache *tc)
 {
     uint32_t tick = ++h->slow_path_ticks;
@@ -769,12 +776,10 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
         return;
     }
     s->flushes++;
-    if (cls < HM_NUM_CLASSES && ++s->flushes_since_refill >= DRAIN_AFTER_FLUSHES) {
+    if (cls < HM_NUM_CLASSES && ++s->flushes_since_refill >= DRAIN_AFTER_FLUSHES)
         drain_start(h, tc, cls);
-        return;
-    }
-    /* Keep the newest half: they are the likeliest to be in cache. */
-    bin_trim(h, tc, cls, (uint32_t)bin->cap / 2);
+    else    /* keep the newest half: they are the likeliest to be in cache */
+        bin_trim(h, tc, cls, (uint32_t)bin->cap / 2);
     slow_path_tick(h, tc);
 }
 
