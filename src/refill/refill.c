@@ -348,23 +348,36 @@ static uint32_t take_holes(struct hm_span *sp, uint32_t n, void **list)
     return got;
 }
 
+/* Blocks carved from a span so far (the reciprocal is exact here: see
+ * hm_span_is_block). */
+static uint32_t span_carved(const struct hm_span *sp)
+{
+    return (uint32_t)(((uint64_t)(sp->bump - sp->start) * sp->block_recip) >> 44);
+}
+
 /* Blocks on a span's free list: those carved, less those out and holes. */
 static uint32_t free_listed(const struct hm_span *sp)
 {
-    uint64_t carved = ((uint64_t)(sp->bump - sp->start) * sp->block_recip) >> 44;
-    return (uint32_t)carved - sp->used - sp->holes;
+    return span_carved(sp) - sp->used - sp->holes;
+}
+
+/* A link of a span's free list that is not a carved block of the span: a
+ * write after free broke the list. */
+static void check_free_link(const struct hm_span *sp, const void *b, const char *call)
+{
+    if (!hm_span_is_block(sp, (uintptr_t)b) || (const char *)b >= sp->bump)
+        hm_fatal(call, "heap corruption: a freed block was overwritten, near", b);
 }
 
 #ifndef NDEBUG
 /* The length of a span's free list, walked at most `most` + 1 links, each
- * checked to be a block of the span (a cycle or a broken link stops it
- * with a diagnostic instead of a hang or a crash). */
+ * checked (a cycle or a broken link stops it with a diagnostic instead of
+ * a hang or a crash). */
 static uint32_t list_length(const struct hm_span *sp, uint32_t most)
 {
     uint32_t n = 0;
     for (const void *b = sp->free; b && n <= most; b = *(void *const *)b) {
-        if (!hm_span_is_block(sp, (uintptr_t)b) || (const char *)b >= sp->bump)
-            hm_fatal("malloc", "heap corruption: a freed block was overwritten, near", b);
+        check_free_link(sp, b, "malloc");
         n++;
     }
     return n;
@@ -633,14 +646,12 @@ static bool block_on_purged_page(const struct hm_span *sp, uint32_t i, const uin
 static size_t span_compact(struct hm_span *sp)
 {
     size_t bs = sp->block_size;
-    uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / bs);
+    uint32_t carved = span_carved(sp);
     uint64_t *holes = hm_span_holes(sp);
     uint64_t freeb[HM_PAGE_SIZE / 16 / 64];
     memcpy(freeb, holes, sizeof freeb);
     for (void *b = sp->free; b; b = *(void **)b) {
-        /* A link outside the span: a write after free broke the list. */
-        if (!hm_span_is_block(sp, (uintptr_t)b) || (char *)b >= sp->bump)
-            hm_fatal("free", "heap corruption: a freed block was overwritten, near", b);
+        check_free_link(sp, b, "free");
         uint32_t i = (uint32_t)((size_t)((char *)b - sp->start) / bs);
         freeb[i >> 6] |= (uint64_t)1 << (i & 63);
     }
@@ -663,7 +674,7 @@ static size_t span_compact(struct hm_span *sp)
         pg += run + 1;
     }
     if (!bytes) {
-        sp->listed_after_compact = carved - sp->used - sp->holes;
+        sp->listed_after_compact = free_listed(sp);
         return 0;
     }
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
@@ -689,7 +700,7 @@ static size_t span_compact(struct hm_span *sp)
     }
     sp->free = list;
     sp->holes = nholes;
-    sp->listed_after_compact = carved - sp->used - nholes;
+    sp->listed_after_compact = free_listed(sp);
     return bytes;
 }
 
@@ -708,8 +719,7 @@ size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay
                 sp->sparse_since_ns = now_ns;
                 continue;
             }
-            uint32_t carved = (uint32_t)((size_t)(sp->bump - sp->start) / sp->block_size);
-            uint64_t listed = carved - sp->used - sp->holes;
+            uint64_t listed = free_listed(sp);
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
                 (listed - sp->listed_after_compact) * sp->block_size >= 2 * HM_OS_PAGE)
                 bytes += span_compact(sp);

@@ -229,7 +229,6 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
 }
 
 
-/* Bits first .. first + count - 1. */
 /* First run of `pages` free pages, or -1. */
 static int find_free_run(uint64_t free_pages, unsigned pages)
 {
