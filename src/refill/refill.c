@@ -728,14 +728,57 @@ size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay
     return bytes;
 }
 
-static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
+static struct hm_span *span_of_block(void *b)
 {
     uintptr_t u = (uintptr_t)b;
     struct hm_segment *seg = hm_segment_of(u);
-    struct hm_span *sp = seg ? hm_span_of(seg, u) : NULL;
-    if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, u))
+    return seg ? hm_span_of(seg, u) : NULL;
+}
+
+static struct hm_span *check_own(struct hm_heap *h, struct hm_span *sp, void *b,
+                                 const char *what)
+{
+    if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, (uintptr_t)b))
         hm_fatal("free", what, b);
     return sp;
+}
+
+static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
+{
+    return check_own(h, span_of_block(b), b, what);
+}
+
+/* A flush gives blocks back a chunk at a time.  The walk down the list
+ * (older blocks are mostly cold: each link is fetched one block ahead)
+ * finds each block's span and fetches the two lines of its header that
+ * the put reads and writes; the puts follow once the chunk is known.  The
+ * span headers' misses then overlap instead of following one another: a
+ * medium class's blocks are in as many spans as blocks. */
+#define FLUSH_CHUNK 16
+
+static uint32_t put_chunk(struct hm_heap *h, void **list)
+{
+    void *blocks[FLUSH_CHUNK];
+    struct hm_span *spans[FLUSH_CHUNK];
+    uint32_t k = 0;
+    for (void *b = *list; b && k < FLUSH_CHUNK; k++) {
+        void *next = *(void **)b;
+        if (next)
+            hm_prefetch_write(next);
+        struct hm_span *sp = span_of_block(b);
+        if (sp) {
+            __builtin_prefetch(sp, 0);
+            hm_prefetch_write(&sp->free);
+        }
+        blocks[k] = b;
+        spans[k] = sp;
+        b = next;
+        *list = b;
+    }
+    for (uint32_t i = 0; i < k; i++)
+        hm_span_put(h, check_own(h, spans[i], blocks[i],
+                                 "invalid pointer (found in a thread cache)"), blocks[i]);
+    return k;
 }
 
 /* Returns the blocks after the first `keep` of tc's bin to their spans. */
@@ -750,16 +793,8 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     void *b = *link;
     *link = NULL;
     uint32_t n = 0;
-    while (b) {
-        /* Older blocks are mostly cold: fetch the next while this one goes
-         * back, not after. */
-        void *next = *(void **)b;
-        if (next)
-            hm_prefetch_write(next);
-        hm_span_put(h, own_span_of(h, b, "invalid pointer (found in a thread cache)"), b);
-        b = next;
-        n++;
-    }
+    while (b)
+        n += put_chunk(h, &b);
     bin->room = bin->cap - (int32_t)keep;
     if (bin->cap < 0) {         /* not handed out: the drain window must not count them */
         uint32_t *last = &h->stats[cls].last_refill;
