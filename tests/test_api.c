@@ -299,6 +299,19 @@ static void free_interior_while_draining(void)
     hakmem_free(last + 16);
 }
 
+/* A 4 KiB bin holds 4 blocks: the free that overflows it moves the three
+ * newest into the class's stash, where a second free of one must still be
+ * found.  Whether the bin held one block before or none, p[2] is there. */
+static void free_twice_from_the_stash(void)
+{
+    void *p[5];
+    for (int i = 0; i < 5; i++)
+        p[i] = hakmem_malloc(4096);
+    for (int i = 0; i < 5; i++)
+        hakmem_free(p[i]);
+    hakmem_free(p[2]);
+}
+
 static void usable_size_of_foreign(void)
 {
     void *p = malloc(10);
@@ -316,6 +329,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
     expect_abort(free_twice_while_draining, "hakmem: free(): double free detected 0x");
     expect_abort(free_interior_while_draining, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_twice_from_the_stash, "hakmem: free(): double free detected 0x");
     expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");
 }
 

@@ -282,6 +282,20 @@ static void *to_span_list(struct hm_span *sp)
     return sp->free;
 }
 
+/* Eight blocks of cls (4 KiB: 16 a span) from one span, with the bin
+ * emptied after them (into rest) so that frees start from an empty bin. */
+static struct hm_span *eight_blocks_of_a_span(struct hm_tcache *tc, unsigned cls, void **b,
+                                              void **rest, unsigned *nrest)
+{
+    for (int i = 0; i < 8; i++)
+        b[i] = hakmem_malloc(hm_size_class_size(cls));
+    empty_bin(tc, cls, rest, nrest);
+    struct hm_span *sp = span_at(b[0]);
+    for (int i = 1; i < 8; i++)
+        assert_ptr_equal(span_at(b[i]), sp);
+    return sp;
+}
+
 /* A span's free list no longer than the batch goes into the bin whole, in
  * its order: no walk through its (mostly cold) blocks.  A longer one gives
  * the batch, taken one by one. */
@@ -293,12 +307,7 @@ static void short_free_lists_go_whole(void **state)
     hm_refill_count_store(cls, 2);
     void *b[8], *rest[8];
     unsigned nrest = 0;
-    for (int i = 0; i < 8; i++)
-        b[i] = hakmem_malloc(4096);
-    empty_bin(tc, cls, rest, &nrest);
-    struct hm_span *sp = span_at(b[0]);
-    for (int i = 1; i < 8; i++)
-        assert_ptr_equal(span_at(b[i]), sp);
+    struct hm_span *sp = eight_blocks_of_a_span(tc, cls, b, rest, &nrest);
 
     hakmem_free(b[2]);
     hakmem_free(b[3]);
@@ -328,6 +337,58 @@ static void short_free_lists_go_whole(void **state)
     for (unsigned i = 0; i < nrest; i++)
         hakmem_free(rest[i]);
     hm_refill_count_store(cls, hm_refill_bounds(cls).def);
+}
+
+/* A medium class's flush moves the bin's newest blocks into the stash and
+ * the next refill takes them back, newest first, without touching a span;
+ * a trim gives the stash back to the spans. */
+static void medium_flushes_go_to_the_stash(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    unsigned cls = hm_size_class(4096);         /* batches of 2, a bin of 4 */
+    assert_int_equal(hm_refill_count_load(cls), 2);
+    void *b[8], *rest[8];
+    unsigned nrest = 0;
+    struct hm_span *sp = eight_blocks_of_a_span(tc, cls, b, rest, &nrest);
+    hakmem_trim();
+    void *span_list = sp->free;
+    uint32_t used = sp->used;
+
+    struct hakmem_class_info before, after;
+    hakmem_class_info(cls, &before);
+    for (int i = 0; i < 5; i++)                 /* the fifth overflows */
+        hakmem_free(b[i]);
+    hakmem_class_info(cls, &after);
+    assert_int_equal(after.flushes, before.flushes + 1);
+    assert_int_equal(after.blocks_flushed, before.blocks_flushed + 3);
+    assert_int_equal(after.blocks_cached, 5);   /* 2 in the bin, 3 in the stash */
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 2);
+    assert_ptr_equal(sp->free, span_list);      /* no block reached the span */
+    assert_int_equal(sp->used, used);
+
+    assert_ptr_equal(hakmem_malloc(4096), b[1]);    /* the bin's two */
+    assert_ptr_equal(hakmem_malloc(4096), b[0]);
+    assert_ptr_equal(hakmem_malloc(4096), b[4]);    /* a refill: the stash's newest */
+    assert_ptr_equal(hakmem_malloc(4096), b[3]);
+    hakmem_class_info(cls, &after);
+    assert_int_equal(after.refills, before.refills + 1);
+    assert_int_equal(after.blocks_cached, 1);   /* b[2], in the stash */
+    assert_ptr_equal(sp->free, span_list);
+    assert_int_equal(sp->used, used);
+
+    hakmem_trim();                              /* the stash goes back too */
+    hakmem_class_info(cls, &after);
+    assert_int_equal(after.blocks_cached, 0);
+    assert_ptr_equal(sp->free, b[2]);
+    assert_int_equal(sp->used, used - 1);
+    expect_listed(sp);
+
+    for (int i = 0; i < 8; i++)
+        if (i != 2)
+            hakmem_free(b[i]);
+    for (unsigned i = 0; i < nrest; i++)
+        hakmem_free(rest[i]);
 }
 
 enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };
@@ -548,6 +609,7 @@ int main(void)
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(short_free_lists_go_whole),
+        cmocka_unit_test(medium_flushes_go_to_the_stash),
         cmocka_unit_test(remote_frees_come_back_to_the_owner),
         cmocka_unit_test(remote_frees_are_batched_per_class),
         cmocka_unit_test(big_batches_go_when_their_span_is_covered),

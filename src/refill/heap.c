@@ -511,7 +511,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
         out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
-        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]);
+        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]) + hm_stash_count(h, cls);
     }
     pthread_mutex_unlock(&heaps_lock);
 }

@@ -23,6 +23,15 @@ struct hm_remote_batch {
     uint32_t count;
 };
 
+/* Blocks of a medium class between the thread's bin and their spans, as
+ * pointers, newest last (see "the stash" in refill.c).  They count as used
+ * by their spans, like a bin's. */
+#define HM_STASH_MAX 16
+struct hm_stash {
+    uint32_t count;                 /* written by the owner, read by reports */
+    void *slot[HM_STASH_MAX];
+};
+
 /* A thread's heap: the spans it owns, per class, and the segments they live
  * in.  Only its thread touches it, except the registry link and the
  * counters that reports read. */
@@ -48,6 +57,7 @@ struct hm_heap {
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
+    struct hm_stash stash[HM_NUM_CLASSES];
 };
 
 #define HM_HEAP_RESERVE 4
@@ -80,5 +90,7 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
+/* Blocks of the class in h's stash (for reports; read without a lock). */
+uint32_t hm_stash_count(const struct hm_heap *h, unsigned cls);
 
 #endif

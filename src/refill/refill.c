@@ -286,6 +286,7 @@ void hm_heap_collect(struct hm_heap *h)
 }
 
 static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint32_t keep);
+static uint32_t stash_take(struct hm_stash *st, uint32_t n, void **list);
 
 /* ---- draining bins ---------------------------------------------------- */
 
@@ -303,7 +304,7 @@ static void drain_start(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
-    bin_trim(h, tc, cls, 0);
+    hm_bin_return_all(h, tc, cls);
     bin->cap = HM_BIN_DRAINING;
     bin->room = HM_BIN_DRAINING;
     s->drain_frees = 0;
@@ -474,11 +475,16 @@ static uint64_t cache_budget(void)
     return share > CACHE_BUDGET_MIN ? share : CACHE_BUDGET_MIN;
 }
 
-static uint64_t cached_bytes(struct hm_tcache *tc)
+static uint32_t cached_count(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
+{
+    return hm_bin_count(&tc->bins[cls]) + hm_stash_count(h, cls);
+}
+
+static uint64_t cached_bytes(struct hm_heap *h, struct hm_tcache *tc)
 {
     uint64_t bytes = 0;
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-        bytes += (uint64_t)hm_bin_count(&tc->bins[c]) * hm_size_class_size(c);
+        bytes += (uint64_t)cached_count(h, tc, c) * hm_size_class_size(c);
     return bytes;
 }
 
@@ -487,14 +493,14 @@ static uint64_t cached_bytes(struct hm_tcache *tc)
 static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
 {
     uint64_t budget = cache_budget();
-    uint64_t bytes = cached_bytes(tc);
+    uint64_t bytes = cached_bytes(h, tc);
     if (bytes <= budget)
         return;
     for (unsigned c = HM_NUM_CLASSES; c-- > 0 && bytes > budget / 2;) {
-        uint32_t n = hm_bin_count(&tc->bins[c]);
+        uint32_t n = cached_count(h, tc, c);
         if (!n)
             continue;
-        bin_trim(h, tc, c, 0);
+        hm_bin_return_all(h, tc, c);
         bytes -= (uint64_t)n * hm_size_class_size(c);
     }
 }
@@ -531,7 +537,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     bool draining = bin->cap < 0 && still_draining(s);
 
     void *list = NULL;
-    uint32_t got = 0;
+    uint32_t got = draining ? 0 : stash_take(&h->stash[cls], want, &list);
     while (got < want) {
         struct hm_span *sp = h->partial[cls];
         if (!sp) {
@@ -756,6 +762,24 @@ static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
  * medium class's blocks are in as many spans as blocks. */
 #define FLUSH_CHUNK 16
 
+static void put_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *const *spans,
+                       uint32_t k)
+{
+    for (uint32_t i = 0; i < k; i++)
+        hm_span_put(h, check_own(h, spans[i], blocks[i],
+                                 "invalid pointer (found in a thread cache)"), blocks[i]);
+}
+
+static struct hm_span *span_fetched(void *b)
+{
+    struct hm_span *sp = span_of_block(b);
+    if (sp) {
+        __builtin_prefetch(sp, 0);
+        hm_prefetch_write(&sp->free);
+    }
+    return sp;
+}
+
 static uint32_t put_chunk(struct hm_heap *h, void **list)
 {
     void *blocks[FLUSH_CHUNK];
@@ -765,20 +789,108 @@ static uint32_t put_chunk(struct hm_heap *h, void **list)
         void *next = *(void **)b;
         if (next)
             hm_prefetch_write(next);
-        struct hm_span *sp = span_of_block(b);
-        if (sp) {
-            __builtin_prefetch(sp, 0);
-            hm_prefetch_write(&sp->free);
-        }
         blocks[k] = b;
-        spans[k] = sp;
+        spans[k] = span_fetched(b);
         b = next;
         *list = b;
     }
-    for (uint32_t i = 0; i < k; i++)
-        hm_span_put(h, check_own(h, spans[i], blocks[i],
-                                 "invalid pointer (found in a thread cache)"), blocks[i]);
+    put_blocks(h, blocks, spans, k);
     return k;
+}
+
+/* ---- the stash ---------------------------------------------------------- */
+
+/* A medium class refills 2 to 8 blocks and its bin holds twice that: a
+ * class whose mallocs and frees take turns at random hits the bin's bottom
+ * and top every few calls.  Going to the spans each time costs a walk of
+ * the bin's older (cold) blocks and misses on a span header per block.  A
+ * flush of such a class moves the bin's newest blocks (their links still
+ * in cache) into the stash instead, and the next refill takes them back
+ * from it: neither touches a span.  Only a full stash gives its oldest
+ * blocks to their spans, from the array, with the headers fetched ahead.
+ * At most HM_STASH_MAX blocks a class, and 256 KiB: the cache stays
+ * bounded (and within HAKMEM_TCACHE_MAX_KB with the bins), and every
+ * path that empties a bin (exit, trim, the budget, draining) empties the
+ * stash with it. */
+#define HM_STASH_BYTES (256u << 10)
+
+static uint32_t stash_room(unsigned cls)
+{
+    uint32_t n = HM_STASH_BYTES / (uint32_t)hm_size_class_size(cls);
+    return n < HM_STASH_MAX ? n : HM_STASH_MAX;
+}
+
+static bool stash_takes(const struct hm_bin *bin, unsigned cls, uint32_t n)
+{
+    return cls < HM_NUM_CLASSES && bin->cap >= 0 && n <= stash_room(cls);
+}
+
+static void stash_set_count(struct hm_stash *st, uint32_t n)
+{
+    __atomic_store_n(&st->count, n, __ATOMIC_RELAXED);
+}
+
+/* Gives the oldest m blocks of the stash back to their spans. */
+static void stash_spill(struct hm_heap *h, struct hm_stash *st, uint32_t m)
+{
+    struct hm_span *spans[HM_STASH_MAX];
+    for (uint32_t i = 0; i < m; i++)
+        spans[i] = span_fetched(st->slot[i]);
+    put_blocks(h, st->slot, spans, m);
+    memmove(st->slot, st->slot + m, (st->count - m) * sizeof st->slot[0]);
+    stash_set_count(st, st->count - m);
+}
+
+static void stash_return_all(struct hm_heap *h, unsigned cls)
+{
+    if (cls < HM_NUM_CLASSES && h->stash[cls].count)
+        stash_spill(h, &h->stash[cls], h->stash[cls].count);
+}
+
+/* Moves the bin's newest n blocks into the stash. */
+static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint32_t n)
+{
+    struct hm_stash *st = &h->stash[cls];
+    uint32_t room = stash_room(cls);
+    if (st->count + n > room)
+        stash_spill(h, st, st->count + n - room);
+    void *b = bin->head;
+    for (uint32_t i = n; i-- > 0;) {
+        st->slot[st->count + i] = b;
+        b = *(void **)b;
+    }
+    bin->head = b;
+    bin->room += (int32_t)n;
+    stash_set_count(st, st->count + n);
+}
+
+/* Up to n of the stash's newest blocks, as a list, newest first. */
+static uint32_t stash_take(struct hm_stash *st, uint32_t n, void **list)
+{
+    uint32_t k = n < st->count ? n : st->count;
+    uint32_t base = st->count - k;
+    for (uint32_t i = 0; i < k; i++) {
+        *(void **)st->slot[base + i] = *list;
+        *list = st->slot[base + i];
+    }
+    stash_set_count(st, base);
+    return k;
+}
+
+static bool stash_holds(const struct hm_heap *h, unsigned cls, const void *p)
+{
+    if (cls >= HM_NUM_CLASSES)
+        return false;
+    const struct hm_stash *st = &h->stash[cls];
+    for (uint32_t i = 0; i < st->count; i++)
+        if (st->slot[i] == p)
+            return true;
+    return false;
+}
+
+uint32_t hm_stash_count(const struct hm_heap *h, unsigned cls)
+{
+    return cls < HM_NUM_CLASSES ? __atomic_load_n(&h->stash[cls].count, __ATOMIC_RELAXED) : 0;
 }
 
 /* Returns the blocks after the first `keep` of tc's bin to their spans. */
@@ -823,14 +935,24 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
     s->flushes++;
     if (cls < HM_NUM_CLASSES && ++s->flushes_since_refill >= DRAIN_AFTER_FLUSHES)
         drain_start(h, tc, cls);
-    else    /* keep the newest half: they are the likeliest to be in cache */
-        bin_trim(h, tc, cls, (uint32_t)bin->cap / 2);
+    else {
+        uint32_t keep = (uint32_t)bin->cap / 2, n = hm_bin_count(bin) - keep;
+        if (stash_takes(bin, cls, n)) {
+            stash_put(h, bin, cls, n);
+            s->blocks_flushed += n;
+            s->flushed_since_refill += n;
+            HM_TRACE_FLUSH(cls, n);
+        } else {    /* keep the newest half: they are the likeliest to be in cache */
+            bin_trim(h, tc, cls, keep);
+        }
+    }
     slow_path_tick(h, tc);
 }
 
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     bin_trim(h, tc, cls, 0);
+    stash_return_all(h, cls);
 }
 
 /* ---- slow frees -------------------------------------------------------- */
@@ -850,7 +972,8 @@ static bool on_list(void *list, void *p)
  * still in another thread's unsent batch is not seen.) */
 static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
-    return on_list(tc->bins[sp->size_class].head, p) || on_list(sp->free, p) ||
+    return on_list(tc->bins[sp->size_class].head, p) || stash_holds(tc->heap, sp->size_class, p) ||
+           on_list(sp->free, p) ||
            on_list(atomic_load_explicit(&sp->remote, memory_order_acquire), p);
 }
 
