@@ -57,7 +57,7 @@ struct hakmem_class_info {
     uint64_t refills;           /* refills of thread caches */
     uint64_t blocks_refilled;   /* blocks handed to thread caches */
     uint64_t flushes;           /* thread cache overflows */
-    uint64_t blocks_flushed;    /* blocks sent back by overflows */
+    uint64_t blocks_flushed;    /* blocks that left a bin by overflows (to spans or the stash) */
     uint64_t remote_frees;      /* blocks freed by a thread that does not own them */
     uint64_t blocks_cached;     /* blocks sitting in thread caches (bins and stashes) now */
     uint64_t ace_events;        /* refill events the ACE thread received */

@@ -312,6 +312,24 @@ static void free_twice_from_the_stash(void)
     hakmem_free(p[2]);
 }
 
+/* The same for a class whose flushes go into its stash: the interior
+ * pointer is caught at an overflow, and is never handed out. */
+static void free_interior_of_a_stash_class(void)
+{
+    char *p = hakmem_malloc(4096);
+    void *q[8];
+    for (int i = 0; i < 8; i++)
+        q[i] = hakmem_malloc(4096);
+    hakmem_free(p + 16);
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 8; i++)
+            hakmem_free(q[i]);
+        for (int i = 0; i < 8; i++)
+            if ((q[i] = hakmem_malloc(4096)) == p + 16)
+                return;                 /* handed out: no abort, the test fails */
+    }
+}
+
 static void usable_size_of_foreign(void)
 {
     void *p = malloc(10);
@@ -327,6 +345,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_page_block_twice, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_misaligned, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
+    expect_abort(free_interior_of_a_stash_class, "invalid pointer (found in a thread cache)");
     expect_abort(free_twice_while_draining, "hakmem: free(): double free detected 0x");
     expect_abort(free_interior_while_draining, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_twice_from_the_stash, "hakmem: free(): double free detected 0x");

@@ -88,7 +88,11 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     pthread_mutex_lock(&heaps_lock);
     struct hm_heap *h = heap_take();
     if (h) {
-        memset(h, 0, sizeof *h);
+        /* Not the stashes (the last member, half the heap): a new heap's
+         * memory is fresh and zero, and a heap goes back to the free list
+         * only after its thread's exit emptied every stash.  Their pages
+         * are then touched only by the classes that use them. */
+        memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
         h->tcache = tc;
         h->next_live = heaps_live;

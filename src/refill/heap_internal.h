@@ -57,7 +57,7 @@ struct hm_heap {
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
-    struct hm_stash stash[HM_NUM_CLASSES];
+    struct hm_stash stash[HM_NUM_CLASSES];  /* last: see hm_heap_attach */
 };
 
 #define HM_HEAP_RESERVE 4

@@ -800,18 +800,17 @@ static uint32_t put_chunk(struct hm_heap *h, void **list)
 
 /* ---- the stash ---------------------------------------------------------- */
 
-/* A medium class refills 2 to 8 blocks and its bin holds twice that: a
+/* A medium class refills 2 to 15 blocks and its bin holds twice that: a
  * class whose mallocs and frees take turns at random hits the bin's bottom
  * and top every few calls.  Going to the spans each time costs a walk of
  * the bin's older (cold) blocks and misses on a span header per block.  A
- * flush of such a class moves the bin's newest blocks (their links still
- * in cache) into the stash instead, and the next refill takes them back
- * from it: neither touches a span.  Only a full stash gives its oldest
- * blocks to their spans, from the array, with the headers fetched ahead.
- * At most HM_STASH_MAX blocks a class, and 256 KiB: the cache stays
- * bounded (and within HAKMEM_TCACHE_MAX_KB with the bins), and every
- * path that empties a bin (exit, trim, the budget, draining) empties the
- * stash with it. */
+ * flush of such a class moves the bin's older half into the stash
+ * instead, and the next refill takes them back from it: neither writes to
+ * a span.  Only a full stash gives its oldest blocks to their spans, from
+ * the array, with the headers fetched ahead.  At most HM_STASH_MAX blocks
+ * and 256 KiB a class: the cache stays bounded (and within
+ * HAKMEM_TCACHE_MAX_KB with the bins), and every path that empties a bin
+ * (exit, trim, the budget, draining) empties the stash with it. */
 #define HM_STASH_BYTES (256u << 10)
 
 static uint32_t stash_room(unsigned cls)
@@ -847,21 +846,42 @@ static void stash_return_all(struct hm_heap *h, unsigned cls)
         stash_spill(h, &h->stash[cls], h->stash[cls].count);
 }
 
-/* Moves the bin's newest n blocks into the stash. */
-static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint32_t n)
+/* Moves the bin's blocks after the first `keep` (its older ones, n of
+ * them) into the stash.  Each is checked as a flush to the spans checks
+ * it, so that a free of an interior pointer is caught at the bin's next
+ * overflow and never circulates between bin and stash: the check reads
+ * the first line of each block's span header, all fetched ahead. */
+static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint32_t keep,
+                      uint32_t n)
 {
+    void *blocks[HM_STASH_MAX];
+    struct hm_span *spans[HM_STASH_MAX];
+    void **link = &bin->head;
+    for (uint32_t i = 0; i < keep; i++)
+        link = (void **)*link;
+    void *b = *link;
+    *link = NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        void *next = *(void **)b;
+        if (next)
+            hm_prefetch_write(next);
+        blocks[i] = b;
+        spans[i] = span_of_block(b);
+        if (spans[i])
+            __builtin_prefetch(spans[i], 0);
+        b = next;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        check_own(h, spans[i], blocks[i], "invalid pointer (found in a thread cache)");
+
     struct hm_stash *st = &h->stash[cls];
     uint32_t room = stash_room(cls);
     if (st->count + n > room)
         stash_spill(h, st, st->count + n - room);
-    void *b = bin->head;
-    for (uint32_t i = n; i-- > 0;) {
-        st->slot[st->count + i] = b;
-        b = *(void **)b;
-    }
-    bin->head = b;
-    bin->room += (int32_t)n;
+    for (uint32_t i = 0; i < n; i++)        /* oldest first: blocks[n - 1] */
+        st->slot[st->count + n - 1 - i] = blocks[i];
     stash_set_count(st, st->count + n);
+    bin->room = bin->cap - (int32_t)keep;
 }
 
 /* Up to n of the stash's newest blocks, as a list, newest first. */
@@ -935,14 +955,14 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
     s->flushes++;
     if (cls < HM_NUM_CLASSES && ++s->flushes_since_refill >= DRAIN_AFTER_FLUSHES)
         drain_start(h, tc, cls);
-    else {
+    else {      /* keep the newest half: they are the likeliest to be in cache */
         uint32_t keep = (uint32_t)bin->cap / 2, n = hm_bin_count(bin) - keep;
         if (stash_takes(bin, cls, n)) {
-            stash_put(h, bin, cls, n);
+            stash_put(h, bin, cls, keep, n);
             s->blocks_flushed += n;
             s->flushed_since_refill += n;
             HM_TRACE_FLUSH(cls, n);
-        } else {    /* keep the newest half: they are the likeliest to be in cache */
+        } else {
             bin_trim(h, tc, cls, keep);
         }
     }

@@ -109,7 +109,8 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size);
  * that follow it, or shrinks it, in place.  False: move it. */
 bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size);
 
-/* tc's bin for cls went one over its cap: return its older blocks. */
+/* tc's bin for cls went one over its cap: its older blocks go to their
+ * spans, or to the class's stash. */
 void hm_flush(struct hm_tcache *tc, unsigned cls);
 
 /* Every free the fast path did not take: NULL, large blocks, blocks of other
