@@ -762,12 +762,17 @@ static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
  * medium class's blocks are in as many spans as blocks. */
 #define FLUSH_CHUNK 16
 
+/* Every block is checked before the first put: a put may empty a span and
+ * its segment, which may then be unmapped, and a later block of the chunk
+ * that is not what it seems (an invalid pointer freed into the bin) must
+ * get its diagnostic, not a read of unmapped memory. */
 static void put_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *const *spans,
                        uint32_t k)
 {
     for (uint32_t i = 0; i < k; i++)
-        hm_span_put(h, check_own(h, spans[i], blocks[i],
-                                 "invalid pointer (found in a thread cache)"), blocks[i]);
+        check_own(h, spans[i], blocks[i], "invalid pointer (found in a thread cache)");
+    for (uint32_t i = 0; i < k; i++)
+        hm_span_put(h, spans[i], blocks[i]);
 }
 
 static struct hm_span *span_fetched(void *b)
