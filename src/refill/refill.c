@@ -766,11 +766,17 @@ static struct hm_span *own_span_of(struct hm_heap *h, void *b, const char *what)
  * its segment, which may then be unmapped, and a later block of the chunk
  * that is not what it seems (an invalid pointer freed into the bin) must
  * get its diagnostic, not a read of unmapped memory. */
-static void put_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *const *spans,
-                       uint32_t k)
+static void check_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *const *spans,
+                         uint32_t k)
 {
     for (uint32_t i = 0; i < k; i++)
         check_own(h, spans[i], blocks[i], "invalid pointer (found in a thread cache)");
+}
+
+static void put_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *const *spans,
+                       uint32_t k)
+{
+    check_blocks(h, blocks, spans, k);
     for (uint32_t i = 0; i < k; i++)
         hm_span_put(h, spans[i], blocks[i]);
 }
@@ -785,12 +791,13 @@ static struct hm_span *span_fetched(void *b)
     return sp;
 }
 
-static uint32_t put_chunk(struct hm_heap *h, void **list)
+/* Takes up to `most` blocks off the front of *list into blocks[], with
+ * their spans (headers fetched); each link is fetched one block ahead.
+ * Returns how many. */
+static uint32_t gather(void **list, uint32_t most, void **blocks, struct hm_span **spans)
 {
-    void *blocks[FLUSH_CHUNK];
-    struct hm_span *spans[FLUSH_CHUNK];
     uint32_t k = 0;
-    for (void *b = *list; b && k < FLUSH_CHUNK; k++) {
+    for (void *b = *list; b && k < most; k++) {
         void *next = *(void **)b;
         if (next)
             hm_prefetch_write(next);
@@ -799,8 +806,37 @@ static uint32_t put_chunk(struct hm_heap *h, void **list)
         b = next;
         *list = b;
     }
+    return k;
+}
+
+static uint32_t put_chunk(struct hm_heap *h, void **list)
+{
+    void *blocks[FLUSH_CHUNK];
+    struct hm_span *spans[FLUSH_CHUNK];
+    uint32_t k = gather(list, FLUSH_CHUNK, blocks, spans);
     put_blocks(h, blocks, spans, k);
     return k;
+}
+
+/* Detaches and returns a bin's blocks after the first `keep`; the bin has
+ * room for them again. */
+static void *bin_cut(struct hm_bin *bin, uint32_t keep)
+{
+    void **link = &bin->head;
+    for (uint32_t i = 0; i < keep; i++)
+        link = (void **)*link;
+    void *rest = *link;
+    *link = NULL;
+    bin->room = bin->cap - (int32_t)keep;
+    return rest;
+}
+
+/* n blocks left cls's bin by a flush (to their spans or the stash). */
+static void count_flushed(struct hm_heap *h, unsigned cls, uint32_t n)
+{
+    h->stats[cls].blocks_flushed += n;
+    h->stats[cls].flushed_since_refill += n;
+    HM_TRACE_FLUSH(cls, n);
 }
 
 /* ---- the stash ---------------------------------------------------------- */
@@ -861,23 +897,9 @@ static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint3
 {
     void *blocks[HM_STASH_MAX];
     struct hm_span *spans[HM_STASH_MAX];
-    void **link = &bin->head;
-    for (uint32_t i = 0; i < keep; i++)
-        link = (void **)*link;
-    void *b = *link;
-    *link = NULL;
-    for (uint32_t i = 0; i < n; i++) {
-        void *next = *(void **)b;
-        if (next)
-            hm_prefetch_write(next);
-        blocks[i] = b;
-        spans[i] = span_of_block(b);
-        if (spans[i])
-            __builtin_prefetch(spans[i], 0);
-        b = next;
-    }
-    for (uint32_t i = 0; i < n; i++)
-        check_own(h, spans[i], blocks[i], "invalid pointer (found in a thread cache)");
+    void *list = bin_cut(bin, keep);
+    n = gather(&list, n, blocks, spans);
+    check_blocks(h, blocks, spans, n);
 
     struct hm_stash *st = &h->stash[cls];
     uint32_t room = stash_room(cls);
@@ -886,7 +908,6 @@ static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint3
     for (uint32_t i = 0; i < n; i++)        /* oldest first: blocks[n - 1] */
         st->slot[st->count + n - 1 - i] = blocks[i];
     stash_set_count(st, st->count + n);
-    bin->room = bin->cap - (int32_t)keep;
 }
 
 /* Up to n of the stash's newest blocks, as a list, newest first. */
@@ -924,22 +945,15 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     struct hm_bin *bin = &tc->bins[cls];
     if (hm_bin_count(bin) <= keep)
         return;
-    void **link = &bin->head;
-    for (uint32_t i = 0; i < keep; i++)
-        link = (void **)*link;
-    void *b = *link;
-    *link = NULL;
+    void *b = bin_cut(bin, keep);
     uint32_t n = 0;
     while (b)
         n += put_chunk(h, &b);
-    bin->room = bin->cap - (int32_t)keep;
     if (bin->cap < 0) {         /* not handed out: the drain window must not count them */
         uint32_t *last = &h->stats[cls].last_refill;
         *last -= n < *last ? n : *last;
     }
-    h->stats[cls].blocks_flushed += n;
-    h->stats[cls].flushed_since_refill += n;
-    HM_TRACE_FLUSH(cls, n);
+    count_flushed(h, cls, n);
 }
 
 void hm_flush(struct hm_tcache *tc, unsigned cls)
@@ -964,9 +978,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
         uint32_t keep = (uint32_t)bin->cap / 2, n = hm_bin_count(bin) - keep;
         if (stash_takes(bin, cls, n)) {
             stash_put(h, bin, cls, keep, n);
-            s->blocks_flushed += n;
-            s->flushed_since_refill += n;
-            HM_TRACE_FLUSH(cls, n);
+            count_flushed(h, cls, n);
         } else {
             bin_trim(h, tc, cls, keep);
         }
