@@ -781,20 +781,24 @@ static void put_blocks(struct hm_heap *h, void *const *blocks, struct hm_span *c
         hm_span_put(h, spans[i], blocks[i]);
 }
 
-static struct hm_span *span_fetched(void *b)
+/* b's span, its header's first line (the check's) fetched, and for a put
+ * its free-list line too. */
+static struct hm_span *span_fetched(void *b, bool for_put)
 {
     struct hm_span *sp = span_of_block(b);
     if (sp) {
         __builtin_prefetch(sp, 0);
-        hm_prefetch_write(&sp->free);
+        if (for_put)
+            hm_prefetch_write(&sp->free);
     }
     return sp;
 }
 
 /* Takes up to `most` blocks off the front of *list into blocks[], with
- * their spans (headers fetched); each link is fetched one block ahead.
- * Returns how many. */
-static uint32_t gather(void **list, uint32_t most, void **blocks, struct hm_span **spans)
+ * their spans (headers fetched, see span_fetched); each link is fetched
+ * one block ahead.  Returns how many. */
+static uint32_t gather(void **list, uint32_t most, void **blocks, struct hm_span **spans,
+                       bool for_put)
 {
     uint32_t k = 0;
     for (void *b = *list; b && k < most; k++) {
@@ -802,7 +806,7 @@ static uint32_t gather(void **list, uint32_t most, void **blocks, struct hm_span
         if (next)
             hm_prefetch_write(next);
         blocks[k] = b;
-        spans[k] = span_fetched(b);
+        spans[k] = span_fetched(b, for_put);
         b = next;
         *list = b;
     }
@@ -813,7 +817,7 @@ static uint32_t put_chunk(struct hm_heap *h, void **list)
 {
     void *blocks[FLUSH_CHUNK];
     struct hm_span *spans[FLUSH_CHUNK];
-    uint32_t k = gather(list, FLUSH_CHUNK, blocks, spans);
+    uint32_t k = gather(list, FLUSH_CHUNK, blocks, spans, true);
     put_blocks(h, blocks, spans, k);
     return k;
 }
@@ -875,7 +879,7 @@ static void stash_spill(struct hm_heap *h, struct hm_stash *st, uint32_t m)
 {
     struct hm_span *spans[HM_STASH_MAX];
     for (uint32_t i = 0; i < m; i++)
-        spans[i] = span_fetched(st->slot[i]);
+        spans[i] = span_fetched(st->slot[i], true);
     put_blocks(h, st->slot, spans, m);
     memmove(st->slot, st->slot + m, (st->count - m) * sizeof st->slot[0]);
     stash_set_count(st, st->count - m);
@@ -898,7 +902,7 @@ static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint3
     void *blocks[HM_STASH_MAX];
     struct hm_span *spans[HM_STASH_MAX];
     void *list = bin_cut(bin, keep);
-    n = gather(&list, n, blocks, spans);
+    n = gather(&list, n, blocks, spans, false);
     check_blocks(h, blocks, spans, n);
 
     struct hm_stash *st = &h->stash[cls];
