@@ -385,16 +385,35 @@ static uint32_t list_length(const struct hm_span *sp, uint32_t most)
 }
 #endif
 
+/* A span's whole free list goes into an empty batch when it is no longer
+ * than WHOLE_LIST_BATCHES batches and WHOLE_LIST_BYTES, or than the bin's
+ * cap and the block returned (see span_take).  A producer thread's spans
+ * fill with its consumers' frees, in lists of many batches: eight batches
+ * took xmalloc's refills off the walk, two did not. */
+#define WHOLE_LIST_BATCHES 8
+#define WHOLE_LIST_BYTES   ((uint32_t)32 << 10)
+
+static uint32_t whole_list_most(const struct hm_span *sp, uint32_t want)
+{
+    uint32_t most = WHOLE_LIST_BYTES / sp->block_size;
+    if (most > WHOLE_LIST_BATCHES * want)
+        most = WHOLE_LIST_BATCHES * want;
+    return most > 2 * want + 1 ? most : 2 * want + 1;
+}
+
 /* Takes up to n blocks from a span, handed back first, then holes, then
- * never-carved ones, and prepends them to *list.  Returns how many. */
-static uint32_t span_take(struct hm_span *sp, uint32_t n, void **list)
+ * never-carved ones, and prepends them to *list.  Returns how many: more
+ * than n (up to `most`) when the span's whole free list goes at once. */
+static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **list)
 {
     uint32_t got = 0;
-    /* A free list no longer than the batch, into an empty batch, goes
-     * whole without a walk: its blocks are mostly cold, and each link read
-     * is a miss that the next must wait for.  The bin reads them one at a
-     * time later, each prefetched by the pop before it. */
-    if (!*list && sp->free && free_listed(sp) <= n) {
+    /* A free list of at most `most` blocks, into an empty batch, goes whole
+     * without a walk: its blocks are mostly cold (other threads freed many
+     * of them), and each link read is a miss that the next must wait for.
+     * The bin reads them one at a time later, each prefetched by the pop
+     * before it.  A list cut after n blocks costs that walk, so lists of
+     * several batches go whole too. */
+    if (!*list && sp->free && free_listed(sp) <= most) {
         got = free_listed(sp);
 #ifndef NDEBUG
         /* Debug builds check the count it trusts: one too few would let
@@ -553,7 +572,8 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
             if (!sp->in_partial)
                 hm_partial_push(h, sp);
         }
-        uint32_t k = span_take(sp, want - got, &list);
+        uint32_t k = span_take(sp, want - got, draining ? want - got : whole_list_most(sp, want),
+                               &list);
         got += k;
         if (!sp->free && !sp->holes && sp->bump >= sp->end)
             hm_partial_remove(h, sp);       /* full: back on a list when a block returns */
@@ -562,7 +582,8 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
      * together, only once there are blocks, so a failed refill leaves it
      * as it was and a report reading the two sees them in step. */
     void *p = list;
-    int32_t cap = draining ? HM_BIN_DRAINING : (int32_t)(2 * want);
+    /* 2 * want; after a whole free list, room for want frees on top. */
+    int32_t cap = draining ? HM_BIN_DRAINING : (int32_t)(want + (got > want ? got : want));
     bin->head = *(void **)p;
     bin->cap = cap;
     bin->room = cap - (int32_t)(got - 1);
