@@ -447,11 +447,21 @@ static void *mixed_freer(void *arg)
     return NULL;
 }
 
+/* A span's remote list, walked.  The owner splices it without a walk, from
+ * the length in its word and the tail its first pusher left: both must be
+ * the walk's. */
 static unsigned remote_length(struct hm_span *sp)
 {
+    uintptr_t w = atomic_load(&sp->remote);
     unsigned n = 0;
-    for (void *b = atomic_load(&sp->remote); b; b = *(void **)b)
+    void *last = NULL;
+    for (void *b = hm_remote_head(w); b; b = *(void **)b) {
+        last = b;
         n++;
+    }
+    assert_int_equal(hm_remote_count(w), n);
+    if (n)
+        assert_ptr_equal(sp->remote_tail, last);
     return n;
 }
 

@@ -115,17 +115,21 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 
 /* A block of a span this thread does not own goes on the span's remote
  * list.  Whoever makes that list non-empty also announces the span on its
- * segment's pending stack, so the owner finds it without scanning. */
-static void remote_push(struct hm_span *sp, void *head, void *tail)
+ * segment's pending stack, so the owner finds it without scanning; it
+ * writes the list's tail first (its own batch's tail, the list's last block
+ * for good: later batches go in front), and the owner reads it only after
+ * taking the span off that stack. */
+static void remote_push(struct hm_span *sp, void *head, void *tail, uint32_t n)
 {
-    void *old = atomic_load_explicit(&sp->remote, memory_order_relaxed);
+    uintptr_t old = atomic_load_explicit(&sp->remote, memory_order_relaxed);
     do {
-        *(void **)tail = old;
-    } while (!atomic_compare_exchange_weak_explicit(&sp->remote, &old, head,
-                                                    memory_order_acq_rel,
-                                                    memory_order_relaxed));
+        *(void **)tail = hm_remote_head(old);
+    } while (!atomic_compare_exchange_weak_explicit(
+        &sp->remote, &old, hm_remote_word(head, hm_remote_count(old) + n),
+        memory_order_acq_rel, memory_order_relaxed));
     if (old)
         return;
+    sp->remote_tail = tail;
     struct hm_segment *seg = hm_segment_of_span(sp);
     struct hm_span *top = atomic_load_explicit(&seg->pending, memory_order_relaxed);
     do {
@@ -149,7 +153,7 @@ static void batch_send(struct hm_heap *h, unsigned cls)
     /* Read before the push: the owner may then collect the blocks, and
      * release and reuse the span. */
     h->remote_held -= (size_t)b->count * b->sp->block_size;
-    remote_push(b->sp, b->head, b->tail);
+    remote_push(b->sp, b->head, b->tail, b->count);
     b->sp = NULL;
     b->count = 0;
     h->remote_open[cls / 64] &= ~(1ull << (cls % 64));
@@ -179,7 +183,7 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
     if (!h && tc->owner != HM_OWNER_EXITED)
         h = hm_heap_attach(tc);
     if (!h) {                       /* set-up in progress, or exited: no batch */
-        remote_push(sp, p, p);
+        remote_push(sp, p, p, 1);
         return;
     }
     unsigned cls = sp->size_class;
@@ -201,49 +205,21 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         hm_remote_flush(h);
 }
 
-/* A span's remote list, taken, and how far it has been walked. */
-struct remote_list {
-    struct hm_span *sp;
-    void *head, *tail;
-    uint32_t n;
-};
-
-/* Walks the lists side by side to their tails.  Their blocks were last
- * written by the threads that freed them, so each link read is a miss to
- * another core; independent lists keep that many misses in flight, where
- * one list walked alone waits for each in turn. */
-static void walk_lists(struct remote_list *l, unsigned k)
+/* A span's remote list joins its free list whole: its length and tail
+ * came with it, so no block is read here.  The blocks were last written by
+ * the threads that freed them; a walk here would wait for each link in
+ * turn, where the bin reads them later, each prefetched by the pop before
+ * it.  The span may be released here, and with the last the segment. */
+static void splice_remote(struct hm_heap *h, struct hm_span *sp, uintptr_t list, void *tail)
 {
-    for (bool more = true; more;) {
-        more = false;
-        for (unsigned i = 0; i < k; i++) {
-            void *next = *(void **)l[i].tail;
-            if (next) {
-                /* For writing: the refill that hands it out relinks it. */
-                hm_prefetch_write(next);
-                l[i].tail = next;
-                l[i].n++;
-                more = true;
-            }
-        }
-    }
-}
-
-/* The lists, walked, join their spans' free lists.  A span may be released
- * here, and with the last the segment: nothing of it is read after. */
-static void splice_lists(struct hm_heap *h, struct remote_list *l, unsigned k)
-{
-    walk_lists(l, k);
-    for (unsigned i = 0; i < k; i++) {
-        struct hm_span *sp = l[i].sp;
-        *(void **)l[i].tail = sp->free;
-        sp->free = l[i].head;
-        sp->used -= l[i].n;
-        h->stats[sp->size_class].remote_frees += l[i].n;
-        h->stats[sp->size_class].remote_since_refill += l[i].n;
-        HM_TRACE_REMOTE_COLLECT(sp->size_class, l[i].n);
-        span_settle(h, sp);
-    }
+    uint32_t n = hm_remote_count(list);
+    *(void **)tail = sp->free;
+    sp->free = hm_remote_head(list);
+    sp->used -= n;
+    h->stats[sp->size_class].remote_frees += n;
+    h->stats[sp->size_class].remote_since_refill += n;
+    HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
+    span_settle(h, sp);
 }
 
 /* Collects the remote lists of the spans announced on seg's pending stack
@@ -251,26 +227,18 @@ static void splice_lists(struct hm_heap *h, struct remote_list *l, unsigned k)
  * non-empty, and its list is taken only here). */
 static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
 {
-    struct remote_list l[16];
-    unsigned k = 0;
     struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
     while (sp) {
-        /* Read the link before the list: once the remote list is empty a
-         * remote free may push the span again.  acq_rel on the list: that
-         * pusher rewrites sp->pending_next, read just before. */
+        /* Read the link and the tail before the list: once the list is
+         * empty a remote free may push the span again and rewrite both
+         * (acq_rel on the list keeps these reads before it). */
         struct hm_span *next_sp = sp->pending_next;
-        void *list = atomic_exchange_explicit(&sp->remote, NULL, memory_order_acq_rel);
+        void *tail = sp->remote_tail;
+        uintptr_t list = atomic_exchange_explicit(&sp->remote, 0, memory_order_acq_rel);
         if (list)
-            l[k++] = (struct remote_list){ sp, list, list, 1 };
-        /* A full set is spliced at once.  The segment stays: the spans
-         * still on the chain have blocks out on their remote lists. */
-        if (k == sizeof l / sizeof l[0]) {
-            splice_lists(h, l, k);
-            k = 0;
-        }
+            splice_remote(h, sp, list, tail);
         sp = next_sp;
     }
-    splice_lists(h, l, k);
 }
 
 void hm_heap_collect(struct hm_heap *h)
@@ -409,10 +377,10 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
     uint32_t got = 0;
     /* A free list of at most `most` blocks, into an empty batch, goes whole
      * without a walk: its blocks are mostly cold (other threads freed many
-     * of them), and each link read is a miss that the next must wait for.
-     * The bin reads them one at a time later, each prefetched by the pop
-     * before it.  A list cut after n blocks costs that walk, so lists of
-     * several batches go whole too. */
+     * of them: see collect_segment), and each link read is a miss that the
+     * next must wait for.  The bin reads them one at a time later, each
+     * prefetched by the pop before it.  A list cut after n blocks costs
+     * that walk, so lists of several batches go whole too. */
     if (!*list && sp->free && free_listed(sp) <= most) {
         got = free_listed(sp);
 #ifndef NDEBUG
@@ -1036,7 +1004,7 @@ static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
     return on_list(tc->bins[sp->size_class].head, p) || stash_holds(tc->heap, sp->size_class, p) ||
            on_list(sp->free, p) ||
-           on_list(atomic_load_explicit(&sp->remote, memory_order_acquire), p);
+           on_list(hm_remote_head(atomic_load_explicit(&sp->remote, memory_order_acquire)), p);
 }
 
 /* What p (not NULL) is: a block of a span (returned), a large block

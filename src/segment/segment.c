@@ -288,7 +288,8 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     sp->page_index = (uint8_t)at;
     sp->pages = (uint8_t)pages;
     sp->bin_offset = bin_offset;
-    atomic_store_explicit(&sp->remote, NULL, memory_order_relaxed);
+    atomic_store_explicit(&sp->remote, 0, memory_order_relaxed);
+    sp->remote_tail = NULL;
     sp->pending_next = NULL;
     sp->free = NULL;
     sp->bump = start;

@@ -58,9 +58,14 @@ struct hm_span {
     uint32_t bin_offset;            /* of the owner's bin for the class, in its thread cache */
     char pad0[64 - 8 - 8 - 8 - 8 - 4 - 2 - 2 - 4];
 
-    _Atomic(void *) remote;          /* blocks freed by other threads */
+    /* Blocks freed by other threads: a list's head with its length in the
+     * top bits (hm_remote_word), so that the owner takes it whole without
+     * walking it.  Its tail is the first pusher's, written before that
+     * thread announces the span on the pending stack (see remote_push). */
+    _Atomic uintptr_t remote;
     struct hm_span *pending_next;   /* link in the segment's pending stack */
-    char pad1[64 - 16];
+    void *remote_tail;
+    char pad1[64 - 24];
 
     void *free;                     /* blocks given back to the span */
     char *bump;                     /* next never-carved block */
@@ -72,6 +77,28 @@ struct hm_span {
     uint8_t in_partial;             /* on its heap's list for the class */
     uint32_t listed_after_compact;  /* free-list length its last compaction left */
 } __attribute__((aligned(64)));
+
+/* A span's remote list as one word: user addresses fit in 48 bits, and a
+ * span holds at most 4096 blocks (16 B ones in one page; a class's span has
+ * at most 4 pages, and bigger blocks), so the length fits above them. */
+#define HM_REMOTE_COUNT_SHIFT 48
+_Static_assert(HM_PAGE_SIZE / 16 < ((uintptr_t)1 << (64 - HM_REMOTE_COUNT_SHIFT)),
+               "a span's block count fits in a remote word");
+
+static inline uintptr_t hm_remote_word(void *head, uint32_t count)
+{
+    return (uintptr_t)head | ((uintptr_t)count << HM_REMOTE_COUNT_SHIFT);
+}
+
+static inline void *hm_remote_head(uintptr_t w)
+{
+    return (void *)(w & (((uintptr_t)1 << HM_REMOTE_COUNT_SHIFT) - 1));
+}
+
+static inline uint32_t hm_remote_count(uintptr_t w)
+{
+    return (uint32_t)(w >> HM_REMOTE_COUNT_SHIFT);
+}
 
 struct hm_segment {
     uint32_t kind;
