@@ -7,6 +7,7 @@
 
 #include "hakmem.h"
 #include "hot/hot.h"
+#include "refill/heap_internal.h"
 #include "refill/refill.h"
 #include "segment/segment.h"
 
@@ -183,6 +184,50 @@ static void shrinking_class_drains_and_gathers_survivors(void **state)
     assert_true(tc->bins[DCLS].cap >= 2 * want && tc->bins[DCLS].cap <= 9 * want);
     while (n)
         hakmem_free(a[--n]);
+}
+
+/* The budget's check counts the caches only when h->cache_bound, noted
+ * at the slow paths, exceeds the budget: each class's term must bound what
+ * its bin and stash hold at every moment, and the bound be their sum.
+ * Random mallocs and frees over small and stashed medium classes, with
+ * whole free lists, overflows and drains among them. */
+static void expect_bound_holds(struct hm_heap *h, struct hm_tcache *tc)
+{
+    uint64_t sum = 0;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        uint32_t held = hm_bin_count(&tc->bins[c]) + hm_stash_count(h, c);
+        assert_true(held <= h->cache_bound_blocks[c]);
+        sum += (uint64_t)h->cache_bound_blocks[c] * hm_size_class_size(c);
+    }
+    assert_int_equal(sum, h->cache_bound);
+}
+
+static void cache_bound_covers_the_caches(void **state)
+{
+    (void)state;
+    enum { N = 4096 };
+    static void *a[N];
+    static const size_t sizes[] = { 16, 48, 200, 1000, 3000, 9000, 20000, 70000 };
+    struct hm_tcache *tc = hm_tcache_self();
+    uint64_t rng = 11;
+    size_t n = 0;
+    for (int i = 0; i < 100000; i++) {
+        bool grow = n < N / 8 || (n < N && next_rand(&rng) % 2);
+        if (grow) {
+            a[n++] = hakmem_malloc(sizes[next_rand(&rng) % 8]);
+        } else {
+            size_t j = next_rand(&rng) % n;
+            hakmem_free(a[j]);
+            a[j] = a[--n];
+        }
+        expect_bound_holds(tc->heap, tc);
+    }
+    while (n) {
+        hakmem_free(a[--n]);
+        expect_bound_holds(tc->heap, tc);
+    }
+    hakmem_trim();
+    expect_bound_holds(tc->heap, tc);
 }
 
 struct handoff {
@@ -644,6 +689,7 @@ int main(void)
         cmocka_unit_test(exited_threads_segments_are_adopted),
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
+        cmocka_unit_test(cache_bound_covers_the_caches),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -71,11 +71,12 @@ static struct hm_heap *heap_take(void)
     return h;
 }
 
-static void set_caps(struct hm_tcache *tc)
+static void set_caps(struct hm_heap *h, struct hm_tcache *tc)
 {
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         tc->bins[c].cap = (int32_t)(2 * hm_refill_count_load(c));
         tc->bins[c].room = tc->bins[c].cap;
+        hm_cache_bound_note(h, tc, c);
     }
 }
 
@@ -104,7 +105,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     pthread_mutex_unlock(&heaps_lock);
     if (!h)
         return NULL;
-    set_caps(tc);
+    set_caps(h, tc);
     tc->heap = h;
     tc->key = hm_free_key;
     tc->owner = h->id;

@@ -57,6 +57,10 @@ struct hm_heap {
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
+    /* What the caches can hold until each class's next slow path, per
+     * class (blocks) and in all (bytes): see hm_cache_bound_note. */
+    uint32_t cache_bound_blocks[HM_NUM_CLASSES];
+    uint64_t cache_bound;
     struct hm_stash stash[HM_NUM_CLASSES];  /* last: see hm_heap_attach */
 };
 
@@ -90,6 +94,9 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
+/* Counts class cls's bin and stash into h->cache_bound again, after a
+ * slow path changed the bin's cap or the stash (see enforce_cache_budget). */
+void hm_cache_bound_note(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
 /* Blocks of the class in h's stash (for reports; read without a lock). */
 uint32_t hm_stash_count(const struct hm_heap *h, unsigned cls);
 
