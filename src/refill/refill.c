@@ -572,7 +572,9 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     }
     /* The bin was empty (room == cap) until now: cap and room change
      * together, only once there are blocks, so a failed refill leaves it
-     * as it was and a report reading the two sees them in step. */
+     * as it was.  A report on another thread may read one of the two
+     * before this store and one after (cap now changes at most refills):
+     * hm_bin_count keeps what it makes of them within [0, cap + 1]. */
     void *p = list;
     /* 2 * want; after a whole free list, room for want frees on top. */
     int32_t cap = draining ? HM_BIN_DRAINING : (int32_t)(want + (got > want ? got : want));
