@@ -44,6 +44,9 @@ static void spans_hold_enough_blocks(void **state)
         assert_true(bytes / size >= want);
         if (hm_class_span_pages[c] > 1)
             assert_true((bytes - 65536) / size < want);
+        /* A span's remote list carries its length in 16 bits (see
+         * hm_remote_word): no span may hold 65536 blocks. */
+        assert_true(bytes / size < 65536);
     }
     assert_int_equal(hm_class_span_pages[HM_NUM_CLASSES - 1], 4);   /* 128 KiB: two */
 }

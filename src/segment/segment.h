@@ -80,7 +80,8 @@ struct hm_span {
 
 /* A span's remote list as one word: user addresses fit in 48 bits, and a
  * span holds at most 4096 blocks (16 B ones in one page; a class's span has
- * at most 4 pages, and bigger blocks), so the length fits above them. */
+ * at most 4 pages, and bigger blocks: test_size_class checks every class),
+ * so the length fits above them. */
 #define HM_REMOTE_COUNT_SHIFT 48
 _Static_assert(HM_PAGE_SIZE / 16 < ((uintptr_t)1 << (64 - HM_REMOTE_COUNT_SHIFT)),
                "a span's block count fits in a remote word");
