@@ -908,10 +908,11 @@ static void stash_return_all(struct hm_heap *h, unsigned cls)
 }
 
 /* Moves the bin's blocks after the first `keep` (its older ones, n of
- * them) into the stash.  Each is checked as a flush to the spans checks
- * it, so that a free of an interior pointer is caught at the bin's next
- * overflow and never circulates between bin and stash: the check reads
- * the first line of each block's span header, all fetched ahead. */
+ * them) into the stash, counted as flushed as bin_trim counts its own.
+ * Each is checked as a flush to the spans checks it, so that a free of an
+ * interior pointer is caught at the bin's next overflow and never
+ * circulates between bin and stash: the check reads the first line of
+ * each block's span header, all fetched ahead. */
 static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint32_t keep,
                       uint32_t n)
 {
@@ -928,6 +929,7 @@ static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint3
     for (uint32_t i = 0; i < n; i++)        /* oldest first: blocks[n - 1] */
         st->slot[st->count + n - 1 - i] = blocks[i];
     stash_set_count(st, st->count + n);
+    count_flushed(h, cls, n);
 }
 
 /* Up to n of the stash's newest blocks, as a list, newest first. */
@@ -996,12 +998,10 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
         drain_start(h, tc, cls);
     else {      /* keep the newest half: they are the likeliest to be in cache */
         uint32_t keep = (uint32_t)bin->cap / 2, n = hm_bin_count(bin) - keep;
-        if (stash_takes(bin, cls, n)) {
+        if (stash_takes(bin, cls, n))
             stash_put(h, bin, cls, keep, n);
-            count_flushed(h, cls, n);
-        } else {
+        else
             bin_trim(h, tc, cls, keep);
-        }
     }
     hm_cache_bound_note(h, tc, cls);
     slow_path_tick(h, tc);
