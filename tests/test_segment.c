@@ -51,7 +51,7 @@ static void segmap_knows_only_our_memory(void **state)
     assert_null(hm_segment_of((uintptr_t)g));
     free(g);
 
-    struct hm_segment *seg = hm_segment_alloc(12345);
+    struct hm_segment *seg = hm_segment_alloc(12345, false);
     assert_non_null(seg);
     assert_int_equal((uintptr_t)seg % HM_SEGMENT_SIZE, 0);
     assert_ptr_equal(hm_segment_of((uintptr_t)seg + HM_SEGMENT_SIZE - 1), seg);
@@ -63,7 +63,7 @@ static void segmap_knows_only_our_memory(void **state)
 static void spans_take_and_return_pages(void **state)
 {
     (void)state;
-    struct hm_segment *seg = hm_segment_alloc(777);
+    struct hm_segment *seg = hm_segment_alloc(777, false);
     assert_true(hm_segment_is_empty(seg));
     struct hm_span *a = hm_span_alloc(seg, 1, 0, 16, 777, 0);
     struct hm_span *b = hm_span_alloc(seg, 16, 87, 131072, 777, 0);
@@ -104,7 +104,7 @@ static void pagemap_tags_follow_spans(void **state)
     (void)state;
     assert_true(hm_pagemap.entries > 0);
     const uintptr_t heap = 64 * HM_HEAP_ALIGN;      /* a heap id: aligned */
-    struct hm_segment *seg = hm_segment_alloc(heap);
+    struct hm_segment *seg = hm_segment_alloc(heap, false);
     assert_int_equal(tag_of(seg), 0);              /* the header page */
     struct hm_span *sp = hm_span_alloc(seg, 3, 88, 3 * HM_PAGE_SIZE, heap, 0x5a0);
     for (unsigned i = 0; i < 3; i++)
@@ -128,6 +128,110 @@ static void pagemap_tags_follow_spans(void **state)
     char *start = sp->start;
     hm_segment_free(seg);                          /* and a segment's go with it */
     assert_int_equal(tag_of(start), 0);
+}
+
+/* Whether the mapping that holds p names `flag` among its VmFlags in
+ * /proc/self/smaps ("hg": asks for huge pages, "nh": refuses them). */
+static bool vma_has_flag(const void *p, const char *flag)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    assert_non_null(f);
+    char line[512], want[8];
+    snprintf(want, sizeof want, " %s", flag);
+    bool in = false, found = false;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2)
+            in = (uintptr_t)p >= lo && (uintptr_t)p < hi;
+        else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+            found = strstr(line, want) != NULL;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+static struct hm_segment *huge_segment(void)
+{
+    struct hm_segment *seg = hm_segment_alloc(777, true);
+    assert_non_null(seg);
+    if (!atomic_load(&seg->huge_halves)) {     /* a kernel without huge pages */
+        hm_segment_free(seg);
+        skip();
+    }
+    assert_int_equal(atomic_load(&seg->huge_halves), 3);
+    assert_true(vma_has_flag(seg, "hg"));
+    assert_true(vma_has_flag((char *)seg + HM_SEGMENT_SIZE / 2, "hg"));
+    return seg;
+}
+
+/* A 2 MiB half of a huge segment keeps asking for huge pages while it is
+ * given back whole, and stops (MADV_NOHUGEPAGE) once it is given back in
+ * part: the kernel's collapse would fill the given-back pages in again. */
+static void huge_halves_stop_when_given_back_in_part(void **state)
+{
+    (void)state;
+    uint64_t counted = atomic_load(&hm_segment_counters.huge_halves);
+    struct hm_segment *seg = huge_segment();
+    char *half1 = (char *)seg + HM_SEGMENT_SIZE / 2;
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted + 2);
+
+    hm_segment_give_back(seg, half1, HM_SEGMENT_SIZE / 2);   /* nothing in it */
+    assert_int_equal(atomic_load(&seg->huge_halves), 3);
+    hm_segment_give_back(seg, (char *)seg + 5 * HM_PAGE_SIZE, 4096);   /* the header's half */
+    assert_int_equal(atomic_load(&seg->huge_halves), 2);
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted + 1);
+    assert_true(vma_has_flag(seg, "nh"));
+    assert_true(vma_has_flag(half1, "hg"));
+
+    /* Pages 1-31 taken, then a span at page 32: half 1 now holds it. */
+    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    struct hm_span *sp = hm_span_alloc(seg, 1, 0, 16, 777, 0);
+    assert_int_equal(sp->page_index, 32);
+    hm_segment_give_back(seg, half1 + 8 * HM_PAGE_SIZE, HM_PAGE_SIZE);
+    assert_int_equal(atomic_load(&seg->huge_halves), 0);
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
+    assert_true(vma_has_flag(half1, "nh"));
+    hm_segment_free(seg);
+
+    seg = huge_segment();                   /* and unmapping counts its halves out */
+    hm_segment_free(seg);
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
+}
+
+/* The decay purge: a half whose spans all went back stays huge, even when
+ * a step's budget gives back only part of it; one that keeps a span stops. */
+static void huge_halves_follow_the_purge(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = huge_segment();
+    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    for (int round = 0; round < 2; round++) {
+        struct hm_span *a = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
+        struct hm_span *b = hm_span_alloc(seg, 1, 88, HM_PAGE_SIZE, 777, 0);
+        struct hm_span *c = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
+        assert_int_equal(a->page_index, 32);
+        assert_int_equal(c->page_index, 35);
+        hm_span_release(seg, a);
+        hm_span_release(seg, c);
+        if (round == 0) {                   /* all of half 1 free again */
+            hm_span_release(seg, b);
+            assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, 2 * HM_PAGE_SIZE),
+                             2 * HM_PAGE_SIZE);
+            assert_int_equal(atomic_load(&seg->huge_halves), 3);
+            assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, HM_PURGE_ALL),
+                             3 * HM_PAGE_SIZE);
+            assert_int_equal(atomic_load(&seg->huge_halves), 3);
+        } else {                            /* b stays: two runs go back */
+            assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, HM_PURGE_ALL),
+                             4 * HM_PAGE_SIZE);
+            assert_int_equal(atomic_load(&seg->huge_halves), 1);
+            assert_true(vma_has_flag((char *)seg + HM_SEGMENT_SIZE / 2, "nh"));
+            assert_true(vma_has_flag(seg, "hg"));
+        }
+    }
+    hm_segment_free(seg);
 }
 
 static void large_blocks_map_align_and_resize(void **state)
@@ -222,6 +326,8 @@ int main(void)
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),
+        cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
+        cmocka_unit_test(huge_halves_follow_the_purge),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
         cmocka_unit_test(large_cache_is_bounded),

@@ -76,6 +76,7 @@ static void phase1(void)
     hm_options.stats = env_flag("HAKMEM_STATS");
     hm_options.purge_delay_ns = env_u64("HAKMEM_PURGE_DELAY_MS", 1000) * 1000000u;
     hm_options.tcache_max_bytes = env_u64("HAKMEM_TCACHE_MAX_KB", 32768) << 10;
+    hm_options.huge_pages = env_u64("HAKMEM_THP", 1) != 0;
     hm_large_cache_config(hm_options.purge_delay_ns);
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */

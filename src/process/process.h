@@ -20,6 +20,7 @@ struct hm_options {
     int stats_fd;           /* a copy of stderr for that report */
     uint64_t purge_delay_ns; /* HAKMEM_PURGE_DELAY_MS: free pages stay resident that long */
     uint64_t tcache_max_bytes; /* HAKMEM_TCACHE_MAX_KB: all thread caches together */
+    bool huge_pages;        /* HAKMEM_THP (default 1): big heaps ask for huge pages */
 };
 extern struct hm_options hm_options;
 

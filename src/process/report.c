@@ -104,6 +104,8 @@ void hakmem_stats_print(int fd)
     field(&l, "abandoned", s.segments_abandoned);
     field(&l, "adopted", s.segments_adopted);
     field(&l, "purged", s.bytes_purged);
+    /* 2 MiB halves of big heaps' segments asking for huge pages now. */
+    field(&l, "huge_halves", atomic_load(&hm_segment_counters.huge_halves));
     /* Without the page map (its address space refused) every free takes
      * the slow path. */
     hm_line_str(&l, hm_pagemap.entries ? " page_map=on" : " page_map=off");

@@ -367,6 +367,21 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct
                          (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
 }
 
+/* A heap that holds HM_HUGE_AFTER segments (16 MiB) is big: the segments
+ * it maps from then on ask for huge pages (see segment.c).  A huge segment
+ * holds a 2 MiB half resident from its first touch of it, so a heap that
+ * has barely begun the half holds up to 2 MiB more than it uses: at most
+ * an eighth of a big heap, where it would double a small one. */
+#define HM_HUGE_AFTER 4
+
+static bool is_big(const struct hm_heap *h)
+{
+    unsigned n = 0;
+    for (const struct hm_segment *seg = h->segments; seg && n < HM_HUGE_AFTER; seg = seg->next)
+        n++;
+    return n >= HM_HUGE_AFTER;
+}
+
 /* A fresh span: room in our segments, then segments of exited threads,
  * then the reserve, then a new segment. */
 static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
@@ -400,7 +415,7 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
     if (!seg)
         seg = empty_pool_take();
     if (!seg)
-        seg = hm_segment_alloc(h->id);
+        seg = hm_segment_alloc(h->id, hm_options.huge_pages && is_big(h));
     if (!seg)
         return NULL;
     atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);

@@ -690,7 +690,8 @@ static size_t span_compact(struct hm_span *sp)
             run++;
         }
         if (run) {
-            madvise((void *)(start + pg * HM_OS_PAGE), run * HM_OS_PAGE, MADV_DONTNEED);
+            hm_segment_give_back(hm_segment_of_span(sp), (void *)(start + pg * HM_OS_PAGE),
+                                 run * HM_OS_PAGE);
             bytes += run * HM_OS_PAGE;
         }
         pg += run + 1;

@@ -96,3 +96,8 @@ void hm_count_mapped(int64_t bytes)
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_mapped, (uint64_t)bytes,
                               memory_order_relaxed);
 }
+
+bool hm_os_huge_pages(void *p, size_t size, bool on)
+{
+    return madvise(p, size, on ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) == 0;
+}

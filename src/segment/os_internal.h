@@ -9,6 +9,9 @@
  * `align`; NULL when the OS refuses. */
 char *hm_os_map(size_t size, size_t align, size_t offset);
 void hm_os_unmap(void *p, size_t size);
+/* Turns transparent huge pages on (or off) for [p, p + size): madvise
+ * MADV_HUGEPAGE or MADV_NOHUGEPAGE.  False when the OS refuses. */
+bool hm_os_huge_pages(void *p, size_t size, bool on);
 
 void hm_segmap_set(uintptr_t u, struct hm_segment *seg);
 /* Sets the page-map words of `pages` pages from page_address on. */

@@ -129,6 +129,46 @@ static void take_pages(struct hm_segment *seg, uint64_t run)
         __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
 }
 
+/* ---- huge pages -------------------------------------------------------- */
+
+/* A segment of a big heap asks for transparent huge pages: each 2 MiB half
+ * is then faulted in at once on its first touch, one fault instead of 512,
+ * and the program's accesses to it need one TLB entry instead of 512.  A
+ * half whose pages are all free when some go back keeps asking (the kernel
+ * frees the huge page once all of it went back; the next touch gets a new
+ * one).  A half given back in part while a span still uses it stops asking
+ * for good: the kernel's background collapse (khugepaged) would otherwise
+ * fill the given-back pages in again, and memory returned would come back
+ * resident without anyone asking for it. */
+#define HM_HUGE_PAGE       ((size_t)2 << 20)
+#define HM_SEGMENT_HALVES  (HM_SEGMENT_SIZE / HM_HUGE_PAGE)
+#define HM_HALF_PAGES      (unsigned)(HM_HUGE_PAGE / HM_PAGE_SIZE)
+
+/* After [lo, hi) went back. */
+static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi)
+{
+    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
+    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
+        uintptr_t base = (uintptr_t)seg + i * HM_HUGE_PAGE;
+        if (!(halves >> i & 1) || hi <= base || lo >= base + HM_HUGE_PAGE)
+            continue;
+        uint64_t half = page_run(i * HM_HALF_PAGES, HM_HALF_PAGES);
+        if ((__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED) & half) == half)
+            continue;                        /* no span in it: stays huge */
+        if (atomic_fetch_and_explicit(&seg->huge_halves, ~(1u << i), memory_order_relaxed) &
+            (1u << i)) {
+            hm_os_huge_pages((void *)base, HM_HUGE_PAGE, false);
+            atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves, 1, memory_order_relaxed);
+        }
+    }
+}
+
+void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len)
+{
+    madvise(p, len, MADV_DONTNEED);
+    huge_pages_settle(seg, (uintptr_t)p, (uintptr_t)p + len);
+}
+
 /* Gives back the segment's dirty free pages, once the oldest has waited
  * delay_ns, run by run until `budget` bytes went.  Caller holds the lock. */
 static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
@@ -146,8 +186,8 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
         left = left / HM_PAGE_SIZE + (left % HM_PAGE_SIZE != 0);
         if (run > left)
             run = (unsigned)left;
-        madvise((char *)seg + (size_t)first * HM_PAGE_SIZE, (size_t)run * HM_PAGE_SIZE,
-                MADV_DONTNEED);
+        hm_segment_give_back(seg, (char *)seg + (size_t)first * HM_PAGE_SIZE,
+                             (size_t)run * HM_PAGE_SIZE);
         bytes += (size_t)run * HM_PAGE_SIZE;
         dirty &= ~page_run(first, run);
     }
@@ -192,11 +232,19 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 
 /* ---- segments and spans ------------------------------------------------ */
 
-struct hm_segment *hm_segment_alloc(uintptr_t owner)
+struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
 {
     struct hm_segment *seg = (struct hm_segment *)hm_os_map(HM_SEGMENT_SIZE, HM_SEGMENT_SIZE, 0);
     if (!seg)
         return NULL;
+    /* Before the header's first write, or its half would start on small
+     * pages. */
+    if (huge && hm_os_huge_pages(seg, HM_SEGMENT_SIZE, true)) {
+        atomic_store_explicit(&seg->huge_halves, (1u << HM_SEGMENT_HALVES) - 1,
+                              memory_order_relaxed);
+        atomic_fetch_add_explicit(&hm_segment_counters.huge_halves, HM_SEGMENT_HALVES,
+                                  memory_order_relaxed);
+    }
     /* Fresh mapping: already zero.  Only the header page is written. */
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
@@ -213,6 +261,10 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner)
 
 void hm_segment_free(struct hm_segment *seg)
 {
+    unsigned huge = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
+    if (huge)
+        atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves,
+                                  (uint64_t)__builtin_popcount(huge), memory_order_relaxed);
     registry_remove(seg);
     hm_segmap_set((uintptr_t)seg, NULL);
     /* Released spans left their pages 0; make sure before the address
@@ -227,7 +279,6 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
 {
     return seg->pages_used == 0;
 }
-
 
 /* First run of `pages` free pages, or -1. */
 static int find_free_run(uint64_t free_pages, unsigned pages)

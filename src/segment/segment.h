@@ -114,6 +114,7 @@ struct hm_segment {
     struct hm_segment *all_next, *all_prev;   /* every span segment (registry) */
     struct hm_segment *next, *prev; /* the heap's list, or the abandoned stack */
     _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
+    _Atomic unsigned huge_halves;   /* bit per 2 MiB half asking for huge pages */
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
@@ -206,9 +207,14 @@ static inline bool hm_span_is_block(const struct hm_span *sp, uintptr_t u)
 /* Reserves the segment map (address space only).  0 on success. */
 int hm_segment_module_init(void);
 
-struct hm_segment *hm_segment_alloc(uintptr_t owner);
+/* huge: back it with transparent huge pages as it is first touched (see
+ * "huge pages" in segment.c). */
+struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge);
 void hm_segment_free(struct hm_segment *seg);
 bool hm_segment_is_empty(const struct hm_segment *seg);
+/* Gives back [p, p + len) of the segment's pages (MADV_DONTNEED); a huge
+ * half that a span still uses stops asking for huge pages. */
+void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len);
 
 /* Whether the segment has `pages` free pages in a row that may still be
  * resident (a hint: read without the lock). */
@@ -284,6 +290,7 @@ struct hm_segment_counters {
     _Atomic uint64_t large_blocks;
     _Atomic uint64_t large_bytes;
     _Atomic uint64_t bytes_purged;      /* given back with MADV_DONTNEED, ever */
+    _Atomic uint64_t huge_halves;       /* 2 MiB halves of segments asking for huge pages */
 };
 extern struct hm_segment_counters hm_segment_counters;
 
