@@ -200,6 +200,28 @@ static void huge_halves_stop_when_given_back_in_part(void **state)
     assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
 }
 
+/* No more than hm_huge_segments_max segments that asked are mapped at once
+ * (each may split the kernel's areas, of which a process has a bounded
+ * number). */
+static void huge_segments_are_bounded(void **state)
+{
+    (void)state;
+    uint64_t mapped = atomic_load(&hm_segment_counters.huge_segments);
+    uint64_t max = hm_huge_segments_max;
+    hm_huge_segments_max = mapped + 1;
+    struct hm_segment *a = huge_segment();
+    struct hm_segment *b = hm_segment_alloc(777, true);
+    assert_int_equal(atomic_load(&b->huge_halves), 0);
+    assert_false(vma_has_flag(b, "hg"));
+    hm_segment_free(a);                     /* room again */
+    struct hm_segment *c = huge_segment();
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_segments), mapped + 1);
+    hm_segment_free(b);
+    hm_segment_free(c);
+    assert_int_equal(atomic_load(&hm_segment_counters.huge_segments), mapped);
+    hm_huge_segments_max = max;
+}
+
 /* The decay purge: a half whose spans all went back stays huge, even when
  * a step's budget gives back only part of it; one that keeps a span stops. */
 static void huge_halves_follow_the_purge(void **state)
@@ -328,6 +350,7 @@ int main(void)
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),
+        cmocka_unit_test(huge_segments_are_bounded),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
         cmocka_unit_test(large_cache_is_bounded),

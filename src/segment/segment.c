@@ -144,6 +144,39 @@ static void take_pages(struct hm_segment *seg, uint64_t run)
 #define HM_SEGMENT_HALVES  (HM_SEGMENT_SIZE / HM_HUGE_PAGE)
 #define HM_HALF_PAGES      (unsigned)(HM_HUGE_PAGE / HM_PAGE_SIZE)
 
+/* Where a segment's halves differ from each other or from its neighbours,
+ * the kernel keeps separate areas for them (up to three a segment), and a
+ * process may have vm.max_map_count (65530 by default) in all: past 4096
+ * segments that asked, a new one stays on small pages, so that a heap of
+ * hundreds of GiB cannot run the process out of areas. */
+uint64_t hm_huge_segments_max = 4096;
+
+static bool huge_pages_ask(struct hm_segment *seg)
+{
+    if (atomic_fetch_add_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed) >=
+            hm_huge_segments_max ||
+        !hm_os_huge_pages(seg, HM_SEGMENT_SIZE, true)) {
+        atomic_fetch_sub_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed);
+        return false;
+    }
+    seg->huge_asked = true;
+    atomic_store_explicit(&seg->huge_halves, (1u << HM_SEGMENT_HALVES) - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hm_segment_counters.huge_halves, HM_SEGMENT_HALVES,
+                              memory_order_relaxed);
+    return true;
+}
+
+/* The segment is going away. */
+static void huge_pages_forget(struct hm_segment *seg)
+{
+    if (!seg->huge_asked)
+        return;
+    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves, (uint64_t)__builtin_popcount(halves),
+                              memory_order_relaxed);
+    atomic_fetch_sub_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed);
+}
+
 /* After [lo, hi) went back. */
 static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi)
 {
@@ -239,12 +272,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
         return NULL;
     /* Before the header's first write, or its half would start on small
      * pages. */
-    if (huge && hm_os_huge_pages(seg, HM_SEGMENT_SIZE, true)) {
-        atomic_store_explicit(&seg->huge_halves, (1u << HM_SEGMENT_HALVES) - 1,
-                              memory_order_relaxed);
-        atomic_fetch_add_explicit(&hm_segment_counters.huge_halves, HM_SEGMENT_HALVES,
-                                  memory_order_relaxed);
-    }
+    if (huge)
+        huge_pages_ask(seg);
     /* Fresh mapping: already zero.  Only the header page is written. */
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
@@ -261,10 +290,7 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
 
 void hm_segment_free(struct hm_segment *seg)
 {
-    unsigned huge = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
-    if (huge)
-        atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves,
-                                  (uint64_t)__builtin_popcount(huge), memory_order_relaxed);
+    huge_pages_forget(seg);
     registry_remove(seg);
     hm_segmap_set((uintptr_t)seg, NULL);
     /* Released spans left their pages 0; make sure before the address

@@ -115,6 +115,7 @@ struct hm_segment {
     struct hm_segment *next, *prev; /* the heap's list, or the abandoned stack */
     _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
     _Atomic unsigned huge_halves;   /* bit per 2 MiB half asking for huge pages */
+    bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
@@ -210,6 +211,9 @@ int hm_segment_module_init(void);
 /* huge: back it with transparent huge pages as it is first touched (see
  * "huge pages" in segment.c). */
 struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge);
+/* At most this many segments that asked for huge pages are mapped at once
+ * (4096: 16 GiB); a variable so that tests can lower it. */
+extern uint64_t hm_huge_segments_max;
 void hm_segment_free(struct hm_segment *seg);
 bool hm_segment_is_empty(const struct hm_segment *seg);
 /* Gives back [p, p + len) of the segment's pages (MADV_DONTNEED); a huge
@@ -291,6 +295,7 @@ struct hm_segment_counters {
     _Atomic uint64_t large_bytes;
     _Atomic uint64_t bytes_purged;      /* given back with MADV_DONTNEED, ever */
     _Atomic uint64_t huge_halves;       /* 2 MiB halves of segments asking for huge pages */
+    _Atomic uint64_t huge_segments;     /* segments mapped asking for them, still mapped */
 };
 extern struct hm_segment_counters hm_segment_counters;
 
