@@ -299,35 +299,37 @@ static void free_interior_while_draining(void)
     hakmem_free(last + 16);
 }
 
-/* A 4 KiB bin holds 4 blocks: the free that overflows it moves the three
+/* A 4 KiB bin holds 20 blocks: the free that overflows it moves the 11
  * newest into the class's stash, where a second free of one must still be
- * found.  Whether the bin held one block before or none, p[2] is there. */
+ * found.  Whether the bin held blocks before or none, p[15] is there. */
 static void free_twice_from_the_stash(void)
 {
-    void *p[5];
-    for (int i = 0; i < 5; i++)
+    void *p[21];
+    for (int i = 0; i < 21; i++)
         p[i] = hakmem_malloc(4096);
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 21; i++)
         hakmem_free(p[i]);
-    hakmem_free(p[2]);
+    hakmem_free(p[15]);
 }
 
-/* The same for a class whose flushes go into its stash: the interior
- * pointer is caught at an overflow, and is never handed out. */
+/* The same for a class whose flushes go into its stash: an interior
+ * pointer among the newest blocks at an overflow is caught there, and is
+ * never handed out. */
 static void free_interior_of_a_stash_class(void)
 {
     char *p = hakmem_malloc(4096);
-    void *q[8];
-    for (int i = 0; i < 8; i++)
+    void *q[40];
+    for (int i = 0; i < 40; i++)
         q[i] = hakmem_malloc(4096);
+    hakmem_trim();                      /* an empty bin: the 21st free overflows it */
+    for (int i = 0; i < 19; i++)
+        hakmem_free(q[i]);
     hakmem_free(p + 16);
-    for (int round = 0; round < 4; round++) {
-        for (int i = 0; i < 8; i++)
-            hakmem_free(q[i]);
-        for (int i = 0; i < 8; i++)
-            if ((q[i] = hakmem_malloc(4096)) == p + 16)
-                return;                 /* handed out: no abort, the test fails */
-    }
+    for (int i = 19; i < 40; i++)
+        hakmem_free(q[i]);
+    for (int i = 0; i < 40; i++)
+        if ((q[i] = hakmem_malloc(4096)) == p + 16)
+            return;                     /* handed out: no abort, the test fails */
 }
 
 static void usable_size_of_foreign(void)

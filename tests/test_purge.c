@@ -31,15 +31,16 @@ static void nap_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-/* Refills of another class (under 100 KB live): the slow path that runs
- * the periodic purge and compaction. */
+/* Refills and flushes of another class (about 100 KB live): the slow
+ * paths that run the periodic purge and compaction.  More blocks a round
+ * than the class's bin holds (20), so that every round has some. */
 static void slow_path_activity(void)
 {
     for (int round = 0; round < 200; round++) {
-        void *p[12];
-        for (int i = 0; i < 12; i++)
+        void *p[24];
+        for (int i = 0; i < 24; i++)
             p[i] = hakmem_malloc(5000);
-        for (int i = 0; i < 12; i++)
+        for (int i = 0; i < 24; i++)
             hakmem_free(p[i]);
     }
 }

@@ -64,7 +64,7 @@ static void refill_count_next_refill_only(void **state)
     empty_bin(tc, CLS, blocks, &n);
     blocks[n++] = hakmem_malloc(64);            /* next refill: 5 */
     assert_int_equal(hm_bin_count(&tc->bins[CLS]), 4);
-    assert_int_equal(tc->bins[CLS].cap, 10);
+    assert_int_equal(tc->bins[CLS].cap, hm_bin_cap(CLS, 5, 5));
 
     hm_refill_count_store(CLS, 100000);         /* clamped to the bound */
     assert_int_equal(hm_refill_count_load(CLS), b.max);
@@ -73,6 +73,29 @@ static void refill_count_next_refill_only(void **state)
     hm_refill_count_store(CLS, b.def);
     for (unsigned i = 0; i < n; i++)
         hakmem_free(blocks[i]);
+}
+
+/* Twice the batch, widened by the stash's room while a flush (the cap's
+ * newer half and one) still fits in the stash: 16 blocks up to 16 KiB,
+ * 256 KiB above. */
+static void bin_caps_widen_by_the_stash(void **state)
+{
+    (void)state;
+    struct { size_t size; uint32_t want, got; int32_t cap; } cases[] = {
+        { 8192, 2, 2, 4 + 16 },         /* room 16: up to 30 */
+        { 8192, 2, 5, 7 + 16 },         /* after a whole free list */
+        { 8192, 8, 8, 30 },             /* a flush of 16 fills the stash */
+        { 32768, 2, 2, 12 },            /* room 8: up to 14 */
+        { 65536, 2, 2, 6 },             /* room 4: up to 6 */
+        { 131072, 2, 2, 4 },            /* room 2: no wider */
+        { 512, 16, 16, 32 },            /* 32 is already wider than 30 */
+        { 64, 64, 64, 128 },
+        { 64, 5, 5, 26 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        assert_int_equal(hm_bin_cap(hm_size_class(cases[i].size), cases[i].want, cases[i].got),
+                         cases[i].cap);
+    assert_int_equal(hm_bin_cap(HM_PAGES_CLASS, 1, 1), 2);
 }
 
 static void bins_flush_past_their_cap(void **state)
@@ -368,7 +391,7 @@ static void short_free_lists_go_whole(void **state)
     assert_ptr_equal(p, head);
     assert_null(sp->free);
     assert_int_equal(hm_bin_count(&tc->bins[cls]), 1);
-    assert_int_equal(tc->bins[cls].cap, 4);
+    assert_int_equal(tc->bins[cls].cap, hm_bin_cap(cls, 2, 2));
     expect_listed(sp);
 
     hakmem_free(p);
@@ -380,7 +403,8 @@ static void short_free_lists_go_whole(void **state)
     assert_ptr_equal(p, head);
     assert_null(sp->free);
     assert_int_equal(hm_bin_count(&tc->bins[cls]), 4);
-    assert_int_equal(tc->bins[cls].cap, 2 + 5);
+    assert_int_equal(tc->bins[cls].cap, hm_bin_cap(cls, 2, 5));
+    assert_int_equal(hm_bin_cap(cls, 2, 5), hm_bin_cap(cls, 2, 2) + 3);
     expect_listed(sp);
 
     hakmem_free(p);
@@ -391,7 +415,7 @@ static void short_free_lists_go_whole(void **state)
     assert_ptr_not_equal(p, head);
     assert_int_equal(list_length(sp->free), 4);
     assert_int_equal(hm_bin_count(&tc->bins[cls]), 1);
-    assert_int_equal(tc->bins[cls].cap, 4);
+    assert_int_equal(tc->bins[cls].cap, hm_bin_cap(cls, 2, 2));
     expect_listed(sp);
 
     hakmem_free(p);
@@ -403,55 +427,71 @@ static void short_free_lists_go_whole(void **state)
     hm_refill_count_store(cls, hm_refill_bounds(cls).def);
 }
 
-/* A medium class's flush moves the bin's older half into the stash and
- * the next refill takes them back, newest first, without touching a span;
- * a trim gives the stash back to the spans. */
+/* A medium class's flush moves the bin's newest blocks into the stash (no
+ * walk to the bin's older end) and the next refill takes them back, newest
+ * first, without touching a span; a trim gives the stash back to the
+ * spans. */
+static uint32_t used_in_spans(void **b, unsigned n)
+{
+    struct hm_span *seen[64];
+    unsigned nseen = 0;
+    uint32_t used = 0;
+    for (unsigned i = 0; i < n; i++) {
+        struct hm_span *sp = span_at(b[i]);
+        unsigned j = 0;
+        while (j < nseen && seen[j] != sp)
+            j++;
+        if (j == nseen) {
+            seen[nseen++] = sp;
+            used += sp->used;
+        }
+    }
+    return used;
+}
+
 static void medium_flushes_go_to_the_stash(void **state)
 {
     (void)state;
     struct hm_tcache *tc = hm_tcache_self();
-    unsigned cls = hm_size_class(4096);         /* batches of 2, a bin of 4 */
+    unsigned cls = hm_size_class(4096);         /* batches of 2, a bin of 20 */
     assert_int_equal(hm_refill_count_load(cls), 2);
-    void *b[8], *rest[8];
-    unsigned nrest = 0;
-    struct hm_span *sp = eight_blocks_of_a_span(tc, cls, b, rest, &nrest);
-    hakmem_trim();
-    void *span_list = sp->free;
-    uint32_t used = sp->used;
+    enum { N = 21 };
+    void *b[N];
+    for (int i = 0; i < N; i++)
+        b[i] = hakmem_malloc(4096);
+    hakmem_trim();                              /* empty bin and stash */
+    assert_int_equal(tc->bins[cls].cap, 20);
+    uint32_t used = used_in_spans(b, N);
 
     struct hakmem_class_info before, after;
     hakmem_class_info(cls, &before);
-    for (int i = 0; i < 5; i++)                 /* the fifth overflows */
+    for (int i = 0; i < N; i++)                 /* the last overflows */
         hakmem_free(b[i]);
     hakmem_class_info(cls, &after);
     assert_int_equal(after.flushes, before.flushes + 1);
-    assert_int_equal(after.blocks_flushed, before.blocks_flushed + 3);
-    assert_int_equal(after.blocks_cached, 5);   /* 2 in the bin, 3 in the stash */
-    assert_int_equal(hm_bin_count(&tc->bins[cls]), 2);
-    assert_ptr_equal(sp->free, span_list);      /* no block reached the span */
-    assert_int_equal(sp->used, used);
+    assert_int_equal(after.blocks_flushed, before.blocks_flushed + 11);
+    assert_int_equal(after.blocks_cached, 21);  /* 10 in the bin, 11 in the stash */
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 10);
+    assert_int_equal(used_in_spans(b, N), used);    /* no block reached a span */
 
-    assert_ptr_equal(hakmem_malloc(4096), b[4]);    /* the bin kept the newest two */
-    assert_ptr_equal(hakmem_malloc(4096), b[3]);
-    assert_ptr_equal(hakmem_malloc(4096), b[2]);    /* a refill: the stash's newest */
-    assert_ptr_equal(hakmem_malloc(4096), b[1]);
+    for (int i = 9; i >= 0; i--)                /* the bin kept the oldest ten */
+        assert_ptr_equal(hakmem_malloc(4096), b[i]);
+    assert_ptr_equal(hakmem_malloc(4096), b[20]);   /* a refill: the stash's newest */
+    assert_ptr_equal(hakmem_malloc(4096), b[19]);
     hakmem_class_info(cls, &after);
     assert_int_equal(after.refills, before.refills + 1);
-    assert_int_equal(after.blocks_cached, 1);   /* b[0], in the stash */
-    assert_ptr_equal(sp->free, span_list);
-    assert_int_equal(sp->used, used);
+    assert_int_equal(after.blocks_cached, 9);   /* b[10..18], in the stash */
+    assert_int_equal(used_in_spans(b, N), used);
 
     hakmem_trim();                              /* the stash goes back too */
     hakmem_class_info(cls, &after);
     assert_int_equal(after.blocks_cached, 0);
-    assert_ptr_equal(sp->free, b[0]);
-    assert_int_equal(sp->used, used - 1);
-    expect_listed(sp);
+    assert_int_equal(used_in_spans(b, N), used - 9);
 
-    for (int i = 1; i < 8; i++)
+    for (int i = 0; i < 10; i++)
         hakmem_free(b[i]);
-    for (unsigned i = 0; i < nrest; i++)
-        hakmem_free(rest[i]);
+    hakmem_free(b[19]);
+    hakmem_free(b[20]);
 }
 
 enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };
@@ -680,6 +720,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(refill_carves_one_batch),
         cmocka_unit_test(refill_count_next_refill_only),
+        cmocka_unit_test(bin_caps_widen_by_the_stash),
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(short_free_lists_go_whole),
         cmocka_unit_test(medium_flushes_go_to_the_stash),

@@ -74,7 +74,8 @@ static struct hm_heap *heap_take(void)
 static void set_caps(struct hm_heap *h, struct hm_tcache *tc)
 {
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
-        tc->bins[c].cap = (int32_t)(2 * hm_refill_count_load(c));
+        uint32_t want = hm_refill_count_load(c);
+        tc->bins[c].cap = hm_bin_cap(c, want, want);
         tc->bins[c].room = tc->bins[c].cap;
         hm_cache_bound_note(h, tc, c);
     }
