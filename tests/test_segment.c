@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include <stdbool.h>
+#include <sys/mman.h>
 
 #include "hakmem.h"
 #include "segment/segment.h"
@@ -163,7 +164,22 @@ static struct hm_segment *huge_segment(void)
     assert_int_equal(atomic_load(&seg->huge_halves), 3);
     assert_true(vma_has_flag(seg, "hg"));
     assert_true(vma_has_flag((char *)seg + HM_SEGMENT_SIZE / 2, "hg"));
+    /* Writing the header faulted in its half: the rest of it is resident. */
+    assert_int_equal(seg->dirty_pages, 0xfffffffeu);
+    assert_true(seg->dirty_since_ns != 0);
     return seg;
+}
+
+/* OS pages of [p, p + len) resident now. */
+static size_t resident_pages(void *p, size_t len)
+{
+    static unsigned char vec[HM_SEGMENT_SIZE / 4096];
+    assert_true(len <= sizeof vec * 4096);
+    assert_int_equal(mincore(p, len, vec), 0);
+    size_t n = 0;
+    for (size_t i = 0; i < len / 4096; i++)
+        n += vec[i] & 1;
+    return n;
 }
 
 /* A 2 MiB half of a huge segment keeps asking for huge pages while it is
@@ -222,35 +238,41 @@ static void huge_segments_are_bounded(void **state)
     hm_huge_segments_max = max;
 }
 
-/* The decay purge: a half whose spans all went back stays huge, even when
- * a step's budget gives back only part of it; one that keeps a span stops. */
+/* The decay purge.  A span in an asking half makes the half's other free
+ * pages dirty (the huge page made them resident); a half whose spans all
+ * went back goes back whole, past a step's budget, and keeps asking; one
+ * that keeps a span gives back its free pages and stops. */
 static void huge_halves_follow_the_purge(void **state)
 {
     (void)state;
     struct hm_segment *seg = huge_segment();
+    char *half1 = (char *)seg + HM_SEGMENT_SIZE / 2;
     assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    assert_int_equal(seg->dirty_pages, 0);
     for (int round = 0; round < 2; round++) {
         struct hm_span *a = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
+        assert_int_equal(seg->dirty_pages, 0xfffffffcull << 32);   /* 34..63 */
         struct hm_span *b = hm_span_alloc(seg, 1, 88, HM_PAGE_SIZE, 777, 0);
         struct hm_span *c = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
         assert_int_equal(a->page_index, 32);
         assert_int_equal(c->page_index, 35);
+        memset(a->start, 1, 4096);
         hm_span_release(seg, a);
         hm_span_release(seg, c);
         if (round == 0) {                   /* all of half 1 free again */
             hm_span_release(seg, b);
             assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, 2 * HM_PAGE_SIZE),
-                             2 * HM_PAGE_SIZE);
+                             HM_SEGMENT_SIZE / 2);
             assert_int_equal(atomic_load(&seg->huge_halves), 3);
+            assert_int_equal(seg->dirty_pages, 0);
+            assert_int_equal(resident_pages(half1, HM_SEGMENT_SIZE / 2), 0);
+        } else {                            /* b stays: the rest goes back */
             assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, HM_PURGE_ALL),
-                             3 * HM_PAGE_SIZE);
-            assert_int_equal(atomic_load(&seg->huge_halves), 3);
-        } else {                            /* b stays: two runs go back */
-            assert_int_equal(hm_segment_purge(seg, hm_clock_ns(), 0, HM_PURGE_ALL),
-                             4 * HM_PAGE_SIZE);
+                             31 * HM_PAGE_SIZE);
             assert_int_equal(atomic_load(&seg->huge_halves), 1);
-            assert_true(vma_has_flag((char *)seg + HM_SEGMENT_SIZE / 2, "nh"));
+            assert_true(vma_has_flag(half1, "nh"));
             assert_true(vma_has_flag(seg, "hg"));
+            assert_true(resident_pages(half1, HM_SEGMENT_SIZE / 2) <= HM_PAGE_SIZE / 4096);
         }
     }
     hm_segment_free(seg);

@@ -121,24 +121,29 @@ static uint64_t page_run(unsigned first, unsigned count)
 /* Free pages go into use (under the lock): no longer free, and no longer
  * dirty (in use, resident is right).  With the last dirty page goes the
  * age, or pages freed later would inherit it and go back too early. */
+static void huge_pages_touched(struct hm_segment *seg, uint64_t run);
+
 static void take_pages(struct hm_segment *seg, uint64_t run)
 {
     set_pages(&seg->free_pages, seg->free_pages & ~run);
     set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
     if (!seg->dirty_pages)
         __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
+    huge_pages_touched(seg, run);
 }
 
 /* ---- huge pages -------------------------------------------------------- */
 
 /* A segment of a big heap asks for transparent huge pages: each 2 MiB half
  * is then faulted in at once on its first touch, one fault instead of 512,
- * and the program's accesses to it need one TLB entry instead of 512.  A
- * half whose pages are all free when some go back keeps asking (the kernel
- * frees the huge page once all of it went back; the next touch gets a new
- * one).  A half given back in part while a span still uses it stops asking
- * for good: the kernel's background collapse (khugepaged) would otherwise
- * fill the given-back pages in again, and memory returned would come back
+ * and the program's accesses to it need one TLB entry instead of 512.  So
+ * a span that takes pages of such a half makes all of it resident: its
+ * other free pages count as dirty from then on, and decay like any freed
+ * page.  A half with no span left goes back whole, in one call (the kernel
+ * frees the huge page; the next touch gets a new one), and keeps asking.
+ * A half given back in part while a span still uses it stops asking for
+ * good: the kernel's background collapse (khugepaged) would otherwise fill
+ * the given-back pages in again, and memory returned would come back
  * resident without anyone asking for it. */
 #define HM_HUGE_PAGE       ((size_t)2 << 20)
 #define HM_SEGMENT_HALVES  (HM_SEGMENT_SIZE / HM_HUGE_PAGE)
@@ -177,6 +182,29 @@ static void huge_pages_forget(struct hm_segment *seg)
     atomic_fetch_sub_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed);
 }
 
+static uint64_t half_pages(unsigned i)
+{
+    return page_run(i * HM_HALF_PAGES, HM_HALF_PAGES);
+}
+
+/* Pages `run` were taken (or the header written): the free pages of an
+ * asking half they touch are resident now.  Caller holds the lock, or the
+ * segment is not shared yet. */
+static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
+{
+    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
+    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
+        uint64_t half = half_pages(i);
+        if (!(halves >> i & 1) || !(run & half))
+            continue;
+        uint64_t resident = seg->free_pages & half & ~seg->dirty_pages;
+        if (resident) {
+            set_pages(&seg->dirty_pages, seg->dirty_pages | resident);
+            mark_dirty_since(seg, hm_clock_ns());
+        }
+    }
+}
+
 /* After [lo, hi) went back. */
 static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi)
 {
@@ -185,7 +213,7 @@ static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi
         uintptr_t base = (uintptr_t)seg + i * HM_HUGE_PAGE;
         if (!(halves >> i & 1) || hi <= base || lo >= base + HM_HUGE_PAGE)
             continue;
-        uint64_t half = page_run(i * HM_HALF_PAGES, HM_HALF_PAGES);
+        uint64_t half = half_pages(i);
         if ((__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED) & half) == half)
             continue;                        /* no span in it: stays huge */
         if (atomic_fetch_and_explicit(&seg->huge_halves, ~(1u << i), memory_order_relaxed) &
@@ -211,6 +239,18 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
         return 0;
     uint64_t dirty = seg->dirty_pages & seg->free_pages;
     size_t bytes = 0;
+    /* An asking half with no span goes whole, past the budget if need be:
+     * giving back one huge page is one quick call, and a half given back in
+     * steps would sit partly resident meanwhile (see huge pages). */
+    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
+    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
+        uint64_t half = half_pages(i);
+        if ((halves >> i & 1) && (dirty & half) == half) {
+            hm_segment_give_back(seg, (char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE);
+            bytes += HM_HUGE_PAGE;
+            dirty &= ~half;
+        }
+    }
     while (dirty && bytes < budget) {
         unsigned first = (unsigned)__builtin_ctzll(dirty);
         uint64_t rest = ~(dirty >> first);
@@ -277,6 +317,7 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
     /* Fresh mapping: already zero.  Only the header page is written. */
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */
+    huge_pages_touched(seg, 1);             /* which faults in its half */
     atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
     for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
         seg->page_span[i] = &hm_sentinel_span;
@@ -290,8 +331,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
 
 void hm_segment_free(struct hm_segment *seg)
 {
+    registry_remove(seg);           /* after any purge_all working on it */
     huge_pages_forget(seg);
-    registry_remove(seg);
     hm_segmap_set((uintptr_t)seg, NULL);
     /* Released spans left their pages 0; make sure before the address
      * range can go to someone else. */
