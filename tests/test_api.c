@@ -299,14 +299,15 @@ static void free_interior_while_draining(void)
     hakmem_free(last + 16);
 }
 
-/* A 4 KiB bin holds 20 blocks: the free that overflows it moves the 11
- * newest into the class's stash, where a second free of one must still be
- * found.  Whether the bin held blocks before or none, p[15] is there. */
+/* A 4 KiB bin holds 20 blocks (or up to 30 after a whole free list): the
+ * free that overflows it moves the 11 (or up to 16) newest into the
+ * class's stash, where a second free of one must still be found. */
 static void free_twice_from_the_stash(void)
 {
     void *p[21];
     for (int i = 0; i < 21; i++)
         p[i] = hakmem_malloc(4096);
+    hakmem_trim();                      /* an empty bin */
     for (int i = 0; i < 21; i++)
         hakmem_free(p[i]);
     hakmem_free(p[15]);

@@ -75,18 +75,19 @@ static void refill_count_next_refill_only(void **state)
         hakmem_free(blocks[i]);
 }
 
-/* Twice the batch, widened by the stash's room while a flush (the cap's
- * newer half and one) still fits in the stash: 16 blocks up to 16 KiB,
- * 256 KiB above. */
+/* Twice the batch, widened by up to 64 KiB of blocks (at most the stash's
+ * room: 16 blocks up to 16 KiB, 256 KiB above) while a flush (the cap's
+ * newer half and one) still fits in the stash. */
 static void bin_caps_widen_by_the_stash(void **state)
 {
     (void)state;
     struct { size_t size; uint32_t want, got; int32_t cap; } cases[] = {
-        { 8192, 2, 2, 4 + 16 },         /* room 16: up to 30 */
-        { 8192, 2, 5, 7 + 16 },         /* after a whole free list */
-        { 8192, 8, 8, 30 },             /* a flush of 16 fills the stash */
-        { 32768, 2, 2, 12 },            /* room 8: up to 14 */
-        { 65536, 2, 2, 6 },             /* room 4: up to 6 */
+        { 4096, 2, 2, 4 + 16 },         /* room 16: up to 30 */
+        { 8192, 2, 2, 4 + 8 },          /* 64 KiB more */
+        { 8192, 2, 5, 7 + 8 },          /* after a whole free list */
+        { 2048, 8, 8, 30 },             /* a flush of 16 fills the stash */
+        { 32768, 2, 2, 6 },             /* room 8: up to 14 */
+        { 65536, 2, 2, 5 },             /* room 4: up to 6 */
         { 131072, 2, 2, 4 },            /* room 2: no wider */
         { 512, 16, 16, 32 },            /* 32 is already wider than 30 */
         { 64, 64, 64, 128 },
@@ -455,43 +456,47 @@ static void medium_flushes_go_to_the_stash(void **state)
     struct hm_tcache *tc = hm_tcache_self();
     unsigned cls = hm_size_class(4096);         /* batches of 2, a bin of 20 */
     assert_int_equal(hm_refill_count_load(cls), 2);
-    enum { N = 21 };
-    void *b[N];
-    for (int i = 0; i < N; i++)
+    void *b[32];
+    for (int i = 0; i < 32; i++)
         b[i] = hakmem_malloc(4096);
     hakmem_trim();                              /* empty bin and stash */
-    assert_int_equal(tc->bins[cls].cap, 20);
-    uint32_t used = used_in_spans(b, N);
+    /* The last refill's cap: 20, or more after a whole free list. */
+    int32_t cap = tc->bins[cls].cap;
+    assert_true(cap >= 20 && cap <= 30);
+    int n = cap + 1, keep = cap / 2, moved = n - keep;
+    uint32_t used = used_in_spans(b, 32);
 
     struct hakmem_class_info before, after;
     hakmem_class_info(cls, &before);
-    for (int i = 0; i < N; i++)                 /* the last overflows */
+    for (int i = 0; i < n; i++)                 /* the last overflows */
         hakmem_free(b[i]);
     hakmem_class_info(cls, &after);
     assert_int_equal(after.flushes, before.flushes + 1);
-    assert_int_equal(after.blocks_flushed, before.blocks_flushed + 11);
-    assert_int_equal(after.blocks_cached, 21);  /* 10 in the bin, 11 in the stash */
-    assert_int_equal(hm_bin_count(&tc->bins[cls]), 10);
-    assert_int_equal(used_in_spans(b, N), used);    /* no block reached a span */
+    assert_int_equal(after.blocks_flushed, before.blocks_flushed + (uint64_t)moved);
+    assert_int_equal(after.blocks_cached, (uint64_t)n);     /* bin and stash */
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), (uint32_t)keep);
+    assert_int_equal(used_in_spans(b, 32), used);   /* no block reached a span */
 
-    for (int i = 9; i >= 0; i--)                /* the bin kept the oldest ten */
+    for (int i = keep - 1; i >= 0; i--)         /* the bin kept the oldest */
         assert_ptr_equal(hakmem_malloc(4096), b[i]);
-    assert_ptr_equal(hakmem_malloc(4096), b[20]);   /* a refill: the stash's newest */
-    assert_ptr_equal(hakmem_malloc(4096), b[19]);
+    assert_ptr_equal(hakmem_malloc(4096), b[n - 1]);    /* a refill: the stash's newest */
+    assert_ptr_equal(hakmem_malloc(4096), b[n - 2]);
     hakmem_class_info(cls, &after);
     assert_int_equal(after.refills, before.refills + 1);
-    assert_int_equal(after.blocks_cached, 9);   /* b[10..18], in the stash */
-    assert_int_equal(used_in_spans(b, N), used);
+    assert_int_equal(after.blocks_cached, (uint64_t)(moved - 2));
+    assert_int_equal(used_in_spans(b, 32), used);
 
     hakmem_trim();                              /* the stash goes back too */
     hakmem_class_info(cls, &after);
     assert_int_equal(after.blocks_cached, 0);
-    assert_int_equal(used_in_spans(b, N), used - 9);
+    assert_int_equal(used_in_spans(b, 32), used - (uint32_t)(moved - 2));
 
-    for (int i = 0; i < 10; i++)
+    for (int i = 0; i < keep; i++)
         hakmem_free(b[i]);
-    hakmem_free(b[19]);
-    hakmem_free(b[20]);
+    hakmem_free(b[n - 1]);
+    hakmem_free(b[n - 2]);
+    for (int i = n; i < 32; i++)
+        hakmem_free(b[i]);
 }
 
 enum { MIXED_CLASSES = 8, MIXED_BLOCKS = 40 };

@@ -31,8 +31,9 @@
 struct hm_bin {
     void *head;
     int32_t room;       /* cap - blocks held; -1: one over the cap */
-    int32_t cap;        /* 2x the refill count at each refill (more after a span's
-                         * whole free list: see hm_refill); or draining */
+    int32_t cap;        /* set at each refill (hm_bin_cap: 2x the refill count,
+                         * more after a span's whole free list, wider for a
+                         * class with a stash); or draining */
 };
 
 #define HM_BIN_DRAINING (-(1 << 30))
