@@ -118,11 +118,11 @@ static uint64_t page_run(unsigned first, unsigned count)
     return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
+static void huge_pages_touched(struct hm_segment *seg, uint64_t run);
+
 /* Free pages go into use (under the lock): no longer free, and no longer
  * dirty (in use, resident is right).  With the last dirty page goes the
  * age, or pages freed later would inherit it and go back too early. */
-static void huge_pages_touched(struct hm_segment *seg, uint64_t run);
-
 static void take_pages(struct hm_segment *seg, uint64_t run)
 {
     set_pages(&seg->free_pages, seg->free_pages & ~run);
