@@ -118,20 +118,6 @@ static uint64_t page_run(unsigned first, unsigned count)
     return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
-static void huge_pages_touched(struct hm_segment *seg, uint64_t run);
-
-/* Free pages go into use (under the lock): no longer free, and no longer
- * dirty (in use, resident is right).  With the last dirty page goes the
- * age, or pages freed later would inherit it and go back too early. */
-static void take_pages(struct hm_segment *seg, uint64_t run)
-{
-    set_pages(&seg->free_pages, seg->free_pages & ~run);
-    set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
-    if (!seg->dirty_pages)
-        __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
-    huge_pages_touched(seg, run);
-}
-
 /* ---- huge pages -------------------------------------------------------- */
 
 /* A segment of a big heap asks for transparent huge pages: each 2 MiB half
@@ -156,19 +142,18 @@ static void take_pages(struct hm_segment *seg, uint64_t run)
  * hundreds of GiB cannot run the process out of areas. */
 uint64_t hm_huge_segments_max = 4096;
 
-static bool huge_pages_ask(struct hm_segment *seg)
+static void huge_pages_ask(struct hm_segment *seg)
 {
     if (atomic_fetch_add_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed) >=
             hm_huge_segments_max ||
         !hm_os_huge_pages(seg, HM_SEGMENT_SIZE, true)) {
         atomic_fetch_sub_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed);
-        return false;
+        return;
     }
     seg->huge_asked = true;
     atomic_store_explicit(&seg->huge_halves, (1u << HM_SEGMENT_HALVES) - 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&hm_segment_counters.huge_halves, HM_SEGMENT_HALVES,
                               memory_order_relaxed);
-    return true;
 }
 
 /* The segment is going away. */
@@ -187,17 +172,24 @@ static uint64_t half_pages(unsigned i)
     return page_run(i * HM_HALF_PAGES, HM_HALF_PAGES);
 }
 
+/* The halves still asking for huge pages that hold any of `pages`. */
+static unsigned asking_halves(const struct hm_segment *seg, uint64_t pages)
+{
+    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed), hit = 0;
+    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++)
+        if ((halves >> i & 1) && (pages & half_pages(i)))
+            hit |= 1u << i;
+    return hit;
+}
+
 /* Pages `run` were taken (or the header written): the free pages of an
  * asking half they touch are resident now.  Caller holds the lock, or the
  * segment is not shared yet. */
 static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
 {
-    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
-    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
-        uint64_t half = half_pages(i);
-        if (!(halves >> i & 1) || !(run & half))
-            continue;
-        uint64_t resident = seg->free_pages & half & ~seg->dirty_pages;
+    unsigned hit = asking_halves(seg, run);
+    for (unsigned i = 0; hit; i++, hit >>= 1) {
+        uint64_t resident = (hit & 1) ? seg->free_pages & half_pages(i) & ~seg->dirty_pages : 0;
         if (resident) {
             set_pages(&seg->dirty_pages, seg->dirty_pages | resident);
             mark_dirty_since(seg, hm_clock_ns());
@@ -205,20 +197,18 @@ static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
     }
 }
 
-/* After [lo, hi) went back. */
-static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi)
+/* Pages `gone` went back: an asking half that a span still uses stops. */
+static void huge_pages_settle(struct hm_segment *seg, uint64_t gone)
 {
-    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
-    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
-        uintptr_t base = (uintptr_t)seg + i * HM_HUGE_PAGE;
-        if (!(halves >> i & 1) || hi <= base || lo >= base + HM_HUGE_PAGE)
-            continue;
+    unsigned hit = asking_halves(seg, gone);
+    uint64_t free_pages = __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED);
+    for (unsigned i = 0; hit; i++, hit >>= 1) {
         uint64_t half = half_pages(i);
-        if ((__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED) & half) == half)
+        if (!(hit & 1) || (free_pages & half) == half)
             continue;                        /* no span in it: stays huge */
         if (atomic_fetch_and_explicit(&seg->huge_halves, ~(1u << i), memory_order_relaxed) &
             (1u << i)) {
-            hm_os_huge_pages((void *)base, HM_HUGE_PAGE, false);
+            hm_os_huge_pages((char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE, false);
             atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves, 1, memory_order_relaxed);
         }
     }
@@ -227,7 +217,23 @@ static void huge_pages_settle(struct hm_segment *seg, uintptr_t lo, uintptr_t hi
 void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len)
 {
     madvise(p, len, MADV_DONTNEED);
-    huge_pages_settle(seg, (uintptr_t)p, (uintptr_t)p + len);
+    size_t first = (size_t)((char *)p - (char *)seg) >> HM_PAGE_SHIFT;
+    size_t last = (size_t)((char *)p + len - 1 - (char *)seg) >> HM_PAGE_SHIFT;
+    huge_pages_settle(seg, page_run((unsigned)first, (unsigned)(last - first + 1)));
+}
+
+/* ---- page state and the decay purge ------------------------------------ */
+
+/* Free pages go into use (under the lock): no longer free, and no longer
+ * dirty (in use, resident is right).  With the last dirty page goes the
+ * age, or pages freed later would inherit it and go back too early. */
+static void take_pages(struct hm_segment *seg, uint64_t run)
+{
+    set_pages(&seg->free_pages, seg->free_pages & ~run);
+    set_pages(&seg->dirty_pages, seg->dirty_pages & ~run);
+    if (!seg->dirty_pages)
+        __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
+    huge_pages_touched(seg, run);
 }
 
 /* Gives back the segment's dirty free pages, once the oldest has waited
@@ -242,10 +248,10 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
     /* An asking half with no span goes whole, past the budget if need be:
      * giving back one huge page is one quick call, and a half given back in
      * steps would sit partly resident meanwhile (see huge pages). */
-    unsigned halves = atomic_load_explicit(&seg->huge_halves, memory_order_relaxed);
-    for (unsigned i = 0; halves && i < HM_SEGMENT_HALVES; i++) {
+    unsigned hit = asking_halves(seg, dirty);
+    for (unsigned i = 0; hit; i++, hit >>= 1) {
         uint64_t half = half_pages(i);
-        if ((halves >> i & 1) && (dirty & half) == half) {
+        if ((hit & 1) && (dirty & half) == half) {
             hm_segment_give_back(seg, (char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE);
             bytes += HM_HUGE_PAGE;
             dirty &= ~half;
