@@ -208,6 +208,44 @@ static void flushes_alone_pace_the_purge(void **state)
     assert_true(purged >= (4u << 20));
 }
 
+/* Blocks tagged with their index: all of them, then all but one in 100. */
+static void alloc_tagged(unsigned char **b, int n, size_t size)
+{
+    for (int i = 0; i < n; i++) {
+        b[i] = hakmem_malloc(size);
+        memset(b[i], (unsigned char)i, size);
+    }
+}
+
+static void keep_one_in_100(unsigned char **b, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (i % 100) {
+            hakmem_free(b[i]);
+            b[i] = NULL;
+        }
+}
+
+/* The live blocks are intact, and the freed ones' room is handed out
+ * again without overlapping them; then all go. */
+static void check_reuse_free(unsigned char **b, int n, size_t size)
+{
+    for (int i = 0; i < n; i++)
+        if (b[i])
+            for (size_t k = 0; k < size; k++)
+                assert_int_equal(b[i][k], (unsigned char)i);
+    for (int i = 0; i < n; i++)
+        if (!b[i]) {
+            b[i] = hakmem_malloc(size);
+            memset(b[i], (unsigned char)i, size);
+        }
+    for (int i = 0; i < n; i++) {
+        for (size_t k = 0; k < size; k += 33)
+            assert_int_equal(b[i][k], (unsigned char)i);
+        hakmem_free(b[i]);
+    }
+}
+
 /* A live set shrunk to 1% keeps its spans, but not the pages that hold
  * only free blocks: those go back, and the blocks are reused later. */
 static void sparse_spans_give_back_their_free_pages(void **state)
@@ -218,15 +256,8 @@ static void sparse_spans_give_back_their_free_pages(void **state)
     static unsigned char *b[N];
     hakmem_trim();
     long base = rss_kb();
-    for (int i = 0; i < N; i++) {
-        b[i] = hakmem_malloc(SIZE);
-        memset(b[i], (unsigned char)i, SIZE);
-    }
-    for (int i = 0; i < N; i++)
-        if (i % 100) {
-            hakmem_free(b[i]);
-            b[i] = NULL;
-        }
+    alloc_tagged(b, N, SIZE);
+    keep_one_in_100(b, N);
     long sparse = rss_kb();
     assert_true(sparse - base > 30 * 1024);     /* every span still has live blocks */
     /* The pass over nearly empty spans runs at most four times per delay
@@ -241,20 +272,7 @@ static void sparse_spans_give_back_their_free_pages(void **state)
      * 16 MiB of the 45 stay. */
     print_message("rss: base %ld KiB, sparse %ld, compacted %ld\n", base, sparse, compacted);
     assert_true(sparse - compacted > 24 * 1024);
-    for (int i = 0; i < N; i += 100)            /* the live ones are intact */
-        for (int k = 0; k < SIZE; k++)
-            assert_int_equal(b[i][k], (unsigned char)i);
-    /* Holes are handed out again: no overlap with the live blocks. */
-    for (int i = 0; i < N; i++)
-        if (!b[i]) {
-            b[i] = hakmem_malloc(SIZE);
-            memset(b[i], (unsigned char)i, SIZE);
-        }
-    for (int i = 0; i < N; i++) {
-        for (int k = 0; k < SIZE; k += 33)
-            assert_int_equal(b[i][k], (unsigned char)i);
-        hakmem_free(b[i]);
-    }
+    check_reuse_free(b, N, SIZE);               /* holes are handed out again */
 }
 
 static uint64_t cached_bytes(void)
@@ -402,6 +420,87 @@ static void abandoned_segments_emptied_elsewhere_go_back(void **state)
     assert_true(s2.segments <= s0.segments + 4 + 2);
 }
 
+/* A thread that goes idle (blocked: no slow path) after its live set
+ * shrank would keep what only its slow paths give back.  The purge pass of
+ * another thread tidies its heap for it: collects the frees other threads
+ * made of its blocks, sends its stashed blocks back to their spans, and
+ * gives back the pages of its sparse spans that hold only free blocks. */
+enum { IDLE_N = 200000, IDLE_SIZE = 100, STASHED = 64, STASH_SIZE = 1000 };
+static unsigned char *idle_b[IDLE_N];
+static pthread_barrier_t idle_ready, idle_wake;
+
+static void *idle_owner(void *arg)
+{
+    (void)arg;
+    alloc_tagged(idle_b, IDLE_N, IDLE_SIZE);
+    keep_one_in_100(idle_b, IDLE_N);
+    void *s[STASHED];
+    for (int i = 0; i < STASHED; i++)
+        s[i] = hakmem_malloc(STASH_SIZE);
+    for (int i = 0; i < STASHED; i++)
+        hakmem_free(s[i]);      /* the bin overflows: its newer half goes to the stash */
+    pthread_barrier_wait(&idle_ready);
+    pthread_barrier_wait(&idle_wake);
+    check_reuse_free(idle_b, IDLE_N, IDLE_SIZE);    /* awake: its heap works on */
+    return NULL;
+}
+
+static struct hakmem_class_info class_info_of(size_t size)
+{
+    struct hakmem_class_info ci = { 0 };
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        hakmem_class_info(c, &ci);
+        if (ci.block_size >= size)
+            break;
+    }
+    return ci;
+}
+
+static void idle_threads_heaps_are_tidied(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    pthread_barrier_init(&idle_ready, NULL, 2);
+    pthread_barrier_init(&idle_wake, NULL, 2);
+    pthread_t t;
+    pthread_create(&t, NULL, idle_owner, NULL);
+    pthread_barrier_wait(&idle_ready);
+    long sparse = rss_kb();
+    struct hakmem_class_info small0 = class_info_of(IDLE_SIZE);
+    struct hakmem_class_info stash0 = class_info_of(STASH_SIZE);
+    int remote = 0;
+    for (int i = 0; i < IDLE_N; i += 200) {
+        hakmem_free(idle_b[i]);             /* remote frees to the idle thread */
+        idle_b[i] = NULL;
+        remote++;
+    }
+    struct hakmem_class_info small1, stash1;
+    for (int i = 0; i < 100; i++) {
+        slow_path_activity();
+        nap_ms(20);
+        small1 = class_info_of(IDLE_SIZE);
+        stash1 = class_info_of(STASH_SIZE);
+        if (small1.remote_frees >= small0.remote_frees + (uint64_t)remote &&
+            stash1.blocks_cached < stash0.blocks_cached &&
+            (!HM_RSS_MEANINGFUL || sparse - rss_kb() > 8 * 1024))
+            break;
+    }
+    long tidied = rss_kb();
+    print_message("idle heap: rss %ld -> %ld KiB, remote frees collected %llu of %d, "
+                  "%u B blocks cached %llu -> %llu\n", sparse, tidied,
+                  (unsigned long long)(small1.remote_frees - small0.remote_frees), remote,
+                  (unsigned)STASH_SIZE, (unsigned long long)stash0.blocks_cached,
+                  (unsigned long long)stash1.blocks_cached);
+    assert_true(small1.remote_frees >= small0.remote_frees + (uint64_t)remote);
+    assert_true(stash1.blocks_cached < stash0.blocks_cached);
+    if (HM_RSS_MEANINGFUL)
+        assert_true(sparse - tidied > 8 * 1024);    /* of 22 MiB in 112 B blocks */
+    pthread_barrier_wait(&idle_wake);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&idle_ready);
+    pthread_barrier_destroy(&idle_wake);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -415,6 +514,7 @@ int main(void)
         cmocka_unit_test(flushes_alone_pace_the_purge),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
+        cmocka_unit_test(idle_threads_heaps_are_tidied),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -4,6 +4,7 @@
 #include "heap_internal.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -335,11 +336,65 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if ((atomic_load_explicit(&global_unfinished, memory_order_relaxed) ||
          now - last >= delay_ns / 4) &&
         atomic_compare_exchange_strong(&last_global, &last, now)) {
+        hm_heaps_tidy_idle_step(h, now, delay_ns, HM_PURGE_STEP - done);
         size_t step = HM_PURGE_STEP - done;
         bool behind = hm_segment_purge_all(now, delay_ns, step) >= step;
         atomic_store_explicit(&global_unfinished, behind, memory_order_relaxed);
         h->purge_behind = behind;
     }
+}
+
+/* ---- idle heaps -------------------------------------------------------- */
+
+/* The owner spins while a tidier finishes its step (tens of microseconds
+ * at most), then yields: on a machine with fewer cores than threads the
+ * tidier may not be running. */
+void hm_heap_lock_wait(struct hm_heap *h)
+{
+    for (unsigned spins = 0;; spins++) {
+        if (!atomic_load_explicit(&h->lock, memory_order_relaxed) &&
+            !atomic_exchange_explicit(&h->lock, 1, memory_order_acquire))
+            return;
+        if (spins < 64)
+            __builtin_ia32_pause();
+        else
+            sched_yield();
+    }
+}
+
+/* A heap whose thread entered no slow path for the delay keeps what its
+ * last slow paths left: blocks in its stashes, nearly empty spans, frees
+ * of its blocks by other threads.  Its owner would deal with them at its
+ * next slow path; a thread blocked for minutes never gets there.  So
+ * whoever runs the process-wide purge (the ACE thread, or any thread's
+ * slow path a few times per delay) does it for the owner, holding its
+ * lock: only a heap whose lock is free, whose slow-path count has not
+ * moved for the delay.  Its bins stay: the fast paths touch them without
+ * a lock.  Walked under heaps_lock, so a heap cannot leave the registry
+ * (nor its thread's cache go) meanwhile. */
+void hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t now, uint64_t delay_ns, size_t budget)
+{
+    size_t done = 0;
+    pthread_mutex_lock(&heaps_lock);
+    for (struct hm_heap *h = heaps_live; h && done < budget; h = h->next_live) {
+        if (h == self || !hm_heap_trylock(h))
+            continue;
+        if (h->entries != h->idle_entries || !h->idle_since_ns) {
+            h->idle_entries = h->entries;
+            h->idle_since_ns = now;
+        } else if (now - h->idle_since_ns >= delay_ns &&
+                   now - h->compacted_ns >= delay_ns / 4) {
+            h->compacted_ns = now;
+            done += hm_heap_tidy(h, budget - done);
+        }
+        hm_heap_unlock(h);
+    }
+    pthread_mutex_unlock(&heaps_lock);
+}
+
+void hm_heaps_tidy_idle(uint64_t now_ns, uint64_t delay_ns)
+{
+    hm_heaps_tidy_idle_step(NULL, now_ns, delay_ns, (size_t)-1);
 }
 
 static void abandon_segment(struct hm_segment *seg)
@@ -459,6 +514,7 @@ void hm_thread_exit(struct hm_tcache *tc)
     struct hm_heap *h = tc->heap;
     if (!h)
         return;
+    hm_heap_lock(h);
     hm_remote_flush(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
         hm_bin_return_all(h, tc, c);
@@ -494,6 +550,9 @@ void hm_thread_exit(struct hm_tcache *tc)
      * a free does not (see remote_free). */
     tc->owner = HM_OWNER_EXITED;
     tc->heap = NULL;
+    /* A tidier may still find the heap, now empty, until it leaves the
+     * registry below. */
+    hm_heap_unlock(h);
 
     pthread_mutex_lock(&heaps_lock);
     retire_stats(h);

@@ -28,16 +28,27 @@ struct hm_remote_batch {
  * by their spans, like a bin's. */
 #define HM_STASH_MAX 16
 struct hm_stash {
-    uint32_t count;                 /* written by the owner, read by reports */
+    uint32_t count;                 /* written under the heap's lock, read by reports */
     void *slot[HM_STASH_MAX];
 };
 
 /* A thread's heap: the spans it owns, per class, and the segments they live
- * in.  Only its thread touches it, except the registry link and the
- * counters that reports read. */
+ * in.  Only a holder of its lock touches it (its thread; another thread
+ * tidying it while the thread idles), except the registry link, the
+ * counters that reports read, and the batches of remote frees, which only
+ * its thread touches. */
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
     struct hm_tcache *tcache;
+    /* Held by the owner through each slow path (hm_heap_lock), so that
+     * another thread may tidy the heap while its thread idles (see
+     * hm_heaps_tidy_idle); the fast paths never take it: they touch only
+     * the thread cache, which nobody else touches. */
+    _Atomic uint32_t lock;
+    uint32_t entries;                       /* slow paths entered (under the lock) */
+    /* The tidier's view, under heaps_lock: the entries it last saw, since when. */
+    uint32_t idle_entries;
+    uint64_t idle_since_ns;
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
     struct hm_segment *segments;            /* segments this heap owns */
     /* Empty segments kept for reuse (their pages decay like any free page),
@@ -66,6 +77,27 @@ struct hm_heap {
 
 #define HM_HEAP_RESERVE 4
 
+/* The owner's lock: one uncontended exchange.  Contended only while a
+ * tidier holds it, for one step of bounded work. */
+void hm_heap_lock_wait(struct hm_heap *h);
+static inline void hm_heap_lock(struct hm_heap *h)
+{
+    if (__builtin_expect(atomic_exchange_explicit(&h->lock, 1, memory_order_acquire), 0))
+        hm_heap_lock_wait(h);
+    h->entries++;
+}
+
+static inline bool hm_heap_trylock(struct hm_heap *h)
+{
+    return !atomic_load_explicit(&h->lock, memory_order_relaxed) &&
+           !atomic_exchange_explicit(&h->lock, 1, memory_order_acquire);
+}
+
+static inline void hm_heap_unlock(struct hm_heap *h)
+{
+    atomic_store_explicit(&h->lock, 0, memory_order_release);
+}
+
 /* heap.c */
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
@@ -74,6 +106,11 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 /* Gives back the free pages of this heap's segments that waited delay_ns,
  * a step at a time. */
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
+/* Tidies the heaps whose threads entered no slow path for delay_ns (not
+ * `self`, the caller's own): what their owners would have done at their
+ * next slow paths, within `budget` bytes given back (see hm_heap_tidy). */
+void hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t now_ns, uint64_t delay_ns,
+                             size_t budget);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
 unsigned hm_heap_purge_interval(const struct hm_heap *h);
@@ -85,6 +122,11 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
+/* An idle heap's tidying, by another thread holding its lock: its batches
+ * of remote frees go out, remote frees to it are collected, its stashes go
+ * back to their spans, and its nearly empty spans are compacted, until
+ * `budget` bytes went back; returns them. */
+size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 /* Compacts nearly empty spans until `budget` bytes went back; returns them. */

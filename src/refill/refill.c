@@ -424,15 +424,17 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
 
 /* Refills reach the learner in batches of HM_EVENT_BATCH per thread and
  * class, sent once the refill that completes a batch is done: two clock
- * reads and one push per batch. */
-static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
+ * reads and one push per batch.  The batch is taken under the heap's lock
+ * (a tidier counts remote frees into it), and sent after: the first push
+ * starts the ACE thread, and pthread_create allocates. */
+static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct hm_event *out)
 {
     struct hm_heap_class_stats *s = &h->stats[cls];
     if (s->batch_refills++ == 0)
         s->batch_start_ns = hm_clock_precise_ns();
     if (s->batch_refills < HM_EVENT_BATCH)
-        return;
-    struct hm_event ev = {
+        return false;
+    *out = (struct hm_event){
         .size_class = cls,
         .refill_count = want,
         .interval_ns = hm_clock_precise_ns() - s->batch_start_ns,
@@ -444,9 +446,15 @@ static void report_refill(struct hm_heap *h, unsigned cls, uint32_t want)
     s->batch_refills = 0;
     s->flushed_since_refill = 0;
     s->remote_since_refill = 0;
-    if (!hm_ace_record(&ev)) {
-        s->ace_drops++;
-        HM_TRACE_EVENT_DROPPED(cls);
+    return true;
+}
+
+static void send_report(struct hm_heap *h, const struct hm_event *ev)
+{
+    if (!hm_ace_record(ev)) {
+        /* Only its thread writes it: a tidier does not. */
+        h->stats[ev->size_class].ace_drops++;
+        HM_TRACE_EVENT_DROPPED(ev->size_class);
     }
 }
 
@@ -533,14 +541,9 @@ static void slow_path_tick(struct hm_heap *h, struct hm_tcache *tc)
         hm_heap_purge(h, hm_options.purge_delay_ns);
 }
 
-void *hm_refill(struct hm_tcache *tc, unsigned cls)
+static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struct hm_event *ev,
+                    bool *report)
 {
-    struct hm_heap *h = tc->heap;
-    if (__builtin_expect(!h, 0)) {
-        h = hm_heap_attach(tc);
-        if (!h)
-            return NULL;
-    }
     hm_remote_flush(h);
     /* The count is read here and only here (Contract B). */
     uint32_t want = hm_refill_count_load(cls);
@@ -593,16 +596,27 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class. */
-    if (hm_ace_on && !draining)
-        report_refill(h, cls, want);
+    *report = hm_ace_on && !draining && take_report(h, cls, want, ev);
     return p;
 }
 
-void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
+void *hm_refill(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
-    if (!h && !(h = hm_heap_attach(tc)))
+    if (__builtin_expect(!h, 0) && !(h = hm_heap_attach(tc)))
         return NULL;
+    struct hm_event ev;
+    bool report = false;
+    hm_heap_lock(h);
+    void *p = refill(h, tc, cls, &ev, &report);
+    hm_heap_unlock(h);
+    if (report)
+        send_report(h, &ev);
+    return p;
+}
+
+static void *alloc_pages(struct hm_heap *h, struct hm_tcache *tc, size_t size)
+{
     unsigned pages = (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT);
     /* Page blocks freed by other threads may have left whole spans free. */
     hm_heap_collect(h);
@@ -618,6 +632,17 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     return sp->start;
 }
 
+void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
+{
+    struct hm_heap *h = tc->heap;
+    if (!h && !(h = hm_heap_attach(tc)))
+        return NULL;
+    hm_heap_lock(h);
+    void *p = alloc_pages(h, tc, size);
+    hm_heap_unlock(h);
+    return p;
+}
+
 bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
 {
     uintptr_t u = (uintptr_t)p;
@@ -627,7 +652,10 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
     struct hm_span *sp = hm_span_of(seg, u);
     if (sp->size_class != HM_PAGES_CLASS || hm_span_owner(sp) != tc->owner || sp->start != p)
         return false;
-    return hm_span_resize(seg, sp, (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT));
+    hm_heap_lock(tc->heap);     /* the owner's: its thread has a heap */
+    bool done = hm_span_resize(seg, sp, (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT));
+    hm_heap_unlock(tc->heap);
+    return done;
 }
 
 /* ---- compaction of nearly empty spans ----------------------------------- */
@@ -636,7 +664,8 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
  * runs through resident, though a few live blocks hold it.  Compaction
  * gives back the OS pages that hold only free blocks: those blocks leave
  * the free list (their links would be lost with the pages) for the span's
- * hole bitmap, from which refills take them later.  Owner only.
+ * hole bitmap, from which refills take them later.  Under the heap's
+ * lock: its owner's slow path, or a tidier's.
  *
  * It runs with the periodic purge, for spans nearly empty for the purge
  * delay: a program that holds a few blocks of a size for long.  A live set
@@ -740,7 +769,8 @@ size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay
                 continue;
             if (!sp->sparse_since_ns) {
                 sp->sparse_since_ns = now_ns;
-                continue;
+                if (delay_ns)
+                    continue;
             }
             uint64_t listed = free_listed(sp);
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
@@ -1005,9 +1035,8 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     count_flushed(h, cls, n);
 }
 
-void hm_flush(struct hm_tcache *tc, unsigned cls)
+static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
-    struct hm_heap *h = tc->heap;
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
     if (bin->cap < 0) {
@@ -1035,11 +1064,36 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
     slow_path_tick(h, tc);
 }
 
+void hm_flush(struct hm_tcache *tc, unsigned cls)
+{
+    hm_heap_lock(tc->heap);
+    flush(tc->heap, tc, cls);
+    hm_heap_unlock(tc->heap);
+}
+
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     bin_trim(h, tc, cls, 0);
     stash_return_all(h, cls);
     hm_cache_bound_note(h, tc, cls);
+}
+
+/* ---- tidying an idle heap ---------------------------------------------- */
+
+/* Not its batches of remote frees (the owner's free path fills them
+ * without the lock; they hold at most REMOTE_HELD_MAX) nor its bins (the
+ * fast paths'). */
+size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
+{
+    hm_heap_collect(h);
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        if (h->stash[c].count) {
+            stash_return_all(h, c);
+            hm_cache_bound_note(h, h->tcache, c);
+        }
+    /* Nothing changed since its owner went idle, the delay ago: its nearly
+     * empty spans have been so that long. */
+    return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);
 }
 
 /* ---- slow frees -------------------------------------------------------- */
@@ -1054,8 +1108,9 @@ static bool on_list(void *list, void *p)
 
 /* Whether p is already free: in this thread's cache, on its span's list,
  * or on the span's remote list.  That one is only read: other threads
- * push onto it meanwhile, but only its owner (this thread) ever takes
- * blocks off it, so a walk from a snapshot of its head is safe.  (A block
+ * push onto it meanwhile, but only a holder of the heap's lock (this
+ * thread, here) ever takes blocks off it, so a walk from a snapshot of its
+ * head is safe.  (A block
  * still in another thread's unsent batch is not seen.) */
 static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
@@ -1117,8 +1172,13 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     /* Our own block whose second word holds the free key: a double free,
      * unless the program happened to store that value there (the lists
      * tell). */
-    if (words[1] == hm_free_key && is_free_here(tc, sp, p))
-        hm_fatal(call, "double free detected", p);
+    if (words[1] == hm_free_key) {
+        hm_heap_lock(tc->heap);     /* a tidier may be rebuilding the lists */
+        bool is_free = is_free_here(tc, sp, p);
+        hm_heap_unlock(tc->heap);
+        if (is_free)
+            hm_fatal(call, "double free detected", p);
+    }
     if (hm_bin_push(&tc->bins[sp->size_class], p, hm_free_key))
         hm_flush(tc, sp->size_class);
 }
@@ -1157,11 +1217,13 @@ bool hm_trim(struct hm_tcache *tc)
     uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                            memory_order_relaxed);
     if (h) {
+        hm_heap_lock(h);
         hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
         hm_heap_collect(h);
         hm_heap_release_reserve(h, true);
+        hm_heap_unlock(h);
     }
     hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);

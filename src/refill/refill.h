@@ -128,6 +128,11 @@ size_t hm_usable_size(void *p, const char *call);
  * segment it holds.  True when memory went back to the OS. */
 bool hm_trim(struct hm_tcache *tc);
 
+/* The process-wide purge's share of the heaps: tidies those whose threads
+ * entered no slow path for delay_ns (their stashes, nearly empty spans and
+ * remote frees; see hm_heaps_tidy_idle_step). */
+void hm_heaps_tidy_idle(uint64_t now_ns, uint64_t delay_ns);
+
 /* Thread exit: gives the thread's cached blocks and spans back. */
 void hm_thread_exit(struct hm_tcache *tc);
 
