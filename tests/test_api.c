@@ -112,6 +112,38 @@ static void realloc_keeps_content(void **state)
     hakmem_free(p);
 }
 
+/* A block grown a byte at a time moves to half again its size at least
+ * (up to the page blocks' 2 MiB), so it moves about log1.5 times, not once
+ * per size class (88 of them up to 128 KiB); a shrink within half keeps it. */
+static void realloc_growth_moves_by_half_again(void **state)
+{
+    (void)state;
+    size_t n = 16;
+    char *p = hakmem_malloc(n);
+    fill(p, n, 5);
+    unsigned moves = 0;
+    while (n < (1u << 20)) {
+        size_t old_usable = hakmem_malloc_usable_size(p);
+        char *q = hakmem_realloc(p, n + 1);
+        assert_non_null(q);
+        assert_true(check(q, n, 5));
+        if (q != p) {
+            moves++;
+            assert_true(hakmem_malloc_usable_size(q) >= old_usable + old_usable / 2);
+        }
+        q[n] = (char)(5 * 31u + n * 7u);    /* what fill() puts at n */
+        p = q;
+        n++;
+        if (n % 64 == 0 && n < hakmem_malloc_usable_size(p)) {
+            n = hakmem_malloc_usable_size(p);   /* skip ahead within the block */
+            fill(p, n, 5);
+        }
+    }
+    print_message("grown 16 B -> 1 MiB: %u moves\n", moves);
+    assert_true(moves <= 26);       /* log1.5(65536) = 27.4, from usable sizes */
+    hakmem_free(p);
+}
+
 static void realloc_edge_cases(void **state)
 {
     (void)state;
@@ -363,6 +395,7 @@ int main(void)
         cmocka_unit_test(huge_sizes_fail_with_enomem),
         cmocka_unit_test(calloc_zeroes_reused_blocks),
         cmocka_unit_test(realloc_keeps_content),
+        cmocka_unit_test(realloc_growth_moves_by_half_again),
         cmocka_unit_test(realloc_edge_cases),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),
