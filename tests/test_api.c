@@ -371,6 +371,38 @@ static void usable_size_of_foreign(void)
     hakmem_malloc_usable_size(p);
 }
 
+/* A diagnostic raised inside a slow path (here trim's check of the cache)
+ * aborts while the thread holds its heap's lock; an abort handler that
+ * allocates (a crash reporter) re-enters the allocator on that thread and
+ * must run, not wait for the lock for ever. */
+static void allocate_and_exit(int sig)
+{
+    (void)sig;
+    void *p[100];
+    for (int i = 0; i < 100; i++)       /* refills: slow paths */
+        p[i] = hakmem_malloc(30000);
+    for (int i = 0; i < 100; i++)
+        hakmem_free(p[i]);
+    _exit(p[99] ? 42 : 43);
+}
+
+static void interior_trim_with_handler(void)
+{
+    signal(SIGABRT, allocate_and_exit);
+    alarm(20);                          /* a hang dies of SIGALRM */
+    free_interior_then_trim();
+}
+
+static void abort_handler_may_allocate(void **state)
+{
+    (void)state;
+    char buf[512];
+    int status = run_child(interior_trim_with_handler, buf, sizeof buf);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 42);
+    assert_non_null(strstr(buf, "invalid pointer (found in a thread cache)"));
+}
+
 static void invalid_frees_abort(void **state)
 {
     (void)state;
@@ -401,6 +433,7 @@ int main(void)
         cmocka_unit_test(aligned_alloc_memalign_valloc),
         cmocka_unit_test(usable_size_and_sized_free),
         cmocka_unit_test(invalid_frees_abort),
+        cmocka_unit_test(abort_handler_may_allocate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

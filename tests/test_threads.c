@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 
 #include "hakmem.h"
+#include "process/process.h"
 
 /* HAKMEM_TEST_QUICK=1 (sanitizer runs) divides the work by ten. */
 static int scaled(int n)
@@ -425,6 +426,142 @@ static void fork_while_busy(void **state)
         pthread_join(t[i], NULL);
 }
 
+/* A fork child has only the forking thread: the registry forgets the
+ * other threads' heaps (their caches lived in threads the child does not
+ * have), so reports count one live thread, and neither reports nor the
+ * purge's tidying of idle heaps reach the parent's other threads' caches
+ * (the tidier once read them and crashed the child). */
+enum { STASHERS = 4 };
+static pthread_barrier_t stashed, fork_done;
+
+static void *stash_and_wait(void *arg)
+{
+    (void)arg;
+    void *p[64];
+    for (int i = 0; i < 64; i++)
+        p[i] = hakmem_malloc(2000);
+    for (int i = 0; i < 64; i++)
+        hakmem_free(p[i]);      /* the bin overflows: its newer half goes to the stash */
+    pthread_barrier_wait(&stashed);
+    pthread_barrier_wait(&fork_done);
+    return NULL;
+}
+
+static void *alloc_once(void *arg)
+{
+    hakmem_free(hakmem_malloc((size_t)(uintptr_t)arg));
+    return NULL;
+}
+
+static void fork_child_forgets_other_threads_heaps(void **state)
+{
+    (void)state;
+    pthread_t t[STASHERS];
+    pthread_barrier_init(&stashed, NULL, STASHERS + 1);
+    pthread_barrier_init(&fork_done, NULL, STASHERS + 1);
+    for (int i = 0; i < STASHERS; i++)
+        pthread_create(&t[i], NULL, stash_and_wait, NULL);
+    pthread_barrier_wait(&stashed);
+    hakmem_free(hakmem_malloc(100));        /* this thread has a heap */
+    struct hakmem_stats parent;
+    hakmem_stats(&parent);
+    assert_true(parent.threads_live >= STASHERS + 1);
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct hakmem_stats child;
+        hakmem_stats(&child);
+        if (child.threads_live != 1)
+            _exit(10);
+#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
+        for (uintptr_t k = 0; k < 4; k++) {     /* new threads reuse the dead ones' stacks */
+            pthread_t x;
+            pthread_create(&x, NULL, alloc_once, (void *)(100 + k));
+            pthread_join(x, NULL);
+        }
+#endif
+        /* Slow paths past a short purge delay: the purge tidies idle heaps. */
+        hm_options.purge_delay_ns = 5000000;
+        void *q[256] = { 0 };
+        struct timespec nap = { 0, 1000000 };
+        for (int r = 0; r < 40; r++) {
+            for (int i = 0; i < 256; i++) {
+                hakmem_free(q[i]);
+                q[i] = hakmem_malloc(16 + (size_t)(r * 37 + i * 101) % 20000);
+            }
+            for (unsigned c = 0; c < hakmem_class_count(); c++) {
+                struct hakmem_class_info ci;
+                hakmem_class_info(c, &ci);
+            }
+            nanosleep(&nap, NULL);
+        }
+        for (int i = 0; i < 256; i++)
+            hakmem_free(q[i]);
+        _exit(0);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    pthread_barrier_wait(&fork_done);
+    for (int i = 0; i < STASHERS; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&stashed);
+    pthread_barrier_destroy(&fork_done);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+/* A key destructor that allocates in every round, past glibc's last:
+ * the thread gets a heap again after its exit, and nothing exits that
+ * one.  Its cache goes with the thread's memory, which later threads
+ * reuse: reports must not read it (they once crashed here). */
+enum { LATE = 8 };
+static pthread_key_t late_key;
+
+static void late_dtor(void *v)
+{
+    long round = (long)v;
+    void *p[64];
+    for (int i = 0; i < 64; i++)
+        p[i] = hakmem_malloc(2000);
+    for (int i = 0; i < 64; i++)
+        hakmem_free(p[i]);
+    if (round < 8)
+        pthread_setspecific(late_key, (void *)(round + 1));
+}
+
+static void *set_late_key(void *arg)
+{
+    hakmem_free(hakmem_malloc(10));
+    pthread_setspecific(late_key, (void *)1);
+    return arg;
+}
+
+static void allocation_after_the_last_destructor_round(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* TSan's own state of a thread is gone by its late rounds */
+    skip();
+#endif
+    pthread_key_create(&late_key, late_dtor);
+    pthread_t t[LATE];
+    for (int i = 0; i < LATE; i++)
+        pthread_create(&t[i], NULL, set_late_key, NULL);
+    for (int i = 0; i < LATE; i++)
+        pthread_join(t[i], NULL);
+    for (int r = 0; r < 20; r++) {
+        for (uintptr_t i = 0; i < LATE; i++) {     /* reuse the dead threads' memory */
+            pthread_t x;
+            pthread_create(&x, NULL, alloc_once, (void *)(100 + i));
+            pthread_join(x, NULL);
+        }
+        for (unsigned c = 0; c < hakmem_class_count(); c++) {
+            struct hakmem_class_info ci;
+            hakmem_class_info(c, &ci);
+            assert_true(ci.blocks_cached < 100000);
+        }
+    }
+    pthread_key_delete(late_key);
+}
+
 /* A thread whose very first call is free(): its cache is not set up, so
  * no page can look like its own, whatever the block (small, a page
  * block, a large one).  Each goes back to its owner or the OS, and the
@@ -535,6 +672,8 @@ int main(void)
         cmocka_unit_test(double_frees_across_threads_abort),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(fork_while_busy),
+        cmocka_unit_test(fork_child_forgets_other_threads_heaps),
+        cmocka_unit_test(allocation_after_the_last_destructor_round),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

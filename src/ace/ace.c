@@ -188,7 +188,7 @@ static void *ace_main(void *arg)
          * and cached large blocks unused for the purge delay go back. */
         if (now - last_purge >= ACE_PURGE_NS) {
             last_purge = now;
-            hm_heaps_tidy_idle(hm_clock_ns(), hm_options.purge_delay_ns);
+            hm_heaps_tidy_idle(hm_options.purge_delay_ns);
             hm_segment_purge_all(hm_clock_ns(), hm_options.purge_delay_ns, HM_PURGE_ALL);
         }
         if (n > 0) {

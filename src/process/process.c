@@ -14,6 +14,7 @@
 #include "../../include/hakmem.h"
 #include "../ace/ace.h"
 #include "../diag/diag.h"
+#include "../hot/hot.h"
 #include "../refill/refill.h"
 #include "../segment/segment.h"
 
@@ -52,7 +53,7 @@ static void fork_child(void)
 {
     hm_large_fork_child();
     hm_segment_fork_child();
-    hm_refill_fork_child();
+    hm_refill_fork_child(hm_tcache_self());
     hm_ace_fork_child();
 }
 

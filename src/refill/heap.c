@@ -5,6 +5,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -97,7 +98,11 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
          * are then touched only by the classes that use them. */
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
-        h->tcache = tc;
+        /* A thread that allocates after its exit (a later key destructor)
+         * gets a heap again; if that was glibc's last round of
+         * destructors, nothing exits it and its cache goes with the
+         * thread: reports must not read it. */
+        h->tcache = tc->owner == HM_OWNER_EXITED ? NULL : tc;
         h->next_live = heaps_live;
         if (heaps_live)
             heaps_live->prev_live = h;
@@ -333,11 +338,12 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if (h->purge_behind)
         return;
     uint64_t last = atomic_load_explicit(&last_global, memory_order_relaxed);
+    /* Signed: another thread may have stored a later time than ours. */
     if ((atomic_load_explicit(&global_unfinished, memory_order_relaxed) ||
-         now - last >= delay_ns / 4) &&
+         (int64_t)(now - last) >= (int64_t)(delay_ns / 4)) &&
         atomic_compare_exchange_strong(&last_global, &last, now)) {
-        hm_heaps_tidy_idle_step(h, now, delay_ns, HM_PURGE_STEP - done);
-        size_t step = HM_PURGE_STEP - done;
+        done += hm_heaps_tidy_idle_step(h, delay_ns, HM_PURGE_STEP - done);
+        size_t step = done < HM_PURGE_STEP ? HM_PURGE_STEP - done : 0;
         bool behind = hm_segment_purge_all(now, delay_ns, step) >= step;
         atomic_store_explicit(&global_unfinished, behind, memory_order_relaxed);
         h->purge_behind = behind;
@@ -346,21 +352,36 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 
 /* ---- idle heaps -------------------------------------------------------- */
 
-/* The owner spins while a tidier finishes its step (tens of microseconds
- * at most), then yields: on a machine with fewer cores than threads the
- * tidier may not be running. */
+/* The owner spins while a tidier finishes its step (at most a few
+ * milliseconds: see HM_TIDY_STEP), then yields, then sleeps: on a machine
+ * with fewer cores than threads the tidier may not be running, and under
+ * SCHED_FIFO a yield never lets a lower priority run. */
 void hm_heap_lock_wait(struct hm_heap *h)
 {
     for (unsigned spins = 0;; spins++) {
-        if (!atomic_load_explicit(&h->lock, memory_order_relaxed) &&
-            !atomic_exchange_explicit(&h->lock, 1, memory_order_acquire))
+        uint32_t seen = HM_HEAP_FREE;
+        if (atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_FREE &&
+            atomic_compare_exchange_strong_explicit(&h->lock, &seen, HM_HEAP_OWNER,
+                                                    memory_order_acquire, memory_order_relaxed))
             return;
-        if (spins < 64)
+        if (spins < 64) {
             __builtin_ia32_pause();
-        else
+        } else if (spins < 128) {
             sched_yield();
+        } else {
+            struct timespec nap = { 0, 20000 };
+            nanosleep(&nap, NULL);
+        }
     }
 }
+
+/* One step of the ACE thread's tidying gives back at most 512 KiB, about
+ * 2 ms of work (compaction walks the free lists of the spans it empties:
+ * an idle heap of a million 100 B blocks, 1% live, took 240 ms whole),
+ * during which the registry is locked and a waking owner waits.  Up to 8
+ * steps a pass, every 100 ms, with both locks let go between steps. */
+#define HM_TIDY_STEP  ((size_t)512 << 10)
+#define HM_TIDY_STEPS 8
 
 /* A heap whose thread entered no slow path for the delay keeps what its
  * last slow paths left: blocks in its stashes, nearly empty spans, frees
@@ -371,30 +392,38 @@ void hm_heap_lock_wait(struct hm_heap *h)
  * lock: only a heap whose lock is free, whose slow-path count has not
  * moved for the delay.  Its bins stay: the fast paths touch them without
  * a lock.  Walked under heaps_lock, so a heap cannot leave the registry
- * (nor its thread's cache go) meanwhile. */
-void hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t now, uint64_t delay_ns, size_t budget)
+ * meanwhile, and fork (whose prepare handler takes heaps_lock) never finds
+ * a heap held by a tidier. */
+size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget)
 {
     size_t done = 0;
     pthread_mutex_lock(&heaps_lock);
     for (struct hm_heap *h = heaps_live; h && done < budget; h = h->next_live) {
         if (h == self || !hm_heap_trylock(h))
             continue;
+        /* Read under the heap's lock: every time its owner wrote is older. */
+        uint64_t now = hm_clock_ns();
         if (h->entries != h->idle_entries || !h->idle_since_ns) {
             h->idle_entries = h->entries;
             h->idle_since_ns = now;
         } else if (now - h->idle_since_ns >= delay_ns &&
                    now - h->compacted_ns >= delay_ns / 4) {
-            h->compacted_ns = now;
-            done += hm_heap_tidy(h, budget - done);
+            size_t bytes = hm_heap_tidy(h, budget - done);
+            if (bytes < budget - done)
+                h->compacted_ns = now;      /* done: look again in a quarter delay */
+            done += bytes;
         }
-        hm_heap_unlock(h);
+        hm_heap_tidier_unlock(h);
     }
     pthread_mutex_unlock(&heaps_lock);
+    return done;
 }
 
-void hm_heaps_tidy_idle(uint64_t now_ns, uint64_t delay_ns)
+void hm_heaps_tidy_idle(uint64_t delay_ns)
 {
-    hm_heaps_tidy_idle_step(NULL, now_ns, delay_ns, (size_t)-1);
+    for (int i = 0; i < HM_TIDY_STEPS; i++)
+        if (hm_heaps_tidy_idle_step(NULL, delay_ns, HM_TIDY_STEP) < HM_TIDY_STEP)
+            break;
 }
 
 static void abandon_segment(struct hm_segment *seg)
@@ -591,7 +620,8 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
         out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
-        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]) + hm_stash_count(h, cls);
+        out->blocks_cached += (h->tcache ? hm_bin_count(&h->tcache->bins[cls]) : 0) +
+                              hm_stash_count(h, cls);
     }
     pthread_mutex_unlock(&heaps_lock);
 }
@@ -623,8 +653,27 @@ void hm_refill_fork_parent(void)
     pthread_mutex_unlock(&heaps_lock);
 }
 
-void hm_refill_fork_child(void)
+/* Only the forking thread lives on in the child.  The other threads'
+ * heaps leave the registry: their caches were in threads the child does
+ * not have (reports and the tidier would read them), and their state may
+ * be halfway through a slow path.  Their blocks stay allocated; their
+ * counters join the retired ones. */
+void hm_refill_fork_child(struct hm_tcache *self)
 {
     pthread_mutex_init(&abandoned_lock, NULL);
     pthread_mutex_init(&heaps_lock, NULL);
+    struct hm_heap *mine = self ? self->heap : NULL;
+    uint64_t n = 0;
+    for (struct hm_heap *h = heaps_live, *next; h; h = next) {
+        next = h->next_live;
+        if (h == mine)
+            continue;
+        retire_stats(h);
+        threads_exited++;
+        n++;
+    }
+    heaps_live = mine;
+    if (mine)
+        mine->next_live = mine->prev_live = NULL;
+    atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
 }

@@ -39,12 +39,13 @@ struct hm_stash {
  * its thread touches. */
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
-    struct hm_tcache *tcache;
+    struct hm_tcache *tcache;               /* NULL: attached after its thread's exit */
     /* Held by the owner through each slow path (hm_heap_lock), so that
      * another thread may tidy the heap while its thread idles (see
      * hm_heaps_tidy_idle); the fast paths never take it: they touch only
      * the thread cache, which nobody else touches. */
-    _Atomic uint32_t lock;
+    _Atomic uint32_t lock;                  /* HM_HEAP_FREE, _OWNER or _TIDIER */
+    uint32_t lock_depth;                    /* the owner's re-entries (see hm_heap_lock) */
     uint32_t entries;                       /* slow paths entered (under the lock) */
     /* The tidier's view, under heaps_lock: the entries it last saw, since when. */
     uint32_t idle_entries;
@@ -77,25 +78,49 @@ struct hm_heap {
 
 #define HM_HEAP_RESERVE 4
 
-/* The owner's lock: one uncontended exchange.  Contended only while a
- * tidier holds it, for one step of bounded work. */
+/* The heap's lock word: only its owner thread ever stores HM_HEAP_OWNER,
+ * so an owner that finds it there is re-entering its own slow path: a
+ * signal handler that allocates, or an abort handler after a diagnostic
+ * (hm_fatal) that a slow path raised.  It goes on, as it would have
+ * without the lock, instead of waiting for itself. */
+enum { HM_HEAP_FREE, HM_HEAP_OWNER, HM_HEAP_TIDIER };
+
+/* The owner's lock: one uncontended compare-exchange.  Contended only
+ * while a tidier holds it, for one step of bounded work. */
 void hm_heap_lock_wait(struct hm_heap *h);
 static inline void hm_heap_lock(struct hm_heap *h)
 {
-    if (__builtin_expect(atomic_exchange_explicit(&h->lock, 1, memory_order_acquire), 0))
-        hm_heap_lock_wait(h);
+    uint32_t seen = HM_HEAP_FREE;
+    if (__builtin_expect(!atomic_compare_exchange_strong_explicit(
+                             &h->lock, &seen, HM_HEAP_OWNER, memory_order_acquire,
+                             memory_order_relaxed), 0)) {
+        if (seen == HM_HEAP_OWNER)
+            h->lock_depth++;
+        else
+            hm_heap_lock_wait(h);
+    }
     h->entries++;
-}
-
-static inline bool hm_heap_trylock(struct hm_heap *h)
-{
-    return !atomic_load_explicit(&h->lock, memory_order_relaxed) &&
-           !atomic_exchange_explicit(&h->lock, 1, memory_order_acquire);
 }
 
 static inline void hm_heap_unlock(struct hm_heap *h)
 {
-    atomic_store_explicit(&h->lock, 0, memory_order_release);
+    if (__builtin_expect(h->lock_depth, 0))
+        h->lock_depth--;
+    else
+        atomic_store_explicit(&h->lock, HM_HEAP_FREE, memory_order_release);
+}
+
+static inline bool hm_heap_trylock(struct hm_heap *h)
+{
+    uint32_t seen = HM_HEAP_FREE;
+    return atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_FREE &&
+           atomic_compare_exchange_strong_explicit(&h->lock, &seen, HM_HEAP_TIDIER,
+                                                   memory_order_acquire, memory_order_relaxed);
+}
+
+static inline void hm_heap_tidier_unlock(struct hm_heap *h)
+{
+    atomic_store_explicit(&h->lock, HM_HEAP_FREE, memory_order_release);
 }
 
 /* heap.c */
@@ -108,9 +133,9 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
 /* Tidies the heaps whose threads entered no slow path for delay_ns (not
  * `self`, the caller's own): what their owners would have done at their
- * next slow paths, within `budget` bytes given back (see hm_heap_tidy). */
-void hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t now_ns, uint64_t delay_ns,
-                             size_t budget);
+ * next slow paths, within `budget` bytes given back (see hm_heap_tidy);
+ * returns the bytes. */
+size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
 unsigned hm_heap_purge_interval(const struct hm_heap *h);
@@ -122,10 +147,11 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
-/* An idle heap's tidying, by another thread holding its lock: its batches
- * of remote frees go out, remote frees to it are collected, its stashes go
- * back to their spans, and its nearly empty spans are compacted, until
- * `budget` bytes went back; returns them. */
+/* An idle heap's tidying, by another thread holding its lock: remote
+ * frees to it are collected, its stashes go back to their spans, and its
+ * spans at most half full are compacted, until `budget` bytes went back;
+ * returns them.  Never reads its thread's cache (the thread may be gone:
+ * a fork child's heaps of the parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);

@@ -488,16 +488,20 @@ static uint64_t cached_bytes(struct hm_heap *h, struct hm_tcache *tc)
  * draining bin: its last refill's blocks), and its stash changes only in
  * slow paths; so h->cache_bound, noted at each slow path that changes
  * either, bounds what the caches hold at any time. */
+static void cache_bound_set(struct hm_heap *h, unsigned cls, uint32_t n)
+{
+    h->cache_bound += ((int64_t)n - (int64_t)h->cache_bound_blocks[cls]) *
+                      (int64_t)hm_size_class_size(cls);
+    h->cache_bound_blocks[cls] = n;
+}
+
 void hm_cache_bound_note(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     if (cls >= HM_NUM_CLASSES)
         return;
     const struct hm_bin *bin = &tc->bins[cls];
-    uint32_t n = (bin->cap >= 0 ? (uint32_t)bin->cap + 1 : h->stats[cls].last_refill) +
-                 h->stash[cls].count;
-    h->cache_bound += ((int64_t)n - (int64_t)h->cache_bound_blocks[cls]) *
-                      (int64_t)hm_size_class_size(cls);
-    h->cache_bound_blocks[cls] = n;
+    cache_bound_set(h, cls, (bin->cap >= 0 ? (uint32_t)bin->cap + 1 : h->stats[cls].last_refill) +
+                                h->stash[cls].count);
 }
 
 /* Over budget: empty bins, largest classes first (they hold the most bytes
@@ -767,10 +771,11 @@ size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay
         for (struct hm_span *sp = h->partial[c]; sp && bytes < budget; sp = sp->next) {
             if ((uint64_t)sp->used << fill_shift > sp->capacity)
                 continue;
-            if (!sp->sparse_since_ns) {
+            /* With no delay (a tidier's), no stamp: a span up to half full
+             * must not look nearly empty for long to its owner's pass. */
+            if (delay_ns && !sp->sparse_since_ns) {
                 sp->sparse_since_ns = now_ns;
-                if (delay_ns)
-                    continue;
+                continue;
             }
             uint64_t listed = free_listed(sp);
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
@@ -1086,11 +1091,16 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
 {
     hm_heap_collect(h);
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-        if (h->stash[c].count) {
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        uint32_t n = h->stash[c].count;
+        if (n) {
+            /* The bound counted the stash since the slow path that last
+             * changed it (hm_cache_bound_note); the bin's part stays. */
             stash_return_all(h, c);
-            hm_cache_bound_note(h, h->tcache, c);
+            uint32_t bound = h->cache_bound_blocks[c];
+            cache_bound_set(h, c, bound > n ? bound - n : 0);
         }
+    }
     /* Nothing changed since its owner went idle, the delay ago: its nearly
      * empty spans have been so that long. */
     return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);

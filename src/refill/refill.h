@@ -131,7 +131,7 @@ bool hm_trim(struct hm_tcache *tc);
 /* The process-wide purge's share of the heaps: tidies those whose threads
  * entered no slow path for delay_ns (their stashes, nearly empty spans and
  * remote frees; see hm_heaps_tidy_idle_step). */
-void hm_heaps_tidy_idle(uint64_t now_ns, uint64_t delay_ns);
+void hm_heaps_tidy_idle(uint64_t delay_ns);
 
 /* Thread exit: gives the thread's cached blocks and spans back. */
 void hm_thread_exit(struct hm_tcache *tc);
@@ -159,10 +159,11 @@ struct hm_heap_counters {
 void hm_heap_counters(struct hm_heap_counters *out);
 
 /* Fork: the prepare handler takes every lock of the box; parent and child
- * release them (heaps of threads the child does not have stay as they are: their blocks are never handed out again). */
+ * release them.  The child's registry keeps only the heap of `self`, the
+ * forking thread's cache (see hm_refill_fork_child). */
 void hm_refill_fork_prepare(void);
 void hm_refill_fork_parent(void);
-void hm_refill_fork_child(void);
+void hm_refill_fork_child(struct hm_tcache *self);
 
 /* Process set-up hooks the init box calls. */
 void hm_refill_module_init(void);
