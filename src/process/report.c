@@ -104,6 +104,10 @@ void hakmem_stats_print(int fd)
     field(&l, "abandoned", s.segments_abandoned);
     field(&l, "adopted", s.segments_adopted);
     field(&l, "purged", s.bytes_purged);
+    /* Idle threads' heaps tidied by another thread (see hm_heaps_tidy_idle). */
+    struct hm_heap_counters h;
+    hm_heap_counters(&h);
+    field(&l, "heaps_tidied", h.heaps_tidied);
     /* 2 MiB halves of big heaps' segments asking for huge pages now. */
     field(&l, "huge_halves", atomic_load(&hm_segment_counters.huge_halves));
     /* Without the page map (its address space refused) every free takes

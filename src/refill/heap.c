@@ -22,6 +22,7 @@ static struct hm_heap *heaps_live;
 static struct hm_heap *heaps_free;
 static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
+static uint64_t heaps_tidied;             /* under heaps_lock */
 static _Atomic uint64_t threads_live;
 
 uint64_t hm_heap_live_count(void)
@@ -409,6 +410,7 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
         } else if (now - h->idle_since_ns >= delay_ns &&
                    now - h->compacted_ns >= delay_ns / 4) {
             size_t bytes = hm_heap_tidy(h, budget - done);
+            heaps_tidied++;
             if (bytes < budget - done)
                 h->compacted_ns = now;      /* done: look again in a quarter delay */
             done += bytes;
@@ -632,6 +634,7 @@ void hm_heap_counters(struct hm_heap_counters *out)
     out->threads_live = hm_heap_live_count();
     pthread_mutex_lock(&heaps_lock);
     out->threads_exited = threads_exited;
+    out->heaps_tidied = heaps_tidied;
     pthread_mutex_unlock(&heaps_lock);
     pthread_mutex_lock(&abandoned_lock);
     out->segments_abandoned = segments_abandoned;
