@@ -793,11 +793,23 @@ static struct hm_span *span_of_block(void *b)
     return seg ? hm_span_of(seg, u) : NULL;
 }
 
+/* A block of a span with holes may be one: a block whose page went back
+ * while it was free (compaction) lost its free mark with the page, so a
+ * second free of it passed the fast path; here, on its way out of the
+ * cache, it is caught before a refill hands it out twice. */
+static bool is_hole(const struct hm_span *sp, const void *b)
+{
+    uint64_t i = ((uint64_t)((const char *)b - sp->start) * sp->block_recip) >> 44;
+    return hm_span_holes(sp)[i / 64] >> (i % 64) & 1;
+}
+
 static struct hm_span *check_own(struct hm_heap *h, struct hm_span *sp, void *b,
                                  const char *what)
 {
     if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, (uintptr_t)b))
         hm_fatal("free", what, b);
+    if (sp->holes && is_hole(sp, b))
+        hm_fatal("free", "double free detected", b);
     return sp;
 }
 
