@@ -11,6 +11,7 @@
 
 #include "hakmem.h"
 #include "ace/ace.h"
+#include "refill/refill.h"
 
 #define HOT_SIZE 64
 
@@ -182,6 +183,16 @@ static void ace_thread_tidies_a_sleeping_thread(void **state)
         assert_true(after < before);
     else
         assert_true(after == before);
+    /* Tidied once, an idle heap is left alone until other threads free
+     * into it: 40 more passes of the ACE thread find nothing to do. */
+    struct hm_heap_counters c0, c1;
+    hm_heap_counters(&c0);
+    struct timespec wait = { 0, 400000000 };
+    nanosleep(&wait, NULL);
+    hm_heap_counters(&c1);
+    print_message("heaps tidied: %llu, 400 ms later %llu\n", (unsigned long long)c0.heaps_tidied,
+                  (unsigned long long)c1.heaps_tidied);
+    assert_int_equal(c1.heaps_tidied, c0.heaps_tidied);
 }
 
 int main(void)

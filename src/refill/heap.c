@@ -407,12 +407,19 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
         if (h->entries != h->idle_entries || !h->idle_since_ns) {
             h->idle_entries = h->entries;
             h->idle_since_ns = now;
+            h->tidied = false;
         } else if (now - h->idle_since_ns >= delay_ns &&
-                   now - h->compacted_ns >= delay_ns / 4) {
+                   now - h->compacted_ns >= delay_ns / 4 &&
+                   (!h->tidied || hm_heap_has_remote_frees(h))) {
+            /* Once tidied, an idle heap changes only by frees of other
+             * threads: a thousand idle threads' heaps are not walked again
+             * every pass for nothing. */
             size_t bytes = hm_heap_tidy(h, budget - done);
             heaps_tidied++;
-            if (bytes < budget - done)
+            if (bytes < budget - done) {
                 h->compacted_ns = now;      /* done: look again in a quarter delay */
+                h->tidied = true;
+            }
             done += bytes;
         }
         hm_heap_tidier_unlock(h);

@@ -47,8 +47,11 @@ struct hm_heap {
     _Atomic uint32_t lock;                  /* HM_HEAP_FREE, _OWNER or _TIDIER */
     uint32_t lock_depth;                    /* the owner's re-entries (see hm_heap_lock) */
     uint32_t entries;                       /* slow paths entered (under the lock) */
-    /* The tidier's view, under heaps_lock: the entries it last saw, since when. */
+    /* The tidier's view, under heaps_lock: the entries it last saw, since
+     * when, and whether it has tidied the heap since (then only frees by
+     * other threads can give it more to do). */
     uint32_t idle_entries;
+    bool tidied;
     uint64_t idle_since_ns;
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
     struct hm_segment *segments;            /* segments this heap owns */
@@ -147,6 +150,9 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
+/* Whether other threads freed blocks of h's segments that it has not
+ * collected yet (a hint: read without its lock). */
+bool hm_heap_has_remote_frees(const struct hm_heap *h);
 /* An idle heap's tidying, by another thread holding its lock: remote
  * frees to it are collected, its stashes go back to their spans, and its
  * spans at most half full are compacted, until `budget` bytes went back;

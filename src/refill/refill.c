@@ -242,6 +242,14 @@ static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
     }
 }
 
+bool hm_heap_has_remote_frees(const struct hm_heap *h)
+{
+    for (const struct hm_segment *seg = h->segments; seg; seg = seg->next)
+        if (atomic_load_explicit(&seg->pending, memory_order_relaxed))
+            return true;
+    return false;
+}
+
 void hm_heap_collect(struct hm_heap *h)
 {
     struct hm_segment *seg = h->segments;
