@@ -7,6 +7,7 @@
 
 #include "hakmem.h"
 #include "process/process.h"
+#include "refill/refill.h"
 
 /* HAKMEM_TEST_QUICK=1 (sanitizer runs) divides the work by ten. */
 static int scaled(int n)
@@ -93,6 +94,104 @@ static void stress_no_overlap(void **state)
     for (unsigned i = 0; i < T; i++)
         pthread_join(t[i], NULL);
     assert_int_equal(atomic_load(&errors), 0);
+}
+
+/* Threads that work in bursts and idle between them, with a 2 ms purge
+ * delay: the other threads' purge passes tidy each idle heap (collect its
+ * remote frees, empty its stashes, compact its spans) while its owner
+ * sleeps, and the owner then finds its heap changed under it.  One free in
+ * eight goes through a shared array to whichever thread takes it. */
+enum { NAP_SHARED = 64 };
+static struct slot nap_shared[NAP_SHARED];
+static pthread_mutex_t nap_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void swap_shared(struct slot *s, uint64_t *seed, atomic_int *errors)
+{
+    pthread_mutex_lock(&nap_lock);
+    struct slot *x = &nap_shared[next_rand(seed) % NAP_SHARED], old = *x;
+    *x = *s;
+    pthread_mutex_unlock(&nap_lock);
+    if (old.p) {
+        if (!verify(&old))
+            atomic_fetch_add(errors, 1);
+        hakmem_free(old.p);
+    }
+    s->p = NULL;
+}
+
+static void *bursts_and_naps(void *argp)
+{
+    struct stress_arg *a = argp;
+    enum { SLOTS = 2048 };
+    static __thread struct slot slots[SLOTS];
+    uint64_t seed = a->id * 104729u + 3;
+    for (int round = 0; round < a->ops; round++) {
+        for (int i = 0; i < 3000; i++) {
+            struct slot *s = &slots[next_rand(&seed) % SLOTS];
+            if (s->p) {
+                if (next_rand(&seed) % 8 == 0) {
+                    swap_shared(s, &seed, a->errors);
+                } else {
+                    if (!verify(s))
+                        atomic_fetch_add(a->errors, 1);
+                    hakmem_free(s->p);
+                }
+            }
+            s->n = rand_size(&seed);
+            s->p = hakmem_malloc(s->n);
+            s->tag = a->id * 1000003u + (unsigned)(round * 3000 + i);
+            stamp(s);
+        }
+        if (round % 4 == 3) {           /* shrink to a quarter, then idle */
+            for (int i = 0; i < SLOTS; i++)
+                if (slots[i].p && i % 4) {
+                    if (!verify(&slots[i]))
+                        atomic_fetch_add(a->errors, 1);
+                    hakmem_free(slots[i].p);
+                    slots[i].p = NULL;
+                }
+        }
+        struct timespec nap = { 0, (long)(1000000 + next_rand(&seed) % 4000000) };
+        nanosleep(&nap, NULL);
+    }
+    for (int i = 0; i < SLOTS; i++) {
+        if (slots[i].p && !verify(&slots[i]))
+            atomic_fetch_add(a->errors, 1);
+        hakmem_free(slots[i].p);
+        slots[i].p = NULL;
+    }
+    return NULL;
+}
+
+static void idle_and_busy_threads_no_overlap(void **state)
+{
+    (void)state;
+    enum { T = 4 };
+    uint64_t delay = hm_options.purge_delay_ns;
+    hm_options.purge_delay_ns = 2000000;
+    struct hm_heap_counters c0, c1;
+    hm_heap_counters(&c0);
+    atomic_int errors = 0;
+    pthread_t t[T];
+    struct stress_arg args[T];
+    for (unsigned i = 0; i < T; i++) {
+        args[i] = (struct stress_arg){ i, scaled(120), &errors };
+        pthread_create(&t[i], NULL, bursts_and_naps, &args[i]);
+    }
+    for (unsigned i = 0; i < T; i++)
+        pthread_join(t[i], NULL);
+    for (int i = 0; i < NAP_SHARED; i++) {
+        if (nap_shared[i].p && !verify(&nap_shared[i]))
+            atomic_fetch_add(&errors, 1);
+        hakmem_free(nap_shared[i].p);
+        nap_shared[i].p = NULL;
+    }
+    hm_heap_counters(&c1);
+    hm_options.purge_delay_ns = delay;
+    print_message("heaps tidied while their threads napped: %llu\n",
+                  (unsigned long long)(c1.heaps_tidied - c0.heaps_tidied));
+    assert_int_equal(atomic_load(&errors), 0);
+    assert_true(c1.heaps_tidied > c0.heaps_tidied);
 }
 
 /* Live sets that grow, then shrink to 1% (three frees per malloc), in
@@ -666,6 +765,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(stress_no_overlap),
         cmocka_unit_test(shrinking_phases_no_overlap),
+        cmocka_unit_test(idle_and_busy_threads_no_overlap),
         cmocka_unit_test(cross_thread_frees_at_volume),
         cmocka_unit_test(first_call_is_free),
         cmocka_unit_test(frees_after_thread_exit_leave_no_heap),
