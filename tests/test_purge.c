@@ -278,8 +278,8 @@ static void sparse_spans_give_back_their_free_pages(void **state)
 
 /* A block whose page went back while it was free (compaction) lost its
  * free mark with the page, so its second free passes the fast path; it is
- * caught when it leaves the bin (here at trim), before a refill could
- * hand it out a second time from the span's holes. */
+ * caught if it leaves the bin by a flush (here at trim).  (Not if malloc
+ * pops it first: the README says so.) */
 static void free_twice_after_compaction(void)
 {
     enum { N = 40000, SIZE = 100 };

@@ -151,17 +151,19 @@ void hm_heap_release_empty_pool(void);
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
 /* Whether other threads freed blocks of h's segments that it has not
- * collected yet (a hint: read without its lock). */
+ * collected yet.  Under h's lock (its segment list may change otherwise). */
 bool hm_heap_has_remote_frees(const struct hm_heap *h);
 /* An idle heap's tidying, by another thread holding its lock: remote
  * frees to it are collected, its stashes go back to their spans, and its
- * spans at most half full are compacted, until `budget` bytes went back;
- * returns them.  Never reads its thread's cache (the thread may be gone:
+ * spans at most half full are compacted, within `budget` (as
+ * hm_heap_compact_sparse counts it); returns the cost.  Never reads its thread's cache (the thread may be gone:
  * a fork child's heaps of the parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
-/* Compacts nearly empty spans until `budget` bytes went back; returns them. */
+/* Compacts nearly empty spans until the step's cost reaches `budget`:
+ * bytes given back, plus COMPACT_LINK_COST for each free-list link walked;
+ * returns the cost. */
 size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                               unsigned fill_shift, size_t budget);
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
