@@ -80,19 +80,26 @@ static void *stress(void *argp)
     return NULL;
 }
 
-static void stress_no_overlap(void **state)
+/* Runs fn on four threads, each with its own id and `ops`, and joins them;
+ * the checks they failed add up in *errors. */
+static void run_four(void *(*fn)(void *), int ops, atomic_int *errors)
 {
-    (void)state;
     enum { T = 4 };
-    atomic_int errors = 0;
     pthread_t t[T];
     struct stress_arg args[T];
     for (unsigned i = 0; i < T; i++) {
-        args[i] = (struct stress_arg){ i, scaled(200000), &errors };
-        pthread_create(&t[i], NULL, stress, &args[i]);
+        args[i] = (struct stress_arg){ i, ops, errors };
+        pthread_create(&t[i], NULL, fn, &args[i]);
     }
     for (unsigned i = 0; i < T; i++)
         pthread_join(t[i], NULL);
+}
+
+static void stress_no_overlap(void **state)
+{
+    (void)state;
+    atomic_int errors = 0;
+    run_four(stress, scaled(200000), &errors);
     assert_int_equal(atomic_load(&errors), 0);
 }
 
@@ -166,20 +173,12 @@ static void *bursts_and_naps(void *argp)
 static void idle_and_busy_threads_no_overlap(void **state)
 {
     (void)state;
-    enum { T = 4 };
     uint64_t delay = hm_options.purge_delay_ns;
     hm_options.purge_delay_ns = 2000000;
     struct hm_heap_counters c0, c1;
     hm_heap_counters(&c0);
     atomic_int errors = 0;
-    pthread_t t[T];
-    struct stress_arg args[T];
-    for (unsigned i = 0; i < T; i++) {
-        args[i] = (struct stress_arg){ i, scaled(120), &errors };
-        pthread_create(&t[i], NULL, bursts_and_naps, &args[i]);
-    }
-    for (unsigned i = 0; i < T; i++)
-        pthread_join(t[i], NULL);
+    run_four(bursts_and_naps, scaled(120), &errors);
     for (int i = 0; i < NAP_SHARED; i++) {
         if (nap_shared[i].p && !verify(&nap_shared[i]))
             atomic_fetch_add(&errors, 1);

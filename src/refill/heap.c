@@ -360,10 +360,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 void hm_heap_lock_wait(struct hm_heap *h)
 {
     for (unsigned spins = 0;; spins++) {
-        uint32_t seen = HM_HEAP_FREE;
-        if (atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_FREE &&
-            atomic_compare_exchange_strong_explicit(&h->lock, &seen, HM_HEAP_OWNER,
-                                                    memory_order_acquire, memory_order_relaxed))
+        if (hm_heap_lock_take(h, HM_HEAP_OWNER))
             return;
         if (spins < 64) {
             __builtin_ia32_pause();

@@ -113,12 +113,19 @@ static inline void hm_heap_unlock(struct hm_heap *h)
         atomic_store_explicit(&h->lock, HM_HEAP_FREE, memory_order_release);
 }
 
-static inline bool hm_heap_trylock(struct hm_heap *h)
+/* Takes a free lock for `who`; reads it first, so that a held lock's line
+ * is not written. */
+static inline bool hm_heap_lock_take(struct hm_heap *h, uint32_t who)
 {
     uint32_t seen = HM_HEAP_FREE;
     return atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_FREE &&
-           atomic_compare_exchange_strong_explicit(&h->lock, &seen, HM_HEAP_TIDIER,
-                                                   memory_order_acquire, memory_order_relaxed);
+           atomic_compare_exchange_strong_explicit(&h->lock, &seen, who, memory_order_acquire,
+                                                   memory_order_relaxed);
+}
+
+static inline bool hm_heap_trylock(struct hm_heap *h)
+{
+    return hm_heap_lock_take(h, HM_HEAP_TIDIER);
 }
 
 static inline void hm_heap_tidier_unlock(struct hm_heap *h)
@@ -136,8 +143,8 @@ void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);
 void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
 /* Tidies the heaps whose threads entered no slow path for delay_ns (not
  * `self`, the caller's own): what their owners would have done at their
- * next slow paths, within `budget` bytes given back (see hm_heap_tidy);
- * returns the bytes. */
+ * next slow paths, within `budget` (counted as hm_heap_tidy counts it);
+ * returns the cost. */
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
@@ -156,8 +163,9 @@ bool hm_heap_has_remote_frees(const struct hm_heap *h);
 /* An idle heap's tidying, by another thread holding its lock: remote
  * frees to it are collected, its stashes go back to their spans, and its
  * spans at most half full are compacted, within `budget` (as
- * hm_heap_compact_sparse counts it); returns the cost.  Never reads its thread's cache (the thread may be gone:
- * a fork child's heaps of the parent's other threads). */
+ * hm_heap_compact_sparse counts it); returns the cost.  Never reads its
+ * thread's cache (the thread may be gone: a fork child's heaps of the
+ * parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);

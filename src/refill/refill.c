@@ -768,9 +768,6 @@ static size_t span_compact(struct hm_span *sp)
     return bytes;
 }
 
-/* Spans at most 1/2^fill_shift full (nearly empty: 1/8 at least) for
- * delay_ns, whose free list grew by two OS pages' worth since their last
- * compaction; until `budget` bytes went back. */
 /* What walking one link of a free list costs a step, in bytes of its
  * budget: a cold link is a cache miss, about a tenth of what giving back
  * an OS page costs per 64 bytes.  A span whose every page keeps a live
@@ -779,6 +776,10 @@ static size_t span_compact(struct hm_span *sp)
  * live, took 7-11 ms. */
 #define COMPACT_LINK_COST 64
 
+/* Spans at most 1/2^fill_shift full (nearly empty: 1/8 at least) for
+ * delay_ns, whose free list grew by two OS pages' worth since their last
+ * compaction; until the step's cost (bytes given back, links walked)
+ * reaches `budget`. */
 size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                               unsigned fill_shift, size_t budget)
 {
@@ -811,8 +812,8 @@ static struct hm_span *span_of_block(void *b)
 
 /* A block of a span with holes may be one: a block whose page went back
  * while it was free (compaction) lost its free mark with the page, so a
- * second free of it passed the fast path; here, on its way out of the
- * cache, it is caught before a refill hands it out twice. */
+ * second free of it passed the fast path; here, if it leaves the cache by
+ * a flush before malloc hands it out again, it is caught. */
 static bool is_hole(const struct hm_span *sp, const void *b)
 {
     uint64_t i = ((uint64_t)((const char *)b - sp->start) * sp->block_recip) >> 44;
@@ -1148,8 +1149,8 @@ static bool on_list(void *list, void *p)
  * or on the span's remote list.  That one is only read: other threads
  * push onto it meanwhile, but only a holder of the heap's lock (this
  * thread, here) ever takes blocks off it, so a walk from a snapshot of its
- * head is safe.  (A block
- * still in another thread's unsent batch is not seen.) */
+ * head is safe.  (A block still in another thread's unsent batch is not
+ * seen.) */
 static bool is_free_here(struct hm_tcache *tc, struct hm_span *sp, void *p)
 {
     return on_list(tc->bins[sp->size_class].head, p) || stash_holds(tc->heap, sp->size_class, p) ||
