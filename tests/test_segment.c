@@ -1,8 +1,11 @@
 /* Segment box: the segment map, spans in a segment, and large blocks. */
 #include "test_util.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "hakmem.h"
 #include "segment/segment.h"
@@ -363,6 +366,90 @@ static void large_cache_is_bounded(void **state)
     assert_true(many <= 32 * (mib + 8192));
 }
 
+/* The segment map has one entry per granule, so no two blocks may have
+ * their user pointers in one granule: blocks aligned to half a segment
+ * could, at its two half-way points. */
+static void large_blocks_own_their_granule(void **state)
+{
+    (void)state;
+    enum { N = 48 };
+    char *p[N];
+    for (int i = 0; i < N; i++) {
+        bool zeroed;
+        p[i] = hm_large_alloc(64, HM_SEGMENT_SIZE / 2, &zeroed);
+        assert_non_null(p[i]);
+        assert_int_equal((uintptr_t)p[i] % (HM_SEGMENT_SIZE / 2), 0);
+        fill(p[i], 64, (unsigned)i);
+    }
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < i; j++)
+            assert_int_not_equal((uintptr_t)p[i] >> HM_SEGMENT_SHIFT,
+                                 (uintptr_t)p[j] >> HM_SEGMENT_SHIFT);
+    for (int i = 0; i < N; i++) {
+        struct hm_segment *seg = hm_segment_of((uintptr_t)p[i]);
+        assert_non_null(seg);
+        assert_ptr_equal(seg->user, p[i]);
+        assert_true(check(p[i], 64, (unsigned)i));
+        hm_large_free(seg);
+    }
+}
+
+/* A block that a resize moves leaves its old range, which another
+ * thread's new block may get at once: the old registration must be gone
+ * before, or its removal wipes the new block's. */
+static atomic_bool movers_stop;
+
+static double now_seconds(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static void *move_large_blocks(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&movers_stop)) {
+        char *p = hakmem_malloc(3u << 20);
+        p[0] = 1;
+        p = hakmem_realloc(p, 13u << 20);    /* no room after it: moves */
+        hakmem_free(p);
+    }
+    return NULL;
+}
+
+static void large_block_moves_leave_new_blocks_registered(void **state)
+{
+    (void)state;
+    pthread_t movers[2];
+    atomic_store(&movers_stop, false);
+    for (int i = 0; i < 2; i++)
+        pthread_create(&movers[i], NULL, move_large_blocks, NULL);
+    unsigned lost = 0, rounds = 0;
+    void *q[8] = { 0 };
+    /* A second and 500 blocks, or 5 s (the thread sanitizer's mmap is slow). */
+    double start = now_seconds(), now = start;
+    for (; (now < start + 1 || rounds < 500) && now < start + 5; rounds++, now = now_seconds()) {
+        unsigned k = rounds % 8;
+        if (q[k]) {
+            struct hm_segment *seg = hm_segment_of((uintptr_t)q[k]);
+            lost += !seg || seg->user != q[k];
+            if (seg && seg->user == q[k])
+                hakmem_free(q[k]);
+        }
+        /* Alignment 4096: a fresh mapping each time, never the cache's. */
+        assert_int_equal(hakmem_posix_memalign(&q[k], 4096, 3u << 20), 0);
+    }
+    atomic_store(&movers_stop, true);
+    for (int i = 0; i < 2; i++)
+        pthread_join(movers[i], NULL);
+    for (unsigned k = 0; k < 8; k++)
+        if (q[k] && hm_segment_of((uintptr_t)q[k]))
+            hakmem_free(q[k]);
+    assert_true(rounds >= 300);
+    assert_int_equal(lost, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -376,6 +463,8 @@ int main(void)
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
         cmocka_unit_test(large_cache_is_bounded),
+        cmocka_unit_test(large_blocks_own_their_granule),
+        cmocka_unit_test(large_block_moves_leave_new_blocks_registered),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

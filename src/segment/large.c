@@ -159,17 +159,28 @@ void hm_large_fork_child(void)
 /* A large block's header sits at the start of the granule that holds its
  * user pointer when the alignment allows (below half a segment); otherwise
  * on the OS page right before the (granule-aligned) user pointer.  Either
- * way the granule of the user pointer maps to the header. */
+ * way the granule of the user pointer maps to the header.
+ *
+ * That granule must hold no other block's user pointer: the segment map
+ * has one entry for it.  A mapping that starts at a granule (a segment, a
+ * block of the first layout) owns that granule's base; the second layout
+ * puts its user pointer on a granule boundary too, even for an alignment
+ * of half a segment, whose other half-way point could otherwise be another
+ * such block's (mapped in the rest of the granule), and the two would
+ * overwrite each other's entry. */
+static size_t large_map_align(size_t alignment)
+{
+    return alignment > HM_SEGMENT_SIZE ? alignment : HM_SEGMENT_SIZE;
+}
+
 static bool large_layout(size_t size, size_t alignment, size_t *offset, size_t *map_size,
                          size_t *map_align)
 {
-    if (alignment < HM_SEGMENT_SIZE / 2) {
+    if (alignment < HM_SEGMENT_SIZE / 2)
         *offset = hm_round_up(HM_LARGE_HEADER_SIZE, alignment < 16 ? 16 : alignment);
-        *map_align = HM_SEGMENT_SIZE;
-    } else {
+    else
         *offset = HM_OS_PAGE;
-        *map_align = alignment;
-    }
+    *map_align = large_map_align(alignment);
     size_t limit = (size_t)PTRDIFF_MAX - *offset - *map_align - HM_OS_PAGE;
     if (size > limit)
         return false;
@@ -280,18 +291,21 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     }
     /* Move the pages (no copy) to a place with the same alignment: reserve
      * it, then let mremap replace the reservation. */
-    size_t map_align = seg->alignment < HM_SEGMENT_SIZE / 2 ? HM_SEGMENT_SIZE : seg->alignment;
-    char *dest = hm_os_map(new_map, map_align, seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    char *dest = hm_os_map(new_map, large_map_align(seg->alignment),
+                           seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
     if (!dest)
         return NULL;
     char *old_base = seg->map_base;
     uintptr_t old_user = (uintptr_t)seg->user;
+    /* Unregistered before the old range goes: from then on another
+     * thread's mapping may take it and register the same granule. */
+    hm_segmap_set(old_user, NULL);
     void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
     if (moved == MAP_FAILED) {
+        hm_segmap_set(old_user, seg);
         hm_os_unmap(dest, new_map);
         return NULL;
     }
-    hm_segmap_set(old_user, NULL);
     struct hm_segment *nseg = (struct hm_segment *)dest;
     nseg->map_base = dest;
     nseg->map_size = new_map;
