@@ -195,6 +195,46 @@ static void ace_thread_tidies_a_sleeping_thread(void **state)
     assert_int_equal(c1.heaps_tidied, c0.heaps_tidied);
 }
 
+/* A thread allocates and exits; the main thread frees its blocks and
+ * sleeps.  Those frees wait in the exited thread's segments, which no
+ * thread adopts while none needs room: with ACE on, the ACE thread sweeps
+ * them and the memory goes back; without, it stays until a slow path's
+ * purge or malloc_trim. */
+enum { LEFT_BLOCKS = 20000, LEFT_SIZE = 1000 };
+static void *left_blocks[LEFT_BLOCKS];
+
+static void *allocate_and_leave(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < LEFT_BLOCKS; i++) {
+        left_blocks[i] = hakmem_malloc(LEFT_SIZE);
+        memset(left_blocks[i], 1, LEFT_SIZE);
+    }
+    return NULL;
+}
+
+static void ace_thread_sweeps_exited_threads_segments(void **state)
+{
+    (void)state;
+    skip_unless_rss_meaningful();
+    hakmem_trim();
+    long base = rss_kb();
+    run_thread(allocate_and_leave, NULL);
+    for (int i = 0; i < LEFT_BLOCKS; i++)
+        hakmem_free(left_blocks[i]);
+    long freed = rss_kb();
+    assert_true(freed - base > 16 * 1024);
+    struct timespec nap = { 0, 400000000 };
+    nanosleep(&nap, NULL);
+    long later = rss_kb();
+    print_message("rss base %ld freed %ld later %ld\n", base, freed, later);
+    if (ace_expected())
+        assert_true(later < base + 4 * 1024);
+    else
+        assert_true(later > base + 16 * 1024);
+    hakmem_trim();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -202,6 +242,7 @@ int main(void)
         cmocka_unit_test(fork_child_runs_its_own_ace),
         cmocka_unit_test(ace_thread_purges_while_the_program_sleeps),
         cmocka_unit_test(ace_thread_tidies_a_sleeping_thread),
+        cmocka_unit_test(ace_thread_sweeps_exited_threads_segments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -8,6 +8,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,14 @@ static inline long rss_kb(void)
         fclose(f);
     }
     return resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* Runs fn(arg) on a thread of its own, to its end (and the thread's). */
+static inline void run_thread(void *(*fn)(void *), void *arg)
+{
+    pthread_t t;
+    pthread_create(&t, NULL, fn, arg);
+    pthread_join(t, NULL);
 }
 
 /* Runs fn in a child with stderr captured; returns the child's wait status

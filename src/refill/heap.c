@@ -237,58 +237,52 @@ static void adopt(struct hm_heap *h, struct hm_segment *seg)
     }
 }
 
-/* Takes the first abandoned segment that `pick` accepts off the stack. */
-static struct hm_segment *take_abandoned(bool (*pick)(struct hm_segment *))
+/* The newest abandoned segment, for a heap out of room. */
+static struct hm_segment *adopt_segment(struct hm_heap *h)
 {
     if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
         return NULL;
     pthread_mutex_lock(&abandoned_lock);
-    struct hm_segment **link = &abandoned, *seg;
-    while ((seg = *link) && !pick(seg))
-        link = &seg->next;
+    struct hm_segment *seg = abandoned;
     if (seg) {
-        __atomic_store_n(link, seg->next, __ATOMIC_RELAXED);
+        __atomic_store_n(&abandoned, seg->next, __ATOMIC_RELAXED);
         segments_adopted++;
     }
     pthread_mutex_unlock(&abandoned_lock);
-    return seg;
-}
-
-static bool any_segment(struct hm_segment *seg)
-{
-    (void)seg;
-    return true;
-}
-
-static bool has_remote_frees(struct hm_segment *seg)
-{
-    return atomic_load_explicit(&seg->pending, memory_order_relaxed) != NULL;
-}
-
-/* The newest abandoned segment, for a heap out of room. */
-static struct hm_segment *adopt_segment(struct hm_heap *h)
-{
-    struct hm_segment *seg = take_abandoned(any_segment);
     if (seg)
         adopt(h, seg);
     return seg;
 }
 
-/* Only an owner collects the frees other threads made into a segment, and
- * threads adopt only when out of room, the newest first: a segment left
- * deep in the stack, emptied by remote frees, would keep its memory for
- * good.  The purge pass adopts two that have such frees waiting; those
- * that empty go back like any empty segment. */
-static void reclaim_abandoned(struct hm_heap *h)
+/* Threads adopt segments of exited threads only when out of room, the
+ * newest first, and only an owner collects the frees other threads made
+ * into a segment: a segment left deep in the stack, emptied by such frees,
+ * would keep its memory for good.  A sweep collects them in place, under
+ * the stack's lock (no adopter takes the segment meanwhile), and gives
+ * back the spans they emptied; a segment left empty goes to the pool.  By
+ * the process-wide purge, a few times per delay, and by malloc_trim. */
+void hm_abandoned_sweep(void)
 {
-    struct hm_segment *seg;
-    int n = 0;
-    while (n < 2 && (seg = take_abandoned(has_remote_frees))) {
-        adopt(h, seg);
-        n++;
+    if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
+        return;
+    struct hm_segment *emptied = NULL, *seg;
+    pthread_mutex_lock(&abandoned_lock);
+    for (struct hm_segment **link = &abandoned; (seg = *link);) {
+        if (atomic_load_explicit(&seg->pending, memory_order_relaxed))
+            hm_segment_collect_abandoned(seg);
+        if (hm_segment_is_empty(seg)) {
+            __atomic_store_n(link, seg->next, __ATOMIC_RELAXED);
+            seg->next = emptied;
+            emptied = seg;
+        } else {
+            link = &seg->next;
+        }
     }
-    if (n)
-        hm_heap_collect(h);
+    pthread_mutex_unlock(&abandoned_lock);
+    while ((seg = emptied)) {
+        emptied = seg->next;
+        empty_pool_put(seg);
+    }
 }
 
 /* The most one call gives back: 64 OS pages, a few tens of microseconds
@@ -331,7 +325,6 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
         h->compacted_ns = now;
         done += hm_heap_compact_sparse(h, now, delay_ns, 3, HM_PURGE_STEP);
         h->compact_unfinished = done >= HM_PURGE_STEP;
-        reclaim_abandoned(h);
     }
     done = purge_list(h->segments, now, delay_ns, done);
     done = purge_list(h->reserve, now, delay_ns, done);
@@ -343,6 +336,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if ((atomic_load_explicit(&global_unfinished, memory_order_relaxed) ||
          (int64_t)(now - last) >= (int64_t)(delay_ns / 4)) &&
         atomic_compare_exchange_strong(&last_global, &last, now)) {
+        hm_abandoned_sweep();
         done += hm_heaps_tidy_idle_step(h, delay_ns, HM_PURGE_STEP - done);
         size_t step = done < HM_PURGE_STEP ? HM_PURGE_STEP - done : 0;
         bool behind = hm_segment_purge_all(now, delay_ns, step) >= step;
@@ -427,6 +421,7 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)
 {
+    hm_abandoned_sweep();
     for (int i = 0; i < HM_TIDY_STEPS; i++)
         if (hm_heaps_tidy_idle_step(NULL, delay_ns, HM_TIDY_STEP) < HM_TIDY_STEP)
             break;

@@ -211,33 +211,65 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
  * the threads that freed them; a walk here would wait for each link in
  * turn, where the bin reads them later, each prefetched by the pop before
  * it.  The span may be released here, and with the last the segment. */
-static void splice_remote(struct hm_heap *h, struct hm_span *sp, uintptr_t list, void *tail)
+static uint32_t join_remote(struct hm_span *sp, uintptr_t list, void *tail)
 {
     uint32_t n = hm_remote_count(list);
     *(void **)tail = sp->free;
     sp->free = hm_remote_head(list);
     sp->used -= n;
+    return n;
+}
+
+static void splice_remote(struct hm_heap *h, struct hm_span *sp, uintptr_t list, void *tail)
+{
+    uint32_t n = join_remote(sp, list, tail);
     h->stats[sp->size_class].remote_frees += n;
     h->stats[sp->size_class].remote_since_refill += n;
     HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
     span_settle(h, sp);
 }
 
+/* A span off a pending stack: its remote list, its successor on the stack
+ * and the list's tail. */
+static uintptr_t take_remote(struct hm_span *sp, struct hm_span **next_sp, void **tail)
+{
+    /* Read the link and the tail before the list: once the list is empty
+     * a remote free may push the span again and rewrite both (acq_rel on
+     * the list keeps these reads before it). */
+    *next_sp = sp->pending_next;
+    *tail = sp->remote_tail;
+    return atomic_exchange_explicit(&sp->remote, 0, memory_order_acq_rel);
+}
+
 /* Collects the remote lists of the spans announced on seg's pending stack
  * (a span is on it at most once: it is pushed when its list turns
- * non-empty, and its list is taken only here). */
+ * non-empty, and its list is taken only by the segment's collector). */
 static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
 {
     struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
     while (sp) {
-        /* Read the link and the tail before the list: once the list is
-         * empty a remote free may push the span again and rewrite both
-         * (acq_rel on the list keeps these reads before it). */
-        struct hm_span *next_sp = sp->pending_next;
-        void *tail = sp->remote_tail;
-        uintptr_t list = atomic_exchange_explicit(&sp->remote, 0, memory_order_acq_rel);
+        struct hm_span *next_sp;
+        void *tail;
+        uintptr_t list = take_remote(sp, &next_sp, &tail);
         if (list)
             splice_remote(h, sp, list, tail);
+        sp = next_sp;
+    }
+}
+
+/* The same for a segment of an exited thread, by whoever took it off the
+ * abandoned stack (so nobody else collects it meanwhile).  No heap: its
+ * spans are on no partial list (their owner's exit took them off); those
+ * left empty go back to the segment. */
+void hm_segment_collect_abandoned(struct hm_segment *seg)
+{
+    struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
+    while (sp) {
+        struct hm_span *next_sp;
+        void *tail;
+        uintptr_t list = take_remote(sp, &next_sp, &tail);
+        if (list && join_remote(sp, list, tail) && sp->used == 0)
+            hm_span_release(seg, sp);
         sp = next_sp;
     }
 }
@@ -1264,6 +1296,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
+    hm_abandoned_sweep();
     hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
     return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
