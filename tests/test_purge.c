@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "hakmem.h"
+#include "refill/heap_internal.h"
 
 enum { BLOCKS = 50 * 1024, BLOCK = 1000 };   /* about 50 MiB */
 static void *blocks[BLOCKS];
@@ -447,13 +448,13 @@ static void *allocate_and_leave(void *arg)
     return NULL;
 }
 
-static void abandoned_segments_emptied_elsewhere_go_back(void **state)
+/* ABANDONERS segments of exited threads, their blocks all freed by this
+ * thread. */
+static void leave_and_free_remotely(struct hakmem_stats *before, struct hakmem_stats *left_behind)
 {
-    (void)state;
-    struct hakmem_stats s0, s1, s2;
     hakmem_trim();
     slow_path_activity();       /* this thread has spans: it needs no room later */
-    hakmem_stats(&s0);
+    hakmem_stats(before);
     pthread_barrier_init(&all_alive, NULL, ABANDONERS);
     pthread_t t[ABANDONERS];
     for (int i = 0; i < ABANDONERS; i++)
@@ -461,11 +462,18 @@ static void abandoned_segments_emptied_elsewhere_go_back(void **state)
     for (int i = 0; i < ABANDONERS; i++)
         pthread_join(t[i], NULL);
     pthread_barrier_destroy(&all_alive);
-    hakmem_stats(&s1);
-    assert_true(s1.segments >= s0.segments + ABANDONERS);
+    hakmem_stats(left_behind);
+    assert_true(left_behind->segments >= before->segments + ABANDONERS);
     for (int i = 0; i < ABANDONERS; i++)
         for (int k = 0; k < LEFT; k++)
             hakmem_free(left[i][k]);        /* remote: into abandoned segments */
+}
+
+static void abandoned_segments_emptied_elsewhere_go_back(void **state)
+{
+    (void)state;
+    struct hakmem_stats s0, s1, s2;
+    leave_and_free_remotely(&s0, &s1);
     for (int i = 0; i < 40; i++) {
         slow_path_activity();
         nap_ms(20);
@@ -480,6 +488,40 @@ static void abandoned_segments_emptied_elsewhere_go_back(void **state)
     /* Empty now: beyond the process pool of 2, unmapped; none adopted. */
     assert_true(s2.segments <= s0.segments + 2);
     assert_int_equal(s2.segments_adopted, s1.segments_adopted);
+}
+
+static uint64_t remote_frees_of(size_t size)
+{
+    struct hakmem_class_info ci = { 0 };
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        hakmem_class_info(c, &ci);
+        if (ci.block_size == size)
+            break;
+    }
+    return ci.remote_frees;
+}
+
+/* A slow path's sweep takes the frees of two segments at most (it runs in
+ * some malloc), and unmaps none whose pages the purge has not given back
+ * yet; malloc_trim takes everything at once. */
+static void a_slow_paths_sweep_is_bounded(void **state)
+{
+    (void)state;
+    struct hakmem_stats s0, s1;
+    leave_and_free_remotely(&s0, &s1);
+    struct hm_heap_counters h0, h1, h2;
+    hm_heap_counters(&h0);
+    uint64_t r0 = remote_frees_of(64);
+    hm_abandoned_sweep(2, false);
+    hm_heap_counters(&h1);
+    uint64_t took = remote_frees_of(64) - r0;
+    print_message("one sweep took %llu blocks\n", (unsigned long long)took);
+    assert_true(took >= LEFT && took <= 2 * LEFT);
+    assert_int_equal(h1.segments_swept, h0.segments_swept);
+    hakmem_trim();
+    hm_heap_counters(&h2);
+    assert_int_equal(remote_frees_of(64) - r0, (uint64_t)ABANDONERS * LEFT);
+    assert_int_equal(h2.segments_swept, h0.segments_swept + ABANDONERS);
 }
 
 /* A thread that goes idle (blocked: no slow path) after its live set
@@ -577,6 +619,7 @@ int main(void)
         cmocka_unit_test(flushes_alone_pace_the_purge),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
+        cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
         cmocka_unit_test(double_free_of_a_hole_aborts),
     };

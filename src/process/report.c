@@ -108,6 +108,9 @@ void hakmem_stats_print(int fd)
     struct hm_heap_counters h;
     hm_heap_counters(&h);
     field(&l, "heaps_tidied", h.heaps_tidied);
+    /* Segments of exited threads emptied by others' frees, given back
+     * without adoption (see hm_abandoned_sweep). */
+    field(&l, "swept", h.segments_swept);
     /* 2 MiB halves of big heaps' segments asking for huge pages now. */
     field(&l, "huge_halves", atomic_load(&hm_segment_counters.huge_halves));
     /* Without the page map (its address space refused) every free takes

@@ -157,8 +157,8 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
-void hm_segment_collect_abandoned(struct hm_segment *seg);
-void hm_abandoned_sweep(void);
+void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected);
+void hm_abandoned_sweep(unsigned most, bool now);
 /* Whether other threads freed blocks of h's segments that it has not
  * collected yet.  Under h's lock (its segment list may change otherwise). */
 bool hm_heap_has_remote_frees(const struct hm_heap *h);

@@ -3,6 +3,7 @@
 #include "heap_internal.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -260,16 +261,22 @@ static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
 /* The same for a segment of an exited thread, by whoever took it off the
  * abandoned stack (so nobody else collects it meanwhile).  No heap: its
  * spans are on no partial list (their owner's exit took them off); those
- * left empty go back to the segment. */
-void hm_segment_collect_abandoned(struct hm_segment *seg)
+ * left empty go back to the segment.  The blocks collected are counted
+ * per class into `collected`. */
+void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected)
 {
     struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
     while (sp) {
         struct hm_span *next_sp;
         void *tail;
         uintptr_t list = take_remote(sp, &next_sp, &tail);
-        if (list && join_remote(sp, list, tail) && sp->used == 0)
-            hm_span_release(seg, sp);
+        if (list) {
+            uint32_t n = join_remote(sp, list, tail);
+            collected[sp->size_class] += n;
+            HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
+            if (sp->used == 0)
+                hm_span_release(seg, sp);
+        }
         sp = next_sp;
     }
 }
@@ -1296,7 +1303,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
-    hm_abandoned_sweep();
+    hm_abandoned_sweep(UINT_MAX, true);
     hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
     return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,

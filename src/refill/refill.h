@@ -155,6 +155,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out);
 struct hm_heap_counters {
     uint64_t threads_live, threads_exited;
     uint64_t segments_abandoned, segments_adopted;
+    uint64_t segments_swept;        /* abandoned ones emptied and given back by a sweep */
     uint64_t heaps_tidied;          /* tidies of idle threads' heaps, ever */
 };
 void hm_heap_counters(struct hm_heap_counters *out);
