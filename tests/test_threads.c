@@ -7,6 +7,7 @@
 
 #include "hakmem.h"
 #include "process/process.h"
+#include "refill/heap_internal.h"
 #include "refill/refill.h"
 
 /* HAKMEM_TEST_QUICK=1 (sanitizer runs) divides the work by ten. */
@@ -432,6 +433,89 @@ static void cross_thread_frees_at_volume(void **state)
     assert_true(remote_after - remote_before > (uint64_t)xcount / 3);
 }
 
+/* Threads that exit while their blocks live abandon their segments; later
+ * threads free those blocks (into the abandoned segments) and, out of
+ * room, adopt segments, while another thread sweeps the abandoned stack
+ * (malloc_trim's whole sweep, and a slow path's two) without pause.
+ * Every block is checked before it is freed. */
+enum { LEAVE_POOL = 2048, LEAVE_EACH = 600 };
+static struct slot leave_pool[LEAVE_POOL];
+static pthread_mutex_t leave_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int leave_errors;
+static atomic_bool sweeping;
+
+static void *allocate_swap_and_exit(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg;
+    for (int i = 0; i < LEAVE_EACH; i++) {
+        struct slot mine = { NULL, rand_size(&seed) % 4096 + 1, (unsigned)next_rand(&seed) };
+        mine.p = hakmem_malloc(mine.n);
+        stamp(&mine);
+        pthread_mutex_lock(&leave_lock);
+        struct slot *s = &leave_pool[next_rand(&seed) % LEAVE_POOL];
+        struct slot old = *s;
+        *s = mine;
+        pthread_mutex_unlock(&leave_lock);
+        if (old.p) {
+            if (!verify(&old))
+                atomic_fetch_add(&leave_errors, 1);
+            hakmem_free(old.p);         /* mostly another exited thread's */
+        }
+    }
+    return NULL;                        /* its blocks in the pool stay live */
+}
+
+static void *sweep_without_pause(void *arg)
+{
+    (void)arg;
+    while (atomic_load(&sweeping)) {
+        hakmem_trim();
+        hm_abandoned_sweep(2, false);
+    }
+    return NULL;
+}
+
+static void sweeps_race_exits_frees_and_adoption(void **state)
+{
+    (void)state;
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    pthread_t sweeper;
+    atomic_store(&sweeping, true);
+    pthread_create(&sweeper, NULL, sweep_without_pause, NULL);
+    int rounds = scaled(100);
+    for (int r = 0; r < rounds; r++) {
+        pthread_t t[2];
+        for (uintptr_t i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, allocate_swap_and_exit, (void *)(r * 2 + i + 1));
+        for (int i = 0; i < 2; i++)
+            pthread_join(t[i], NULL);
+    }
+    atomic_store(&sweeping, false);
+    pthread_join(sweeper, NULL);
+    for (int i = 0; i < LEAVE_POOL; i++) {
+        if (leave_pool[i].p) {
+            if (!verify(&leave_pool[i]))
+                atomic_fetch_add(&leave_errors, 1);
+            hakmem_free(leave_pool[i].p);
+            leave_pool[i].p = NULL;
+        }
+    }
+    hakmem_trim();
+    hakmem_stats(&s1);
+    struct hm_heap_counters h;
+    hm_heap_counters(&h);
+    print_message("%d rounds: abandoned %llu, adopted %llu, swept %llu, segments %llu\n", rounds,
+                  (unsigned long long)(s1.segments_abandoned - s0.segments_abandoned),
+                  (unsigned long long)(s1.segments_adopted - s0.segments_adopted),
+                  (unsigned long long)h.segments_swept, (unsigned long long)s1.segments);
+    assert_int_equal(atomic_load(&leave_errors), 0);
+    assert_true(s1.segments_abandoned - s0.segments_abandoned >= (uint64_t)rounds);
+    assert_true(h.segments_swept > 0);
+    /* Everything was freed and trimmed: what is left is this thread's. */
+    assert_true(s1.segments <= s0.segments + 2);
+}
+
 static void *short_life(void *arg)
 {
     void **handoff = arg;
@@ -770,6 +854,7 @@ int main(void)
         cmocka_unit_test(frees_after_thread_exit_leave_no_heap),
         cmocka_unit_test(double_frees_across_threads_abort),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
+        cmocka_unit_test(sweeps_race_exits_frees_and_adoption),
         cmocka_unit_test(fork_while_busy),
         cmocka_unit_test(fork_child_forgets_other_threads_heaps),
         cmocka_unit_test(allocation_after_the_last_destructor_round),
