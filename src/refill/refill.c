@@ -207,78 +207,63 @@ static void remote_free(struct hm_tcache *tc, struct hm_span *sp, void *p)
         hm_remote_flush(h);
 }
 
-/* A span's remote list joins its free list whole: its length and tail
- * came with it, so no block is read here.  The blocks were last written by
- * the threads that freed them; a walk here would wait for each link in
- * turn, where the bin reads them later, each prefetched by the pop before
- * it.  The span may be released here, and with the last the segment. */
-static uint32_t join_remote(struct hm_span *sp, uintptr_t list, void *tail)
-{
-    uint32_t n = hm_remote_count(list);
-    *(void **)tail = sp->free;
-    sp->free = hm_remote_head(list);
-    sp->used -= n;
-    return n;
-}
-
-static void splice_remote(struct hm_heap *h, struct hm_span *sp, uintptr_t list, void *tail)
-{
-    uint32_t n = join_remote(sp, list, tail);
-    h->stats[sp->size_class].remote_frees += n;
-    h->stats[sp->size_class].remote_since_refill += n;
-    HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
-    span_settle(h, sp);
-}
-
-/* A span off a pending stack: its remote list, its successor on the stack
- * and the list's tail. */
-static uintptr_t take_remote(struct hm_span *sp, struct hm_span **next_sp, void **tail)
-{
-    /* Read the link and the tail before the list: once the list is empty
-     * a remote free may push the span again and rewrite both (acq_rel on
-     * the list keeps these reads before it). */
-    *next_sp = sp->pending_next;
-    *tail = sp->remote_tail;
-    return atomic_exchange_explicit(&sp->remote, 0, memory_order_acq_rel);
-}
-
 /* Collects the remote lists of the spans announced on seg's pending stack
  * (a span is on it at most once: it is pushed when its list turns
- * non-empty, and its list is taken only by the segment's collector). */
-static void collect_segment(struct hm_heap *h, struct hm_segment *seg)
-{
-    struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
-    while (sp) {
-        struct hm_span *next_sp;
-        void *tail;
-        uintptr_t list = take_remote(sp, &next_sp, &tail);
-        if (list)
-            splice_remote(h, sp, list, tail);
-        sp = next_sp;
-    }
-}
+ * non-empty, and its list is taken only by the segment's collector).  Each
+ * list joins its span's free list whole: its length and tail came with it,
+ * so no block is read here.  The blocks were last written by the threads
+ * that freed them; a walk here would wait for each link in turn, where the
+ * bin reads them later, each prefetched by the pop before it.  `joined`
+ * then settles the span (which may release it, and with the last the
+ * segment). */
+typedef void joined_fn(void *ctx, struct hm_span *sp, uint32_t n);
 
-/* The same for a segment of an exited thread, by whoever took it off the
- * abandoned stack (so nobody else collects it meanwhile).  No heap: its
- * spans are on no partial list (their owner's exit took them off); those
- * left empty go back to the segment.  The blocks collected are counted
- * per class into `collected`. */
-void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected)
+static void collect_pending(struct hm_segment *seg, joined_fn *joined, void *ctx)
 {
     struct hm_span *sp = atomic_exchange_explicit(&seg->pending, NULL, memory_order_acquire);
     while (sp) {
-        struct hm_span *next_sp;
-        void *tail;
-        uintptr_t list = take_remote(sp, &next_sp, &tail);
+        /* Read the link and the tail before the list: once the list is
+         * empty a remote free may push the span again and rewrite both
+         * (acq_rel on the list keeps these reads before it). */
+        struct hm_span *next_sp = sp->pending_next;
+        void *tail = sp->remote_tail;
+        uintptr_t list = atomic_exchange_explicit(&sp->remote, 0, memory_order_acq_rel);
         if (list) {
-            uint32_t n = join_remote(sp, list, tail);
-            collected[sp->size_class] += n;
+            uint32_t n = hm_remote_count(list);
+            *(void **)tail = sp->free;
+            sp->free = hm_remote_head(list);
+            sp->used -= n;
             HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
-            if (sp->used == 0)
-                hm_span_release(seg, sp);
+            joined(ctx, sp, n);
         }
         sp = next_sp;
     }
+}
+
+/* For the owner: counted in its stats, the span listed or released. */
+static void settle_in_heap(void *ctx, struct hm_span *sp, uint32_t n)
+{
+    struct hm_heap *h = ctx;
+    h->stats[sp->size_class].remote_frees += n;
+    h->stats[sp->size_class].remote_since_refill += n;
+    span_settle(h, sp);
+}
+
+/* For a segment of an exited thread, by whoever took it off the abandoned
+ * stack (so nobody else collects it meanwhile): no heap, its spans are on
+ * no partial list (their owner's exit took them off); counted per class
+ * into the caller's array, and released once empty. */
+static void settle_abandoned(void *ctx, struct hm_span *sp, uint32_t n)
+{
+    uint64_t *collected = ctx;
+    collected[sp->size_class] += n;
+    if (sp->used == 0)
+        hm_span_release(hm_segment_of_span(sp), sp);
+}
+
+void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected)
+{
+    collect_pending(seg, settle_abandoned, collected);
 }
 
 bool hm_heap_has_remote_frees(const struct hm_heap *h)
@@ -296,7 +281,7 @@ void hm_heap_collect(struct hm_heap *h)
         /* Collecting may empty and free this segment: step first. */
         struct hm_segment *next = seg->next;
         if (atomic_load_explicit(&seg->pending, memory_order_relaxed))
-            collect_segment(h, seg);
+            collect_pending(seg, settle_in_heap, h);
         seg = next;
     }
 }
@@ -425,7 +410,7 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
     uint32_t got = 0;
     /* A free list of at most `most` blocks, into an empty batch, goes whole
      * without a walk: its blocks are mostly cold (other threads freed many
-     * of them: see collect_segment), and each link read is a miss that the
+     * of them: see collect_pending), and each link read is a miss that the
      * next must wait for.  The bin reads them one at a time later, each
      * prefetched by the pop before it.  A list cut after n blocks costs
      * that walk, so lists of several batches go whole too. */

@@ -168,6 +168,11 @@ void hm_large_fork_child(void)
  * of half a segment, whose other half-way point could otherwise be another
  * such block's (mapped in the rest of the granule), and the two would
  * overwrite each other's entry. */
+static bool header_in_granule(size_t alignment)
+{
+    return alignment < HM_SEGMENT_SIZE / 2;
+}
+
 static size_t large_map_align(size_t alignment)
 {
     return alignment > HM_SEGMENT_SIZE ? alignment : HM_SEGMENT_SIZE;
@@ -176,7 +181,7 @@ static size_t large_map_align(size_t alignment)
 static bool large_layout(size_t size, size_t alignment, size_t *offset, size_t *map_size,
                          size_t *map_align)
 {
-    if (alignment < HM_SEGMENT_SIZE / 2)
+    if (header_in_granule(alignment))
         *offset = hm_round_up(HM_LARGE_HEADER_SIZE, alignment < 16 ? 16 : alignment);
     else
         *offset = HM_OS_PAGE;
@@ -226,7 +231,7 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
         }
     }
     *zeroed = true;
-    char *base = hm_os_map(map_size, map_align, alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+    char *base = hm_os_map(map_size, map_align, header_in_granule(alignment) ? 0 : offset);
     if (!base) {
         errno = ENOMEM;
         return NULL;
@@ -292,7 +297,7 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     /* Move the pages (no copy) to a place with the same alignment: reserve
      * it, then let mremap replace the reservation. */
     char *dest = hm_os_map(new_map, large_map_align(seg->alignment),
-                           seg->alignment < HM_SEGMENT_SIZE / 2 ? 0 : offset);
+                           header_in_granule(seg->alignment) ? 0 : offset);
     if (!dest)
         return NULL;
     char *old_base = seg->map_base;
