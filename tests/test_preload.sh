@@ -6,6 +6,7 @@ set -uo pipefail
 lib=$(realpath "$1")
 early_init=$2
 bad_free=$3
+libc_names=$4
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -46,6 +47,14 @@ if grep -q 'allocator: hakmem' "$work/hak.err" && grep -q 'allocator: not hakmem
     ok "early_init: dlsym from a constructor sees hakmem"
 else
     not_ok "early_init: allocator line"
+fi
+
+# --- an interposer that forwards to glibc's __libc_malloc ---------------------
+same "libc_names" "$libc_names"
+if grep -q 'libc names: hakmem' "$work/hak.err" && grep -q 'libc names: not hakmem' "$work/plain.err"; then
+    ok "libc_names: __libc_malloc is hakmem's"
+else
+    not_ok "libc_names: $(grep 'libc names' "$work/hak.err")"
 fi
 
 # --- python3 ---------------------------------------------------------------

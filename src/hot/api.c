@@ -401,4 +401,16 @@ size_t malloc_usable_size(void *) HM_ALIAS(hakmem_malloc_usable_size);
 void free_sized(void *, size_t) HM_ALIAS(hakmem_free_sized);
 void free_aligned_sized(void *, size_t, size_t) HM_ALIAS(hakmem_free_aligned_sized);
 void cfree(void *) HM_ALIAS(hakmem_free);
+
+/* glibc exports its allocator under these names too.  An interposer that
+ * defines malloc and forwards to __libc_malloc (a leak tracer, a test
+ * harness counting calls) would otherwise get glibc's blocks and hand them
+ * to our free, or hand ours to glibc's free. */
+void *__libc_malloc(size_t) HM_ALIAS(hakmem_malloc);
+void __libc_free(void *) HM_ALIAS(hakmem_free);
+void *__libc_calloc(size_t, size_t) HM_ALIAS(hakmem_calloc);
+void *__libc_realloc(void *, size_t) HM_ALIAS(hakmem_realloc);
+void *__libc_memalign(size_t, size_t) HM_ALIAS(hakmem_memalign);
+void *__libc_valloc(size_t) HM_ALIAS(hakmem_valloc);
+void *__libc_pvalloc(size_t) HM_ALIAS(hakmem_pvalloc);
 #endif

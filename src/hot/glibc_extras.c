@@ -22,6 +22,12 @@ HM_EXPORT int mallopt(int param, int value)
     return 1;   /* accepted: hakmem tunes itself */
 }
 
+/* The names glibc also exports these under (see api.c). */
+HM_EXPORT int __libc_mallopt(int param, int value)
+{
+    return mallopt(param, value);
+}
+
 HM_EXPORT struct mallinfo2 mallinfo2(void)
 {
     struct hakmem_stats s;
@@ -34,7 +40,8 @@ HM_EXPORT struct mallinfo2 mallinfo2(void)
     return mi;
 }
 
-HM_EXPORT struct mallinfo mallinfo(void)
+/* The old struct: int fields, so figures past 2 GiB wrap as in glibc. */
+static struct mallinfo mallinfo_int(void)
 {
     struct mallinfo2 m2 = mallinfo2();
     struct mallinfo mi = { 0 };
@@ -43,6 +50,16 @@ HM_EXPORT struct mallinfo mallinfo(void)
     mi.hblkhd = (int)m2.hblkhd;
     mi.uordblks = (int)m2.uordblks;
     return mi;
+}
+
+HM_EXPORT struct mallinfo mallinfo(void)
+{
+    return mallinfo_int();
+}
+
+HM_EXPORT struct mallinfo __libc_mallinfo(void)
+{
+    return mallinfo_int();
 }
 
 HM_EXPORT void malloc_stats(void)
