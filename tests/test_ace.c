@@ -195,11 +195,12 @@ static void ace_thread_tidies_a_sleeping_thread(void **state)
     assert_int_equal(c1.heaps_tidied, c0.heaps_tidied);
 }
 
-/* A thread allocates and exits; the main thread frees its blocks and
- * sleeps.  Those frees wait in the exited thread's segments, which no
- * thread adopts while none needs room: with ACE on, the ACE thread sweeps
- * them and the memory goes back; without, it stays until a slow path's
- * purge or malloc_trim. */
+/* A thread allocates and exits; another frees its blocks and exits (a
+ * thread that only frees takes no segment over), and the program sleeps.
+ * Those frees wait in the exited thread's segments, which no thread adopts
+ * while none needs room: with ACE on, the ACE thread sweeps them and the
+ * memory goes back; without, it stays until a slow path's purge or
+ * malloc_trim. */
 enum { LEFT_BLOCKS = 20000, LEFT_SIZE = 1000 };
 static void *left_blocks[LEFT_BLOCKS];
 
@@ -213,6 +214,14 @@ static void *allocate_and_leave(void *arg)
     return NULL;
 }
 
+static void *free_left_blocks(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < LEFT_BLOCKS; i++)
+        hakmem_free(left_blocks[i]);
+    return NULL;
+}
+
 static void ace_thread_sweeps_exited_threads_segments(void **state)
 {
     (void)state;
@@ -220,8 +229,7 @@ static void ace_thread_sweeps_exited_threads_segments(void **state)
     hakmem_trim();
     long base = rss_kb();
     run_thread(allocate_and_leave, NULL);
-    for (int i = 0; i < LEFT_BLOCKS; i++)
-        hakmem_free(left_blocks[i]);
+    run_thread(free_left_blocks, NULL);
     long freed = rss_kb();
     assert_true(freed - base > 16 * 1024);
     struct timespec nap = { 0, 400000000 };

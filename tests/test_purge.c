@@ -64,12 +64,20 @@ static void trim_returns_free_memory(void **state)
     free_heap();
 }
 
-/* What an exited thread left, freed by another thread: malloc_trim takes
- * those frees in the segments nobody adopted and returns the memory. */
+/* What an exited thread left, freed by a thread that only frees (it takes
+ * no segment over): malloc_trim takes those frees in the segments nobody
+ * adopted and returns the memory. */
 static void *fill_heap_and_leave(void *arg)
 {
     (void)arg;
     fill_heap();
+    return NULL;
+}
+
+static void *free_heap_and_leave(void *arg)
+{
+    (void)arg;
+    free_heap();
     return NULL;
 }
 
@@ -80,7 +88,7 @@ static void trim_returns_what_exited_threads_left(void **state)
     hakmem_trim();
     long base = rss_kb();
     run_thread(fill_heap_and_leave, NULL);
-    free_heap();
+    run_thread(free_heap_and_leave, NULL);
     long freed = rss_kb();
     assert_true(freed - base > 40 * 1024);
     assert_int_equal(hakmem_trim(), 1);
@@ -448,8 +456,19 @@ static void *allocate_and_leave(void *arg)
     return NULL;
 }
 
-/* ABANDONERS segments of exited threads, their blocks all freed by this
- * thread. */
+/* A thread with no segment of its own frees remotely: it does not take
+ * the segments over (it would never reuse them). */
+static void *free_all_left(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < ABANDONERS; i++)
+        for (int k = 0; k < LEFT; k++)
+            hakmem_free(left[i][k]);        /* remote: into abandoned segments */
+    return NULL;
+}
+
+/* ABANDONERS segments of exited threads, their blocks all freed by a
+ * thread that only frees. */
 static void leave_and_free_remotely(struct hakmem_stats *before, struct hakmem_stats *left_behind)
 {
     hakmem_trim();
@@ -464,9 +483,7 @@ static void leave_and_free_remotely(struct hakmem_stats *before, struct hakmem_s
     pthread_barrier_destroy(&all_alive);
     hakmem_stats(left_behind);
     assert_true(left_behind->segments >= before->segments + ABANDONERS);
-    for (int i = 0; i < ABANDONERS; i++)
-        for (int k = 0; k < LEFT; k++)
-            hakmem_free(left[i][k]);        /* remote: into abandoned segments */
+    run_thread(free_all_left, NULL);
 }
 
 static void abandoned_segments_emptied_elsewhere_go_back(void **state)
@@ -499,6 +516,53 @@ static uint64_t remote_frees_of(size_t size)
             break;
     }
     return ci.remote_frees;
+}
+
+/* A thread that allocates and frees blocks of an exited thread's segment
+ * takes the segment over at its first free: the frees are local from then
+ * on, and the memory they free serves its own mallocs.  The freeing thread
+ * gets its own segment before the other exits (else its first malloc would
+ * adopt the exited thread's segment, as a thread out of room does). */
+static pthread_barrier_t has_segment, others_left;
+
+static void *free_left_into_own_heap(void *arg)
+{
+    struct hakmem_stats *s = arg;
+    void *mine = hakmem_malloc(64);
+    pthread_barrier_wait(&has_segment);
+    pthread_barrier_wait(&others_left);
+    hakmem_stats(&s[0]);
+    for (int k = 0; k < LEFT; k++)
+        hakmem_free(left[0][k]);
+    hakmem_stats(&s[1]);
+    hakmem_free(mine);
+    return NULL;
+}
+
+static void frees_into_an_exited_threads_segment_take_it_over(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    uint64_t r0 = remote_frees_of(64);
+    struct hakmem_stats s[2];
+    pthread_barrier_init(&has_segment, NULL, 2);
+    pthread_barrier_init(&others_left, NULL, 2);
+    pthread_barrier_init(&all_alive, NULL, 1);
+    pthread_t freer;
+    pthread_create(&freer, NULL, free_left_into_own_heap, s);
+    pthread_barrier_wait(&has_segment);
+    run_thread(allocate_and_leave, left[0]);
+    pthread_barrier_wait(&others_left);
+    pthread_join(freer, NULL);
+    pthread_barrier_destroy(&all_alive);
+    pthread_barrier_destroy(&has_segment);
+    pthread_barrier_destroy(&others_left);
+    hakmem_trim();              /* collects what may be waiting */
+    print_message("adopted %llu, remote frees %llu\n",
+                  (unsigned long long)(s[1].segments_adopted - s[0].segments_adopted),
+                  (unsigned long long)(remote_frees_of(64) - r0));
+    assert_int_equal(s[1].segments_adopted, s[0].segments_adopted + 1);
+    assert_int_equal(remote_frees_of(64), r0);
 }
 
 /* A slow path's sweep takes the frees of two segments at most (it runs in
@@ -619,6 +683,7 @@ int main(void)
         cmocka_unit_test(flushes_alone_pace_the_purge),
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
+        cmocka_unit_test(frees_into_an_exited_threads_segment_take_it_over),
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
         cmocka_unit_test(double_free_of_a_hole_aborts),

@@ -434,10 +434,11 @@ static void cross_thread_frees_at_volume(void **state)
 }
 
 /* Threads that exit while their blocks live abandon their segments; later
- * threads free those blocks (into the abandoned segments) and, out of
- * room, adopt segments, while another thread sweeps the abandoned stack
- * (malloc_trim's whole sweep, and a slow path's two) without pause.
- * Every block is checked before it is freed. */
+ * threads free those blocks (into the abandoned segments, which they take
+ * over) and, out of room, adopt segments; a thread that only frees leaves
+ * its frees waiting in segments nobody owns; meanwhile another thread
+ * sweeps the abandoned stack (malloc_trim's whole sweep, and a slow path's
+ * two) without pause.  Every block is checked before it is freed. */
 enum { LEAVE_POOL = 2048, LEAVE_EACH = 600 };
 static struct slot leave_pool[LEAVE_POOL];
 static pthread_mutex_t leave_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -465,6 +466,38 @@ static void *allocate_swap_and_exit(void *arg)
     return NULL;                        /* its blocks in the pool stay live */
 }
 
+static void *free_some_and_exit(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg;
+    for (int i = 0; i < LEAVE_EACH; i++) {
+        pthread_mutex_lock(&leave_lock);
+        struct slot *s = &leave_pool[next_rand(&seed) % LEAVE_POOL];
+        struct slot old = *s;
+        s->p = NULL;
+        pthread_mutex_unlock(&leave_lock);
+        if (old.p) {
+            if (!verify(&old))
+                atomic_fetch_add(&leave_errors, 1);
+            hakmem_free(old.p);         /* remote: this thread owns no segment */
+        }
+    }
+    return NULL;
+}
+
+static void *free_pool_and_exit(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < LEAVE_POOL; i++) {
+        if (leave_pool[i].p) {
+            if (!verify(&leave_pool[i]))
+                atomic_fetch_add(&leave_errors, 1);
+            hakmem_free(leave_pool[i].p);
+            leave_pool[i].p = NULL;
+        }
+    }
+    return NULL;
+}
+
 static void *sweep_without_pause(void *arg)
 {
     (void)arg;
@@ -485,22 +518,18 @@ static void sweeps_race_exits_frees_and_adoption(void **state)
     pthread_create(&sweeper, NULL, sweep_without_pause, NULL);
     int rounds = scaled(100);
     for (int r = 0; r < rounds; r++) {
-        pthread_t t[2];
+        pthread_t t[3];
         for (uintptr_t i = 0; i < 2; i++)
-            pthread_create(&t[i], NULL, allocate_swap_and_exit, (void *)(r * 2 + i + 1));
-        for (int i = 0; i < 2; i++)
+            pthread_create(&t[i], NULL, allocate_swap_and_exit, (void *)(r * 3 + i + 1));
+        pthread_create(&t[2], NULL, free_some_and_exit, (void *)(uintptr_t)(r * 3 + 3));
+        for (int i = 0; i < 3; i++)
             pthread_join(t[i], NULL);
     }
     atomic_store(&sweeping, false);
     pthread_join(sweeper, NULL);
-    for (int i = 0; i < LEAVE_POOL; i++) {
-        if (leave_pool[i].p) {
-            if (!verify(&leave_pool[i]))
-                atomic_fetch_add(&leave_errors, 1);
-            hakmem_free(leave_pool[i].p);
-            leave_pool[i].p = NULL;
-        }
-    }
+    /* The last threads' blocks, freed by a thread that takes no segment
+     * over: the trim's sweep gives their segments back. */
+    run_thread(free_pool_and_exit, NULL);
     hakmem_trim();
     hakmem_stats(&s1);
     struct hm_heap_counters h;

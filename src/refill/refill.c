@@ -1207,6 +1207,18 @@ static struct hm_span *block_of(void *p, const char *call, struct hm_segment **l
     return sp;
 }
 
+/* A block of an exited thread's segment, freed by a thread with a live
+ * heap: the segment may become ours (see hm_heap_reclaim).  Not by a heap
+ * attached after its thread's exit (nothing would give it back), nor for
+ * a block that looks free already: the remote path's check below ends
+ * that double free, where ours would miss the block in another thread's
+ * remote batch. */
+static bool reclaim(struct hm_tcache *tc, struct hm_span *sp, const uintptr_t *words)
+{
+    return hm_span_owner(sp) == HM_OWNER_ABANDONED && words[1] != hm_free_key && tc->heap &&
+           tc->heap->tcache == tc && hm_heap_reclaim(tc->heap, hm_segment_of_span(sp));
+}
+
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
 {
     if (!p)
@@ -1219,7 +1231,7 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
         return;                         /* a bootstrap block stays */
     }
     uintptr_t *words = p;
-    if (hm_span_owner(sp) != tc->owner) {
+    if (hm_span_owner(sp) != tc->owner && !reclaim(tc, sp, words)) {
         /* Every block is handed out with its second word cleared (bin_pop,
          * hm_refill, hm_alloc_pages: a new way out must clear it too), and
          * every free marks it: the key here means a block that is free

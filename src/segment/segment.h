@@ -116,6 +116,7 @@ struct hm_segment {
     _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
     _Atomic unsigned huge_halves;   /* bit per 2 MiB half asking for huge pages */
     bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
+    bool on_abandoned;              /* on the abandoned stack (under its lock) */
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
