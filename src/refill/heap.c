@@ -535,23 +535,30 @@ static bool is_big(const struct hm_heap *h)
  * and halved the stress program's gain; 2 gave no gain. */
 #define HM_RECLAIM_MAX 8
 
-bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg)
+/* Takes seg off the abandoned stack if it is there (not yet pushed by its
+ * exiting owner, or taken by another thread meanwhile: no). */
+static bool take_abandoned(struct hm_segment *seg)
 {
-    if (!h->segments || holds_at_least(h, HM_RECLAIM_MAX))
-        return false;
     pthread_mutex_lock(&abandoned_lock);
-    bool listed = seg->on_abandoned;    /* not yet pushed, or taken meanwhile */
+    bool listed = seg->on_abandoned;
     if (listed) {
         abandoned_unlink(seg);
         segments_adopted++;
     }
     pthread_mutex_unlock(&abandoned_lock);
-    if (!listed)
-        return false;
+    return listed;
+}
+
+bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg)
+{
+    /* The heap's lock first (a tidier may change its segment list), then
+     * the stack's, as a refill that adopts takes them. */
     hm_heap_lock(h);
-    adopt(h, seg);
+    bool taken = h->segments && !holds_at_least(h, HM_RECLAIM_MAX) && take_abandoned(seg);
+    if (taken)
+        adopt(h, seg);
     hm_heap_unlock(h);
-    return true;
+    return taken;
 }
 
 /* A fresh span: room in our segments, then segments of exited threads,
