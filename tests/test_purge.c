@@ -519,11 +519,19 @@ static uint64_t remote_frees_of(size_t size)
 }
 
 /* A thread that allocates and frees blocks of an exited thread's segment
- * takes the segment over at its first free: the frees are local from then
- * on, and the memory they free serves its own mallocs.  The freeing thread
- * gets its own segment before the other exits (else its first malloc would
- * adopt the exited thread's segment, as a thread out of room does). */
+ * takes the segment over at its first free, to drain it: the frees are
+ * local from then on, and the spans stay off its lists (tagged to drain).
+ * The freeing thread gets its own segment before the other exits (else its
+ * first malloc would adopt the exited thread's segment, as a thread out of
+ * room does). */
 static pthread_barrier_t has_segment, others_left;
+static uintptr_t drained_span_owner;
+
+static uintptr_t owner_of_block(void *p)
+{
+    struct hm_segment *seg = hm_segment_of((uintptr_t)p);
+    return hm_span_owner(hm_span_of(seg, (uintptr_t)p));
+}
 
 static void *free_left_into_own_heap(void *arg)
 {
@@ -532,11 +540,31 @@ static void *free_left_into_own_heap(void *arg)
     pthread_barrier_wait(&has_segment);
     pthread_barrier_wait(&others_left);
     hakmem_stats(&s[0]);
-    for (int k = 0; k < LEFT; k++)
+    hakmem_free(left[0][0]);
+    drained_span_owner = owner_of_block(left[0][LEFT - 1]);
+    for (int k = 1; k < LEFT; k++)
         hakmem_free(left[0][k]);
     hakmem_stats(&s[1]);
     hakmem_free(mine);
     return NULL;
+}
+
+/* Runs `freer` in a thread that has a segment of its own by the time
+ * another thread has allocated left[0] and exited. */
+static void free_what_an_exited_thread_left(void *(*freer)(void *), void *arg)
+{
+    pthread_barrier_init(&has_segment, NULL, 2);
+    pthread_barrier_init(&others_left, NULL, 2);
+    pthread_barrier_init(&all_alive, NULL, 1);
+    pthread_t t;
+    pthread_create(&t, NULL, freer, arg);
+    pthread_barrier_wait(&has_segment);
+    run_thread(allocate_and_leave, left[0]);
+    pthread_barrier_wait(&others_left);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&all_alive);
+    pthread_barrier_destroy(&has_segment);
+    pthread_barrier_destroy(&others_left);
 }
 
 static void frees_into_an_exited_threads_segment_take_it_over(void **state)
@@ -545,24 +573,43 @@ static void frees_into_an_exited_threads_segment_take_it_over(void **state)
     hakmem_trim();
     uint64_t r0 = remote_frees_of(64);
     struct hakmem_stats s[2];
-    pthread_barrier_init(&has_segment, NULL, 2);
-    pthread_barrier_init(&others_left, NULL, 2);
-    pthread_barrier_init(&all_alive, NULL, 1);
-    pthread_t freer;
-    pthread_create(&freer, NULL, free_left_into_own_heap, s);
-    pthread_barrier_wait(&has_segment);
-    run_thread(allocate_and_leave, left[0]);
-    pthread_barrier_wait(&others_left);
-    pthread_join(freer, NULL);
-    pthread_barrier_destroy(&all_alive);
-    pthread_barrier_destroy(&has_segment);
-    pthread_barrier_destroy(&others_left);
+    free_what_an_exited_thread_left(free_left_into_own_heap, s);
     hakmem_trim();              /* collects what may be waiting */
     print_message("adopted %llu, remote frees %llu\n",
                   (unsigned long long)(s[1].segments_adopted - s[0].segments_adopted),
                   (unsigned long long)(remote_frees_of(64) - r0));
     assert_int_equal(s[1].segments_adopted, s[0].segments_adopted + 1);
     assert_int_equal(remote_frees_of(64), r0);
+    assert_int_equal(drained_span_owner & (HM_HEAP_ALIGN - 1), HM_OWNER_DRAIN);
+}
+
+/* A block of a segment being drained, freed twice: its first free put it
+ * on its span's list, where the second finds it. */
+static void *free_one_twice(void *arg)
+{
+    (void)arg;
+    void *mine = hakmem_malloc(64);
+    pthread_barrier_wait(&has_segment);
+    pthread_barrier_wait(&others_left);
+    hakmem_free(left[0][0]);            /* takes the segment over */
+    hakmem_free(left[0][1]);
+    hakmem_free(left[0][1]);
+    hakmem_free(mine);
+    return NULL;
+}
+
+static void free_twice_into_a_drained_segment(void)
+{
+    free_what_an_exited_thread_left(free_one_twice, NULL);
+}
+
+static void double_free_into_a_drained_segment_aborts(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* TSan cannot start threads in a forked child */
+    skip();
+#endif
+    expect_abort(free_twice_into_a_drained_segment, "hakmem: free(): double free detected 0x");
 }
 
 /* A slow path's sweep takes the frees of two segments at most (it runs in
@@ -684,6 +731,7 @@ int main(void)
         cmocka_unit_test(sparse_spans_give_back_their_free_pages),
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
         cmocka_unit_test(frees_into_an_exited_threads_segment_take_it_over),
+        cmocka_unit_test(double_free_into_a_drained_segment_aborts),
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
         cmocka_unit_test(double_free_of_a_hole_aborts),

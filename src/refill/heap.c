@@ -247,17 +247,19 @@ void hm_heap_release_reserve(struct hm_heap *h, bool unmap)
 }
 
 /* Takes over a segment of an exited thread: its spans become ours, and
- * those with blocks to hand out join our partial lists. */
-static void adopt(struct hm_heap *h, struct hm_segment *seg)
+ * those with blocks to hand out join our partial lists; or, to drain it
+ * (see hm_heap_reclaim), ours tagged HM_OWNER_DRAIN, on no list. */
+static void adopt(struct hm_heap *h, struct hm_segment *seg, bool drain)
 {
-    atomic_store_explicit(&seg->owner, h->id, memory_order_relaxed);
+    uintptr_t owner = drain ? h->id | HM_OWNER_DRAIN : h->id;
+    atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
     segment_link(h, seg);
     for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
         struct hm_span *sp = seg->page_span[i];
         if (sp != &seg->spans[i])
             continue;
-        hm_span_set_owner(sp, h->id);
-        if (sp->free || sp->holes || sp->bump < sp->end)
+        hm_span_set_owner(sp, owner);
+        if (!drain && (sp->free || sp->holes || sp->bump < sp->end))
             hm_partial_push(h, sp);
     }
 }
@@ -275,7 +277,7 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
     }
     pthread_mutex_unlock(&abandoned_lock);
     if (seg)
-        adopt(h, seg);
+        adopt(h, seg, false);
     return seg;
 }
 
@@ -487,6 +489,9 @@ struct span_shape {
 
 static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct span_shape s)
 {
+    /* Not in a segment we drain: its pages serve us once it is empty. */
+    if (atomic_load_explicit(&seg->owner, memory_order_relaxed) != h->id)
+        return NULL;
     /* Full segments are most of a big heap: skip them without the lock
      * (only this thread takes pages from its segments). */
     if ((unsigned)__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
@@ -516,23 +521,28 @@ static bool is_big(const struct hm_heap *h)
 }
 
 /* A thread that frees a block of an exited thread's segment takes the
- * segment over.  Its frees into it are then local, and the memory they
- * free goes back to its spans and serves its own next mallocs.  Left
- * abandoned, the segment would only see its frees once an adopter (a
- * thread out of room takes the newest) or a sweep (two segments a purge
- * step) came to it; with threads that come and go, the stack grows faster
- * than either gets down it.  A stress program whose 2850 threads each live
- * a few hundred operations and leave their blocks to later ones peaked at
- * 440-700 MB resident; with this, 143-157 MB (glibc: 185 MB).
+ * segment over, to drain it.  Left abandoned, the segment would only see
+ * its frees once an adopter (a thread out of room takes the newest) or a
+ * sweep (two segments a purge step) came to it; with threads that come
+ * and go, the stack grows faster than either gets down it.  A stress
+ * program whose 2850 threads each live a few hundred operations and leave
+ * their blocks to later ones peaked at 450-700 MB resident; with this,
+ * 190-220 MB (glibc: 161-185 MB).
  *
- * Not by a thread that only frees (no segment of its own: it would never
- * reuse the memory), nor by one that holds HM_RECLAIM_MAX segments
- * already (its slow paths walk them all): their frees go remote, as to a
- * live owner.  The price is where a chain of threads each frees what the
- * one before allocated (larson): each passes its segments on, partly used,
- * to the next, which allocates across all of them; larson's peak RSS is
- * 15% higher (15.4 against 13.3 MiB).  A bound of 4 cost larson as much
- * and halved the stress program's gain; 2 gave no gain. */
+ * Draining: the segment's spans are ours tagged HM_OWNER_DRAIN.  A free
+ * into one goes straight back to the span (drain_free), not into a bin,
+ * the spans join no partial list, and no new span starts in the segment:
+ * it empties, and then serves us like any empty segment.  Taken over
+ * outright instead (spans ours, on our lists), the stress program peaked
+ * at 143-157 MB, but larson, where each thread frees what the one before
+ * allocated, spread each thread's blocks over the partly used segments
+ * the chain passed on: peak RSS +15-38% in three runs of 24M ops, where
+ * drained it is +2-8%.
+ *
+ * Not by a thread that only frees (no segment of its own: nothing to
+ * serve), nor by one that holds HM_RECLAIM_MAX segments already (its slow
+ * paths walk them all; 4 halved the gain, 16 gave no more): their frees go
+ * remote, as to a live owner. */
 #define HM_RECLAIM_MAX 8
 
 /* Takes seg off the abandoned stack if it is there (not yet pushed by its
@@ -556,7 +566,7 @@ bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg)
     hm_heap_lock(h);
     bool taken = h->segments && !holds_at_least(h, HM_RECLAIM_MAX) && take_abandoned(seg);
     if (taken)
-        adopt(h, seg);
+        adopt(h, seg, true);
     hm_heap_unlock(h);
     return taken;
 }

@@ -157,8 +157,8 @@ void hm_heap_release_empty_pool(void);
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
-/* Takes over an abandoned segment that the heap's thread frees into, when
- * the heap can use it; false: free remotely as to a live owner. */
+/* Takes over, to drain it, an abandoned segment that the heap's thread
+ * frees into, when the heap can; false: free remotely as to a live owner. */
 bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg);
 void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected);
 void hm_abandoned_sweep(unsigned most, bool now);

@@ -101,7 +101,7 @@ static void span_settle(struct hm_heap *h, struct hm_span *sp)
         span_release(h, sp);
         return;
     }
-    if (!sp->in_partial)
+    if (!sp->in_partial && hm_span_owner(sp) == h->id)     /* not one we drain */
         hm_partial_push(h, sp);
 }
 
@@ -1215,8 +1215,25 @@ static struct hm_span *block_of(void *p, const char *call, struct hm_segment **l
  * remote batch. */
 static bool reclaim(struct hm_tcache *tc, struct hm_span *sp, const uintptr_t *words)
 {
-    return hm_span_owner(sp) == HM_OWNER_ABANDONED && words[1] != hm_free_key && tc->heap &&
-           tc->heap->tcache == tc && hm_heap_reclaim(tc->heap, hm_segment_of_span(sp));
+    return words[1] != hm_free_key && tc->heap && tc->heap->tcache == tc &&
+           hm_heap_reclaim(tc->heap, hm_segment_of_span(sp));
+}
+
+/* A block of a segment this thread drains (see hm_heap_reclaim): straight
+ * back to its span, not into a bin, so no malloc of ours hands it out
+ * again and the segment empties. */
+static void drain_free(struct hm_tcache *tc, struct hm_span *sp, void *p, const char *call)
+{
+    uintptr_t *words = p;
+    struct hm_heap *h = tc->heap;
+    hm_heap_lock(h);
+    if ((words[1] == hm_free_key && is_free_here(tc, sp, p)) || (sp->holes && is_hole(sp, p))) {
+        hm_heap_unlock(h);
+        hm_fatal(call, "double free detected", p);
+    }
+    words[1] = hm_free_key;
+    hm_span_put(h, sp, p);
+    hm_heap_unlock(h);
 }
 
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
@@ -1231,7 +1248,14 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
         return;                         /* a bootstrap block stays */
     }
     uintptr_t *words = p;
-    if (hm_span_owner(sp) != tc->owner && !reclaim(tc, sp, words)) {
+    uintptr_t owner = hm_span_owner(sp);
+    if (owner == HM_OWNER_ABANDONED && reclaim(tc, sp, words))
+        owner = hm_span_owner(sp);
+    if (tc->heap && owner == (tc->owner | HM_OWNER_DRAIN)) {
+        drain_free(tc, sp, p, call);
+        return;
+    }
+    if (owner != tc->owner) {
         /* Every block is handed out with its second word cleared (bin_pop,
          * hm_refill, hm_alloc_pages: a new way out must clear it too), and
          * every free marks it: the key here means a block that is free

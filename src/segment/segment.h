@@ -40,6 +40,7 @@ static inline size_t hm_round_up(size_t n, size_t a)
 #define HM_OWNER_EXITED    (~(uintptr_t)2)  /* its heap was given back at thread exit */
 #define HM_OWNER_ABANDONED ((uintptr_t)1)   /* its thread exited */
 #define HM_OWNER_SENTINEL  (~(uintptr_t)0)  /* not a span: a free or header page */
+#define HM_OWNER_DRAIN     ((uintptr_t)2)   /* with a heap id: the heap drains it */
 
 enum hm_segment_kind { HM_SEGMENT_SPANS = 1, HM_SEGMENT_LARGE = 2 };
 
@@ -104,7 +105,7 @@ static inline uint32_t hm_remote_count(uintptr_t w)
 struct hm_segment {
     uint32_t kind;
     uint32_t pages_used;            /* spans' pages in use, header excluded */
-    _Atomic uintptr_t owner;        /* heap id, or HM_OWNER_ABANDONED */
+    _Atomic uintptr_t owner;        /* heap id (| HM_OWNER_DRAIN), or HM_OWNER_ABANDONED */
     /* Page state, under `lock`: the owner changes it when spans come and
      * go, a purger (the ACE thread) when it returns free pages to the OS. */
     atomic_flag lock;
