@@ -353,17 +353,16 @@ bool hm_segment_is_empty(const struct hm_segment *seg)
     return seg->pages_used == 0;
 }
 
-/* First run of `pages` free pages, or -1. */
+/* First run of `pages` free pages (not page 0, the header), or -1.  Bit i
+ * of `starts` stays set while pages i .. i + k are free: one AND per page
+ * of the run, where a scan tested every start (most spans take 1-4 pages,
+ * and a refill that needs a new span asks each segment of its heap). */
 static int find_free_run(uint64_t free_pages, unsigned pages)
 {
-    uint64_t want = page_run(0, pages);
-    for (unsigned i = 1; i + pages <= HM_SEGMENT_PAGES; i++) {
-        if (((free_pages >> i) & want) == want)
-            return (int)i;
-        if (!(free_pages >> i))
-            break;
-    }
-    return -1;
+    uint64_t starts = free_pages & ~(uint64_t)1;
+    for (unsigned k = 1; k < pages && starts; k++)
+        starts &= free_pages >> k;
+    return starts ? __builtin_ctzll(starts) : -1;
 }
 
 static char *page_address(struct hm_segment *seg, unsigned page)
