@@ -7,6 +7,7 @@ lib=$(realpath "$1")
 early_init=$2
 bad_free=$3
 libc_names=$4
+glibc_extras=$5
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -55,6 +56,12 @@ if grep -q 'libc names: hakmem' "$work/hak.err" && grep -q 'libc names: not hakm
     ok "libc_names: __libc_malloc is hakmem's"
 else
     not_ok "libc_names: $(grep 'libc names' "$work/hak.err")"
+fi
+
+# --- glibc's extras: mallinfo2, malloc_trim, mallopt, malloc_info -----------
+same "glibc_extras" "$glibc_extras"
+if grep -q ': NO' "$work/hak.out"; then
+    not_ok "glibc_extras: $(grep ': NO' "$work/hak.out" | head -3 | tr '\n' ' ')"
 fi
 
 # --- python3 ---------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "hot.h"
+#include "../segment/segment.h"
 
 #define HM_EXPORT __attribute__((visibility("default")))
 
@@ -28,15 +29,24 @@ HM_EXPORT int __libc_mallopt(int param, int value)
     return mallopt(param, value);
 }
 
+/* In glibc's terms: the arena is our span segments (headers included),
+ * in use are their pages in spans (blocks out, and free blocks still in
+ * their spans or in caches), free are their free pages, and keepcost is
+ * what malloc_trim(0) would give back of those now (free pages still
+ * resident).  Large blocks are glibc's mmapped chunks. */
 HM_EXPORT struct mallinfo2 mallinfo2(void)
 {
     struct hakmem_stats s;
     hakmem_stats(&s);
+    struct hm_segment_usage u;
+    hm_segment_usage(&u);
     struct mallinfo2 mi = { 0 };
     mi.arena = s.bytes_mapped - s.large_bytes;
+    mi.uordblks = u.span_bytes;
+    mi.fordblks = u.free_bytes;
+    mi.keepcost = u.resident_free_bytes;
     mi.hblks = s.large_blocks;
     mi.hblkhd = s.large_bytes;
-    mi.uordblks = s.bytes_mapped;
     return mi;
 }
 
@@ -49,6 +59,8 @@ static struct mallinfo mallinfo_int(void)
     mi.hblks = (int)m2.hblks;
     mi.hblkhd = (int)m2.hblkhd;
     mi.uordblks = (int)m2.uordblks;
+    mi.fordblks = (int)m2.fordblks;
+    mi.keepcost = (int)m2.keepcost;
     return mi;
 }
 

@@ -311,6 +311,23 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 
 /* ---- segments and spans ------------------------------------------------ */
 
+void hm_segment_usage(struct hm_segment_usage *out)
+{
+    uint64_t used = 0, free_pages = 0, resident = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (struct hm_segment *seg = registry; seg; seg = seg->all_next) {
+        seg_lock(seg);
+        used += seg->pages_used;
+        free_pages += (uint64_t)__builtin_popcountll(seg->free_pages);
+        resident += (uint64_t)__builtin_popcountll(seg->free_pages & seg->dirty_pages);
+        seg_unlock(seg);
+    }
+    pthread_mutex_unlock(&registry_lock);
+    out->span_bytes = used * HM_PAGE_SIZE;
+    out->free_bytes = free_pages * HM_PAGE_SIZE;
+    out->resident_free_bytes = resident * HM_PAGE_SIZE;
+}
+
 struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
 {
     struct hm_segment *seg = (struct hm_segment *)hm_os_map(HM_SEGMENT_SIZE, HM_SEGMENT_SIZE, 0);

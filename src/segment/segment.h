@@ -301,4 +301,11 @@ struct hm_segment_counters {
 };
 extern struct hm_segment_counters hm_segment_counters;
 
+/* The pages of every span segment by state, in bytes (mallinfo2): in
+ * spans, free, and free but still resident (what a trim would give back). */
+struct hm_segment_usage {
+    uint64_t span_bytes, free_bytes, resident_free_bytes;
+};
+void hm_segment_usage(struct hm_segment_usage *out);
+
 #endif
