@@ -243,6 +243,40 @@ static void ace_thread_sweeps_exited_threads_segments(void **state)
     hakmem_trim();
 }
 
+/* The main thread frees most of what an exited thread left, taking its
+ * segments over to drain them, and sleeps.  One block in 200 stays, so no
+ * span empties: the segments stop draining.  With ACE on, the ACE thread
+ * finds the heap idle and abandons them again (for threads out of room to
+ * adopt); without, they stay with the sleeping thread. */
+static void ace_thread_abandons_a_sleeping_threads_drained_segments(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    void *mine = hakmem_malloc(64);         /* a segment of its own */
+    run_thread(allocate_and_leave, NULL);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    for (int i = 0; i < LEFT_BLOCKS; i++)
+        if (i % 200)
+            hakmem_free(left_blocks[i]);
+    hakmem_stats(&s1);
+    uint64_t drained = s1.segments_adopted - s0.segments_adopted, again = 0;
+    struct timespec nap = { 0, 20000000 };
+    for (int i = 0; i < (ace_expected() ? 75 : 25) && again < drained; i++) {
+        nanosleep(&nap, NULL);
+        hakmem_stats(&s1);
+        again = s1.segments_abandoned - s0.segments_abandoned;
+    }
+    print_message("segments drained %llu, abandoned again %llu\n", (unsigned long long)drained,
+                  (unsigned long long)again);
+    assert_true(drained >= 1);
+    assert_int_equal(again, ace_expected() ? drained : 0);
+    for (int i = 0; i < LEFT_BLOCKS; i += 200)
+        hakmem_free(left_blocks[i]);
+    hakmem_free(mine);
+    hakmem_trim();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -251,6 +285,7 @@ int main(void)
         cmocka_unit_test(ace_thread_purges_while_the_program_sleeps),
         cmocka_unit_test(ace_thread_tidies_a_sleeping_thread),
         cmocka_unit_test(ace_thread_sweeps_exited_threads_segments),
+        cmocka_unit_test(ace_thread_abandons_a_sleeping_threads_drained_segments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -583,6 +583,45 @@ static void frees_into_an_exited_threads_segment_take_it_over(void **state)
     assert_int_equal(drained_span_owner & (HM_HEAP_ALIGN - 1), HM_OWNER_DRAIN);
 }
 
+/* A drained segment whose spans a few live blocks pin stops draining: once
+ * it gave back no span for a quarter of the purge delay, the thread's
+ * purge abandons it again, for a thread out of room to adopt. */
+static uint64_t abandoned_by_the_drainer;
+static uintptr_t pinned_owner;
+
+static void *pin_and_wait(void *arg)
+{
+    (void)arg;
+    void *mine = hakmem_malloc(64);
+    pthread_barrier_wait(&has_segment);
+    pthread_barrier_wait(&others_left);
+    for (int k = 0; k < LEFT; k++)
+        if (k % 500)
+            hakmem_free(left[0][k]);    /* one block in 500 stays */
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    nap_ms(40);                         /* the delay is 50 ms: a quarter passed */
+    slow_path_activity();
+    hakmem_stats(&s1);
+    abandoned_by_the_drainer = s1.segments_abandoned - s0.segments_abandoned;
+    pinned_owner = owner_of_block(left[0][0]);
+    hakmem_free(mine);
+    return NULL;
+}
+
+static void a_segment_that_stops_draining_is_abandoned_again(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    free_what_an_exited_thread_left(pin_and_wait, NULL);
+    print_message("abandoned again: %llu\n", (unsigned long long)abandoned_by_the_drainer);
+    assert_int_equal(abandoned_by_the_drainer, 1);
+    assert_int_equal(pinned_owner, HM_OWNER_ABANDONED);
+    for (int k = 0; k < LEFT; k += 500)
+        hakmem_free(left[0][k]);
+    hakmem_trim();
+}
+
 /* A block of a segment being drained, freed twice: its first free put it
  * on its span's list, where the second finds it. */
 static void *free_one_twice(void *arg)
@@ -603,6 +642,42 @@ static void free_twice_into_a_drained_segment(void)
     free_what_an_exited_thread_left(free_one_twice, NULL);
 }
 
+/* The first free by a thread that only frees: the block waits in its
+ * remote batch, which no list shows; the second, by the drainer. */
+static pthread_barrier_t batch_held;
+
+static void *free_into_a_batch(void *arg)
+{
+    (void)arg;
+    hakmem_free(left[0][5]);
+    pthread_barrier_wait(&batch_held);
+    pthread_barrier_wait(&batch_held);  /* the batch stays unsent till then */
+    return NULL;
+}
+
+static void *free_after_a_batch(void *arg)
+{
+    (void)arg;
+    void *mine = hakmem_malloc(64);
+    pthread_barrier_wait(&has_segment);
+    pthread_barrier_wait(&others_left);
+    pthread_barrier_init(&batch_held, NULL, 2);
+    pthread_t t;
+    pthread_create(&t, NULL, free_into_a_batch, NULL);
+    pthread_barrier_wait(&batch_held);
+    hakmem_free(left[0][0]);            /* takes the segment over */
+    hakmem_free(left[0][5]);
+    pthread_barrier_wait(&batch_held);
+    pthread_join(t, NULL);
+    hakmem_free(mine);
+    return NULL;
+}
+
+static void free_across_threads_into_a_drained_segment(void)
+{
+    free_what_an_exited_thread_left(free_after_a_batch, NULL);
+}
+
 static void double_free_into_a_drained_segment_aborts(void **state)
 {
     (void)state;
@@ -610,6 +685,8 @@ static void double_free_into_a_drained_segment_aborts(void **state)
     skip();
 #endif
     expect_abort(free_twice_into_a_drained_segment, "hakmem: free(): double free detected 0x");
+    expect_abort(free_across_threads_into_a_drained_segment,
+                 "hakmem: free(): double free detected 0x");
 }
 
 /* A slow path's sweep takes the frees of two segments at most (it runs in
@@ -732,6 +809,7 @@ int main(void)
         cmocka_unit_test(abandoned_segments_emptied_elsewhere_go_back),
         cmocka_unit_test(frees_into_an_exited_threads_segment_take_it_over),
         cmocka_unit_test(double_free_into_a_drained_segment_aborts),
+        cmocka_unit_test(a_segment_that_stops_draining_is_abandoned_again),
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
         cmocka_unit_test(double_free_of_a_hole_aborts),

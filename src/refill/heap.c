@@ -341,6 +341,8 @@ void hm_abandoned_sweep(unsigned most, bool now)
 
 static _Atomic bool global_unfinished;      /* purge_all's last step ran out */
 
+static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t delay_ns);
+
 /* The segments of a list (the heap's, or its reserve: both linked through
  * `next`) purged until the step is done; returns the bytes done so far. */
 static size_t purge_list(struct hm_segment *seg, uint64_t now, uint64_t delay_ns, size_t done)
@@ -372,6 +374,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
         done += hm_heap_compact_sparse(h, now, delay_ns, 3, HM_PURGE_STEP);
         h->compact_unfinished = done >= HM_PURGE_STEP;
     }
+    abandon_still_drained(h, now, delay_ns);
     done = purge_list(h->segments, now, delay_ns, done);
     done = purge_list(h->reserve, now, delay_ns, done);
     h->purge_behind = done >= HM_PURGE_STEP;
@@ -451,6 +454,7 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
             /* Once tidied, an idle heap changes only by frees of other
              * threads: a thousand idle threads' heaps are not walked again
              * every pass for nothing. */
+            abandon_still_drained(h, now, delay_ns);
             size_t bytes = hm_heap_tidy(h, budget - done);
             heaps_tidied++;
             if (bytes < budget - done) {
@@ -565,10 +569,34 @@ bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg)
      * the stack's, as a refill that adopts takes them. */
     hm_heap_lock(h);
     bool taken = h->segments && !holds_at_least(h, HM_RECLAIM_MAX) && take_abandoned(seg);
-    if (taken)
+    if (taken) {
+        seg->drained_ns = hm_clock_ns();
         adopt(h, seg, true);
+    }
     hm_heap_unlock(h);
     return taken;
+}
+
+/* A drained segment that gave back no span for a quarter of the delay has
+ * stopped draining: a few live blocks pin its spans, and their free blocks
+ * serve nobody (a long-lived thread would hold up to HM_RECLAIM_MAX such
+ * segments for good).  Abandoned again, it is there for a thread out of
+ * room to adopt, and for the sweep; a free into it may take it over again,
+ * at most once a quarter of the delay.  Checked at the heap's purge steps,
+ * and by the tidier for an idle heap. */
+static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t delay_ns)
+{
+    for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
+        next = seg->next;
+        if (atomic_load_explicit(&seg->owner, memory_order_relaxed) == h->id ||
+            now - seg->drained_ns < delay_ns / 4)
+            continue;
+        segment_unlink(h, seg);
+        for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++)
+            if (seg->page_span[i] == &seg->spans[i])
+                hm_span_set_owner(&seg->spans[i], HM_OWNER_ABANDONED);
+        abandon_segment(seg);
+    }
 }
 
 /* A fresh span: room in our segments, then segments of exited threads,

@@ -86,6 +86,8 @@ static void span_release(struct hm_heap *h, struct hm_span *sp)
     struct hm_segment *seg = hm_segment_of_span(sp);
     if (sp->in_partial)
         hm_partial_remove(h, sp);
+    if (hm_span_owner(sp) != h->id)             /* drained: still draining */
+        seg->drained_ns = hm_clock_ns();
     hm_span_release(seg, sp);
     if (hm_segment_is_empty(seg))
         hm_heap_segment_emptied(h, seg);
@@ -1221,13 +1223,18 @@ static bool reclaim(struct hm_tcache *tc, struct hm_span *sp, const uintptr_t *w
 
 /* A block of a segment this thread drains (see hm_heap_reclaim): straight
  * back to its span, not into a bin, so no malloc of ours hands it out
- * again and the segment empties. */
+ * again and the segment empties.  Such a span hands out nothing, so a
+ * block of it that carries the free key is free already, on its span's
+ * list or in some thread's remote batch (which the lists do not show):
+ * the key alone ends the call, as on the remote path. */
 static void drain_free(struct hm_tcache *tc, struct hm_span *sp, void *p, const char *call)
 {
     uintptr_t *words = p;
     struct hm_heap *h = tc->heap;
+    if (words[1] == hm_free_key)
+        hm_fatal(call, "double free detected", p);
     hm_heap_lock(h);
-    if ((words[1] == hm_free_key && is_free_here(tc, sp, p)) || (sp->holes && is_hole(sp, p))) {
+    if (sp->holes && is_hole(sp, p)) {
         hm_heap_unlock(h);
         hm_fatal(call, "double free detected", p);
     }

@@ -118,6 +118,7 @@ struct hm_segment {
     _Atomic unsigned huge_halves;   /* bit per 2 MiB half asking for huge pages */
     bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
     bool on_abandoned;              /* on the abandoned stack (under its lock) */
+    uint64_t drained_ns;            /* drained: when it last gave back a span (refill) */
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
