@@ -277,6 +277,40 @@ static void ace_thread_abandons_a_sleeping_threads_drained_segments(void **state
     hakmem_trim();
 }
 
+/* The same, racing: the main thread sleeps just about as long as makes
+ * its heap idle, then frees the blocks it kept, while the ACE thread may
+ * be abandoning their segments again.  Either way each block must go back
+ * once: the last trim finds every segment empty. */
+static void frees_race_the_tidier_abandoning_drained_segments(void **state)
+{
+    (void)state;
+    enum { ROUNDS = 12 };
+    struct hakmem_stats s0, s1;
+    hakmem_trim();
+    hakmem_stats(&s0);
+    void *mine = hakmem_malloc(64);
+    for (int r = 0; r < ROUNDS; r++) {
+        run_thread(allocate_and_leave, NULL);
+        for (int i = 0; i < LEFT_BLOCKS; i++)
+            if (i % 200)
+                hakmem_free(left_blocks[i]);
+        struct timespec nap = { 0, (95 + 2 * r) * 1000000L };  /* about the delay */
+        nanosleep(&nap, NULL);
+        for (int i = 0; i < LEFT_BLOCKS; i += 200) {
+            unsigned char *b = left_blocks[i];
+            assert_int_equal(b[0], 1);
+            assert_int_equal(b[LEFT_SIZE - 1], 1);
+            hakmem_free(b);
+        }
+    }
+    hakmem_free(mine);
+    hakmem_trim();
+    hakmem_stats(&s1);
+    print_message("segments before %llu, after %llu\n", (unsigned long long)s0.segments,
+                  (unsigned long long)s1.segments);
+    assert_true(s1.segments <= s0.segments + 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -286,6 +320,7 @@ int main(void)
         cmocka_unit_test(ace_thread_tidies_a_sleeping_thread),
         cmocka_unit_test(ace_thread_sweeps_exited_threads_segments),
         cmocka_unit_test(ace_thread_abandons_a_sleeping_threads_drained_segments),
+        cmocka_unit_test(frees_race_the_tidier_abandoning_drained_segments),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1227,13 +1227,19 @@ static bool reclaim(struct hm_tcache *tc, struct hm_span *sp, const uintptr_t *w
  * block of it that carries the free key is free already, on its span's
  * list or in some thread's remote batch (which the lists do not show):
  * the key alone ends the call, as on the remote path. */
-static void drain_free(struct hm_tcache *tc, struct hm_span *sp, void *p, const char *call)
+static bool drain_free(struct hm_tcache *tc, struct hm_span *sp, void *p, const char *call)
 {
     uintptr_t *words = p;
     struct hm_heap *h = tc->heap;
     if (words[1] == hm_free_key)
         hm_fatal(call, "double free detected", p);
     hm_heap_lock(h);
+    /* The tidier may have abandoned the segment again meanwhile (it does
+     * so under our lock): then the block goes as into any abandoned one. */
+    if (hm_span_owner(sp) != (tc->owner | HM_OWNER_DRAIN)) {
+        hm_heap_unlock(h);
+        return false;
+    }
     if (sp->holes && is_hole(sp, p)) {
         hm_heap_unlock(h);
         hm_fatal(call, "double free detected", p);
@@ -1241,6 +1247,7 @@ static void drain_free(struct hm_tcache *tc, struct hm_span *sp, void *p, const 
     words[1] = hm_free_key;
     hm_span_put(h, sp, p);
     hm_heap_unlock(h);
+    return true;
 }
 
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
@@ -1259,8 +1266,9 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     if (owner == HM_OWNER_ABANDONED && reclaim(tc, sp, words))
         owner = hm_span_owner(sp);
     if (tc->heap && owner == (tc->owner | HM_OWNER_DRAIN)) {
-        drain_free(tc, sp, p, call);
-        return;
+        if (drain_free(tc, sp, p, call))
+            return;
+        owner = hm_span_owner(sp);
     }
     if (owner != tc->owner) {
         /* Every block is handed out with its second word cleared (bin_pop,
