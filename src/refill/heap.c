@@ -486,6 +486,30 @@ static void abandon_segment(struct hm_segment *seg)
     pthread_mutex_unlock(&abandoned_lock);
 }
 
+/* A segment its heap lets go of (at its thread's exit, or one that stopped
+ * draining), already off the heap's lists: its empty spans go back, the
+ * others are nobody's, and the segment goes to the abandoned stack, or
+ * the pool if nothing is left in it.  Its free pages decay like any
+ * others: the next thread often adopts the segment and reuses them. */
+static void give_up_segment(struct hm_segment *seg)
+{
+    for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
+        struct hm_span *sp = seg->page_span[i];
+        if (sp != &seg->spans[i])
+            continue;
+        sp->in_partial = 0;
+        sp->next = sp->prev = NULL;
+        if (sp->used == 0)
+            hm_span_release(seg, sp);
+        else
+            hm_span_set_owner(sp, HM_OWNER_ABANDONED);
+    }
+    if (hm_segment_is_empty(seg))
+        empty_pool_put(seg);
+    else
+        abandon_segment(seg);
+}
+
 struct span_shape {
     unsigned cls, pages;
     uint32_t block_size;
@@ -592,10 +616,7 @@ static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t dela
             now - seg->drained_ns < delay_ns / 4)
             continue;
         segment_unlink(h, seg);
-        for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++)
-            if (seg->page_span[i] == &seg->spans[i])
-                hm_span_set_owner(&seg->spans[i], HM_OWNER_ABANDONED);
-        abandon_segment(seg);
+        give_up_segment(seg);
     }
 }
 
@@ -682,27 +703,9 @@ void hm_thread_exit(struct hm_tcache *tc)
     hm_heap_collect(h);
     memset(h->partial, 0, sizeof h->partial);
 
-    struct hm_segment *seg = h->segments;
-    while (seg) {
-        struct hm_segment *next = seg->next;
-        for (unsigned i = 1; i < HM_SEGMENT_PAGES; i++) {
-            struct hm_span *sp = seg->page_span[i];
-            if (sp != &seg->spans[i])
-                continue;
-            sp->in_partial = 0;
-            sp->next = sp->prev = NULL;
-            if (sp->used == 0)
-                hm_span_release(seg, sp);
-            else
-                hm_span_set_owner(sp, HM_OWNER_ABANDONED);
-        }
-        /* Its free pages decay like any others: the next thread often
-         * adopts the segment and reuses them. */
-        if (hm_segment_is_empty(seg))
-            empty_pool_put(seg);
-        else
-            abandon_segment(seg);
-        seg = next;
+    for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
+        next = seg->next;
+        give_up_segment(seg);
     }
     h->segments = NULL;
     hm_heap_release_reserve(h, false);

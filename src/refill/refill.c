@@ -1264,7 +1264,7 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     uintptr_t *words = p;
     uintptr_t owner = hm_span_owner(sp);
     if (owner == HM_OWNER_ABANDONED && reclaim(tc, sp, words))
-        owner = hm_span_owner(sp);
+        owner = tc->owner | HM_OWNER_DRAIN;     /* taken over, to drain */
     if (tc->heap && owner == (tc->owner | HM_OWNER_DRAIN)) {
         if (drain_free(tc, sp, p, call))
             return;
