@@ -19,14 +19,52 @@ static void empty_bin(struct hm_tcache *tc, unsigned cls, void **out, unsigned *
         out[(*n)++] = hakmem_malloc(hm_size_class_size(cls));
 }
 
+/* Refills until the heap's next refill of cls carves the whole count;
+ * leaves the bin empty. */
+static void past_slow_start(struct hm_tcache *tc, unsigned cls, void **out, unsigned *n)
+{
+    do {
+        out[(*n)++] = hakmem_malloc(hm_size_class_size(cls));
+        empty_bin(tc, cls, out, n);
+    } while (tc->heap->stats[cls].refills < HM_SLOW_START_REFILLS);
+}
+
+/* A new thread's first refills of a class carve an eighth, a quarter and a
+ * half of the count, then all of it; its bin's cap is the full count's. */
+static void *first_refills(void *arg)
+{
+    (void)arg;
+    struct hm_tcache *tc = hm_tcache_self();
+    uint32_t count = hm_refill_count_load(CLS);
+    uint32_t expect[] = { count / 8, count / 4, count / 2, count, count };
+    void *blocks[512];
+    unsigned n = 0;
+    for (unsigned i = 0; i < sizeof expect / sizeof expect[0]; i++) {
+        blocks[n++] = hakmem_malloc(64);        /* a refill */
+        assert_int_equal(tc->heap->stats[CLS].refills, i + 1);
+        assert_int_equal(hm_bin_count(&tc->bins[CLS]), expect[i] - 1);
+        assert_int_equal(tc->bins[CLS].cap, 2 * count);
+        empty_bin(tc, CLS, blocks, &n);
+    }
+    for (unsigned i = 0; i < n; i++)
+        hakmem_free(blocks[i]);
+    return NULL;
+}
+
+static void first_refills_of_a_heap_start_small(void **state)
+{
+    (void)state;
+    assert_int_equal(hm_refill_count_load(CLS), 64);    /* the default: 8 KiB */
+    run_thread(first_refills, NULL);
+}
+
 static void refill_carves_one_batch(void **state)
 {
     (void)state;
     struct hm_tcache *tc = hm_tcache_self();
     void *blocks[512];
     unsigned n = 0;
-    blocks[n++] = hakmem_malloc(64);            /* thread set up */
-    empty_bin(tc, CLS, blocks, &n);
+    past_slow_start(tc, CLS, blocks, &n);
     assert_int_equal(hm_bin_count(&tc->bins[CLS]), 0);
 
     uint32_t want = hm_refill_count_load(CLS);
@@ -49,8 +87,7 @@ static void refill_count_next_refill_only(void **state)
     struct hm_tcache *tc = hm_tcache_self();
     void *blocks[1024];
     unsigned n = 0;
-    blocks[n++] = hakmem_malloc(64);
-    empty_bin(tc, CLS, blocks, &n);
+    past_slow_start(tc, CLS, blocks, &n);
     blocks[n++] = hakmem_malloc(64);            /* refill with the default */
     struct hm_refill_bounds b = hm_refill_bounds(CLS);
     assert_int_equal(hm_bin_count(&tc->bins[CLS]), b.def - 1);
@@ -723,6 +760,7 @@ static void page_blocks_reuse_their_pages(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(first_refills_of_a_heap_start_small),
         cmocka_unit_test(refill_carves_one_batch),
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bin_caps_widen_by_the_stash),

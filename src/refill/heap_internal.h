@@ -183,6 +183,9 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
+/* A heap's first refills of a class that carve less than the refill
+ * count (see slow_start in refill.c). */
+#define HM_SLOW_START_REFILLS 3
 /* A bin's cap after a refill of `got` blocks for a batch of `want`. */
 int32_t hm_bin_cap(unsigned cls, uint32_t want, uint32_t got);
 /* Counts class cls's bin and stash into h->cache_bound again, after a
