@@ -30,11 +30,14 @@ static void past_slow_start(struct hm_tcache *tc, unsigned cls, void **out, unsi
 }
 
 /* A new thread's first refills of a class carve an eighth, a quarter and a
- * half of the count, then all of it; its bin's cap is the full count's. */
+ * half of the count, then all of it; its bin's cap is the full count's.
+ * The bins of classes it never used have no cap (nothing set up for them). */
 static void *first_refills(void *arg)
 {
     (void)arg;
     struct hm_tcache *tc = hm_tcache_self();
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        assert_true(tc->bins[c].cap == 0 && tc->bins[c].room == 0 && !tc->bins[c].head);
     uint32_t count = hm_refill_count_load(CLS);
     uint32_t expect[] = { count / 8, count / 4, count / 2, count, count };
     void *blocks[512];
@@ -46,6 +49,9 @@ static void *first_refills(void *arg)
         assert_int_equal(tc->bins[CLS].cap, 2 * count);
         empty_bin(tc, CLS, blocks, &n);
     }
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        if (c != CLS)
+            assert_int_equal(tc->bins[c].cap, 0);
     for (unsigned i = 0; i < n; i++)
         hakmem_free(blocks[i]);
     return NULL;

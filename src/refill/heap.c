@@ -99,16 +99,6 @@ static struct hm_heap *heap_take(void)
     return h;
 }
 
-static void set_caps(struct hm_heap *h, struct hm_tcache *tc)
-{
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
-        uint32_t want = hm_refill_count_load(c);
-        tc->bins[c].cap = hm_bin_cap(c, want, want);
-        tc->bins[c].room = tc->bins[c].cap;
-        hm_cache_bound_note(h, tc, c);
-    }
-}
-
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
 {
     if (!hm_process_init())
@@ -138,7 +128,9 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     pthread_mutex_unlock(&heaps_lock);
     if (!h)
         return NULL;
-    set_caps(h, tc);
+    /* The bins are empty with no room (a new thread's are zero; an exited
+     * one's were reset): a class's first refill sets its cap, so a thread
+     * pays only for the classes it uses. */
     tc->heap = h;
     tc->key = hm_free_key;
     tc->owner = h->id;
@@ -698,8 +690,11 @@ void hm_thread_exit(struct hm_tcache *tc)
         return;
     hm_heap_lock(h);
     hm_remote_flush(h);
-    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-        hm_bin_return_all(h, tc, c);
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        if (hm_bin_count(&tc->bins[c]) || hm_stash_count(h, c))
+            hm_bin_return_all(h, tc, c);
+        tc->bins[c].cap = tc->bins[c].room = 0;     /* as a new thread's */
+    }
     hm_heap_collect(h);
     memset(h->partial, 0, sizeof h->partial);
 
