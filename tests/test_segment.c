@@ -1,8 +1,14 @@
 /* Segment box: the segment map, spans in a segment, and large blocks. */
+#define _GNU_SOURCE
 #include "test_util.h"
 
+#include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdbool.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -452,6 +458,64 @@ static void large_block_moves_leave_new_blocks_registered(void **state)
     assert_int_equal(lost, 0);
 }
 
+/* mremap as the library calls it, forwarded to the kernel unless a test
+ * makes it fail.  fail_after_unmap: the way a move can fail after the
+ * kernel already unmapped the destination (out of map areas, say), with
+ * another thread mapping that range before the call returns. */
+static bool mremap_fails;
+static char *foreign;           /* the other thread's mapping */
+static size_t foreign_size;
+
+void *mremap(void *old, size_t old_size, size_t new_size, int flags, ...)
+{
+    void *dest = NULL;
+    if (flags & MREMAP_FIXED) {
+        va_list ap;
+        va_start(ap, flags);
+        dest = va_arg(ap, void *);
+        va_end(ap);
+    }
+    if (!mremap_fails)
+        return (void *)syscall(SYS_mremap, old, old_size, new_size, flags, dest);
+    if (flags & MREMAP_FIXED) {
+        munmap(dest, new_size);
+        foreign = mmap(dest, new_size, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        foreign_size = new_size;
+        if (foreign != MAP_FAILED)
+            memset(foreign, 0x5a, 4096);
+    }
+    errno = ENOMEM;
+    return MAP_FAILED;
+}
+
+/* A move that fails leaves the destination alone: the reservation may be
+ * gone already, and another thread's mapping in its place. */
+static void failed_move_leaves_the_destination_alone(void **state)
+{
+    (void)state;
+    unsigned char *p = hakmem_malloc(3u << 20);
+    assert_non_null(p);
+    for (size_t i = 0; i < (3u << 20); i += 4096)
+        p[i] = (unsigned char)(i >> 12);
+    mremap_fails = true;
+    unsigned char *q = hakmem_realloc(p, 13u << 20);    /* cannot grow: moves, which fails */
+    mremap_fails = false;
+    assert_non_null(foreign);
+    assert_ptr_not_equal(foreign, MAP_FAILED);
+    /* realloc copied the block instead... */
+    assert_non_null(q);
+    for (size_t i = 0; i < (3u << 20); i += 4096)
+        assert_int_equal(q[i], (unsigned char)(i >> 12));
+    /* ...and the other thread's mapping is still there. */
+    unsigned char vec[1];
+    assert_int_equal(mincore(foreign, 4096, vec), 0);
+    assert_int_equal(foreign[0], 0x5a);
+    assert_int_equal(foreign[4095], 0x5a);
+    hakmem_free(q);
+    munmap(foreign, foreign_size);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -467,6 +531,7 @@ int main(void)
         cmocka_unit_test(large_cache_is_bounded),
         cmocka_unit_test(large_blocks_own_their_granule),
         cmocka_unit_test(large_block_moves_leave_new_blocks_registered),
+        cmocka_unit_test(failed_move_leaves_the_destination_alone),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

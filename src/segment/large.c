@@ -307,8 +307,13 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     hm_segmap_set(old_user, NULL);
     void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
     if (moved == MAP_FAILED) {
+        /* The reservation stays: the kernel unmaps the destination before
+         * it moves, and some failures (out of map areas or memory) come
+         * after that, when another thread may already have mapped there;
+         * unmapping the range could destroy its memory.  Only a failure
+         * before that point leaves the reservation behind, untouched
+         * address space, and only near the map-area limit. */
         hm_segmap_set(old_user, seg);
-        hm_os_unmap(dest, new_map);
         return NULL;
     }
     struct hm_segment *nseg = (struct hm_segment *)dest;
