@@ -459,10 +459,12 @@ static void large_block_moves_leave_new_blocks_registered(void **state)
 }
 
 /* mremap as the library calls it, forwarded to the kernel unless a test
- * makes it fail.  fail_after_unmap: the way a move can fail after the
- * kernel already unmapped the destination (out of map areas, say), with
- * another thread mapping that range before the call returns. */
-static bool mremap_fails;
+ * makes it fail, in one of the two ways a move onto a reservation fails:
+ * before the kernel unmaps the destination (out of map areas, RLIMIT_AS),
+ * or after (out of memory for the move), with another thread mapping that
+ * range before the call returns. */
+static enum { MREMAP_WORKS, MREMAP_FAILS_BEFORE_UNMAP, MREMAP_FAILS_AFTER_UNMAP } mremap_mode;
+static char *fixed_dest;        /* the destination of the last move */
 static char *foreign;           /* the other thread's mapping */
 static size_t foreign_size;
 
@@ -475,9 +477,11 @@ void *mremap(void *old, size_t old_size, size_t new_size, int flags, ...)
         dest = va_arg(ap, void *);
         va_end(ap);
     }
-    if (!mremap_fails)
+    if (mremap_mode == MREMAP_WORKS)
         return (void *)syscall(SYS_mremap, old, old_size, new_size, flags, dest);
-    if (flags & MREMAP_FIXED) {
+    if (flags & MREMAP_FIXED)
+        fixed_dest = dest;
+    if ((flags & MREMAP_FIXED) && mremap_mode == MREMAP_FAILS_AFTER_UNMAP) {
         munmap(dest, new_size);
         foreign = mmap(dest, new_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
@@ -489,31 +493,52 @@ void *mremap(void *old, size_t old_size, size_t new_size, int flags, ...)
     return MAP_FAILED;
 }
 
-/* A move that fails leaves the destination alone: the reservation may be
- * gone already, and another thread's mapping in its place. */
-static void failed_move_leaves_the_destination_alone(void **state)
+/* A 3 MiB block grown to 13 MiB while mremap fails as `mode`: realloc
+ * copies it instead. */
+static unsigned char *grow_with_failing_moves(int mode)
 {
-    (void)state;
     unsigned char *p = hakmem_malloc(3u << 20);
     assert_non_null(p);
     for (size_t i = 0; i < (3u << 20); i += 4096)
         p[i] = (unsigned char)(i >> 12);
-    mremap_fails = true;
+    fixed_dest = foreign = NULL;
+    mremap_mode = mode;
     unsigned char *q = hakmem_realloc(p, 13u << 20);    /* cannot grow: moves, which fails */
-    mremap_fails = false;
-    assert_non_null(foreign);
-    assert_ptr_not_equal(foreign, MAP_FAILED);
-    /* realloc copied the block instead... */
+    mremap_mode = MREMAP_WORKS;
+    assert_non_null(fixed_dest);
     assert_non_null(q);
     for (size_t i = 0; i < (3u << 20); i += 4096)
         assert_int_equal(q[i], (unsigned char)(i >> 12));
-    /* ...and the other thread's mapping is still there. */
+    return q;
+}
+
+/* A move that fails after the kernel unmapped the destination leaves the
+ * range alone: another thread's mapping may be there now. */
+static void failed_move_leaves_another_mapping_alone(void **state)
+{
+    (void)state;
+    unsigned char *q = grow_with_failing_moves(MREMAP_FAILS_AFTER_UNMAP);
+    assert_non_null(foreign);
+    assert_ptr_not_equal(foreign, MAP_FAILED);
     unsigned char vec[1];
     assert_int_equal(mincore(foreign, 4096, vec), 0);
     assert_int_equal(foreign[0], 0x5a);
     assert_int_equal(foreign[4095], 0x5a);
     hakmem_free(q);
     munmap(foreign, foreign_size);
+}
+
+/* A move that fails before the unmap gives the reservation back: the
+ * range is unmapped, or the copy's own mapping took it. */
+static void failed_move_gives_back_its_reservation(void **state)
+{
+    (void)state;
+    unsigned char *q = grow_with_failing_moves(MREMAP_FAILS_BEFORE_UNMAP);
+    unsigned char vec[1];
+    struct hm_segment *seg = hm_segment_of((uintptr_t)q);
+    bool unmapped = mincore(fixed_dest, 4096, vec) != 0 && errno == ENOMEM;
+    assert_true(unmapped || (char *)seg->map_base == fixed_dest);
+    hakmem_free(q);
 }
 
 int main(void)
@@ -531,7 +556,8 @@ int main(void)
         cmocka_unit_test(large_cache_is_bounded),
         cmocka_unit_test(large_blocks_own_their_granule),
         cmocka_unit_test(large_block_moves_leave_new_blocks_registered),
-        cmocka_unit_test(failed_move_leaves_the_destination_alone),
+        cmocka_unit_test(failed_move_leaves_another_mapping_alone),
+        cmocka_unit_test(failed_move_gives_back_its_reservation),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -300,6 +300,7 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
                            header_in_granule(seg->alignment) ? 0 : offset);
     if (!dest)
         return NULL;
+    hm_os_mark(dest);
     char *old_base = seg->map_base;
     uintptr_t old_user = (uintptr_t)seg->user;
     /* Unregistered before the old range goes: from then on another
@@ -307,13 +308,13 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     hm_segmap_set(old_user, NULL);
     void *moved = mremap(old_base, old_map, new_map, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
     if (moved == MAP_FAILED) {
-        /* The reservation stays: the kernel unmaps the destination before
-         * it moves, and some failures (out of map areas or memory) come
-         * after that, when another thread may already have mapped there;
-         * unmapping the range could destroy its memory.  Only a failure
-         * before that point leaves the reservation behind, untouched
-         * address space, and only near the map-area limit. */
+        /* The kernel unmaps the destination before it moves, and some
+         * failures (out of memory for the move) come after that, when
+         * another thread may already have mapped there: only a range that
+         * still carries the mark is the reservation (a failure before the
+         * unmap: out of map areas, or of RLIMIT_AS). */
         hm_segmap_set(old_user, seg);
+        hm_os_unmap_if_marked(dest, new_map);
         return NULL;
     }
     struct hm_segment *nseg = (struct hm_segment *)dest;

@@ -2,7 +2,9 @@
 #define _GNU_SOURCE
 #include "os_internal.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 struct hm_segmap hm_segmap;
 struct hm_pagemap hm_pagemap;
@@ -84,6 +86,41 @@ char *hm_os_map(size_t size, size_t align, size_t offset)
     if (end > base + size)
         munmap(base + size, (size_t)(end - (base + size)));
     return base;
+}
+
+/* A reservation's mark: its first word, a value tied to its address that
+ * another mapping there is all but certain not to hold. */
+static uint64_t mark_of(const void *p)
+{
+    return (uint64_t)(uintptr_t)p ^ 0x686b6d2e72657376ull;
+}
+
+void hm_os_mark(void *p)
+{
+    *(uint64_t *)p = mark_of(p);
+}
+
+/* A word read where nothing may be mapped (or readable) without a fault:
+ * the kernel copies it into a pipe, or fails with EFAULT. */
+static bool read_word(const void *p, uint64_t *out)
+{
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0)
+        return false;
+    bool ok = write(fds[1], p, sizeof *out) == (ssize_t)sizeof *out &&
+              read(fds[0], out, sizeof *out) == (ssize_t)sizeof *out;
+    close(fds[0]);
+    close(fds[1]);
+    return ok;
+}
+
+bool hm_os_unmap_if_marked(void *p, size_t size)
+{
+    uint64_t word;
+    if (!read_word(p, &word) || word != mark_of(p))
+        return false;
+    hm_os_unmap(p, size);
+    return true;
 }
 
 void hm_os_unmap(void *p, size_t size)
