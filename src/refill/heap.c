@@ -693,7 +693,10 @@ void hm_thread_exit(struct hm_tcache *tc)
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         if (hm_bin_count(&tc->bins[c]) || hm_stash_count(h, c))
             hm_bin_return_all(h, tc, c);
-        tc->bins[c].cap = tc->bins[c].room = 0;     /* as a new thread's */
+        /* As a new thread's.  cap first: a report that reads room (new)
+         * then cap sees both new, and any other mix reads as empty. */
+        __atomic_store_n(&tc->bins[c].cap, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&tc->bins[c].room, 0, __ATOMIC_RELEASE);
     }
     hm_heap_collect(h);
     memset(h->partial, 0, sizeof h->partial);

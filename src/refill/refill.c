@@ -543,9 +543,10 @@ void hm_cache_bound_note(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * Counting what the bins hold reads all of them, a few hundred ns paid by
  * the call whose slow path runs it (tail_latency's p99.9 was 10-18% higher
  * with the count at every check).  A cache whose bound is within the
- * budget cannot be over it: at the default caps a thread's bound is about
- * 12 MB (more while stashes hold blocks), so at the default budget a
- * process of up to two threads skips the count. */
+ * budget cannot be over it: the bound counts the classes the thread used,
+ * at their caps (all of them at the default caps: about 12 MB, more while
+ * stashes hold blocks), so at the default budget a process of up to two
+ * threads skips the count. */
 static void enforce_cache_budget(struct hm_heap *h, struct hm_tcache *tc)
 {
     uint64_t budget = cache_budget();

@@ -42,7 +42,7 @@ struct hm_bin {
  * may see them out of step: what cannot be is read as 0. */
 static inline uint32_t hm_bin_count(const struct hm_bin *bin)
 {
-    int32_t room = __atomic_load_n(&bin->room, __ATOMIC_RELAXED);
+    int32_t room = __atomic_load_n(&bin->room, __ATOMIC_ACQUIRE);   /* see hm_thread_exit */
     int32_t cap = __atomic_load_n(&bin->cap, __ATOMIC_RELAXED);
     int64_t n = (int64_t)cap - room;
     int64_t most = cap >= 0 ? (int64_t)cap + 1 : 65536;  /* a draining bin: one batch */
