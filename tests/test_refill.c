@@ -64,6 +64,38 @@ static void first_refills_of_a_heap_start_small(void **state)
     run_thread(first_refills, NULL);
 }
 
+/* A free into a bin that was never refilled (a block of a span the heap
+ * took over, in a class the thread has not allocated) sets the bin up as
+ * a refill would and keeps the block: no flush. */
+static void *free_into_unused_bin(void *arg)
+{
+    (void)arg;
+    struct hm_tcache *tc = hm_tcache_self();
+    void *blocks[512];
+    unsigned n = 0;
+    void *p = hakmem_malloc(64);
+    empty_bin(tc, CLS, blocks, &n);
+    tc->bins[CLS].cap = tc->bins[CLS].room = 0;     /* as if never refilled */
+    uint64_t flushes = tc->heap->stats[CLS].flushes;
+    hakmem_free(p);
+    uint32_t count = hm_refill_count_load(CLS);
+    assert_int_equal(tc->bins[CLS].cap, hm_bin_cap(CLS, count, count));
+    assert_int_equal(hm_bin_count(&tc->bins[CLS]), 1);
+    assert_ptr_equal(tc->bins[CLS].head, p);
+    assert_int_equal(tc->heap->stats[CLS].flushes, flushes);
+    assert_ptr_equal(hakmem_malloc(64), p);         /* served from the bin */
+    blocks[n++] = p;
+    for (unsigned i = 0; i < n; i++)
+        hakmem_free(blocks[i]);
+    return NULL;
+}
+
+static void a_free_into_an_unused_bin_sets_it_up(void **state)
+{
+    (void)state;
+    run_thread(free_into_unused_bin, NULL);
+}
+
 static void refill_carves_one_batch(void **state)
 {
     (void)state;
@@ -780,6 +812,7 @@ int main(void)
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
         cmocka_unit_test(cache_bound_covers_the_caches),
+        cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

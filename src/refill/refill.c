@@ -601,7 +601,8 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     hm_remote_flush(h);
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
-    /* The count is read here and only here (Contract B). */
+    /* The count is read here (Contract B), and where a never-refilled bin
+     * is set up (bin_set_up). */
     uint32_t count = hm_refill_count_load(cls), want = slow_start(s, count);
     bool draining = bin->cap < 0 && still_draining(s);
 
@@ -1111,10 +1112,29 @@ static void bin_trim(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, uint
     count_flushed(h, cls, n);
 }
 
+/* A bin with no cap was never refilled: the free that overflowed it is
+ * into a span the heap took over with a segment (adopted from an exited
+ * thread) in a class the thread has not allocated.  It gets the cap its
+ * first refill would give it and keeps the block, as a bin set up at the
+ * thread's start did; flushing every such free, it would soon count as a
+ * class whose live set shrinks and start draining. */
+static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
+{
+    struct hm_bin *bin = &tc->bins[cls];
+    uint32_t count = hm_refill_count_load(cls);
+    bin->cap = hm_bin_cap(cls, count, count);
+    bin->room = bin->cap - 1;          /* the block just freed */
+    hm_cache_bound_note(h, tc, cls);
+}
+
 static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
+    if (bin->cap == 0 && cls < HM_NUM_CLASSES) {    /* page blocks: never cached */
+        bin_set_up(h, tc, cls);
+        return;
+    }
     if (bin->cap < 0) {
         void *b = bin->head;            /* the block just freed */
         bin->head = *(void **)b;
