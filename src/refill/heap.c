@@ -129,8 +129,8 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     if (!h)
         return NULL;
     /* The bins are empty with no room (a new thread's are zero; an exited
-     * one's were reset): a class's first refill sets its cap, so a thread
-     * pays only for the classes it uses. */
+     * one's were reset): a class's first refill (or a free into it before
+     * that) sets its cap, so a thread pays only for the classes it uses. */
     tc->heap = h;
     tc->key = hm_free_key;
     tc->owner = h->id;

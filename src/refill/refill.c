@@ -1122,8 +1122,11 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     struct hm_bin *bin = &tc->bins[cls];
     uint32_t count = hm_refill_count_load(cls);
-    bin->cap = hm_bin_cap(cls, count, count);
-    bin->room = bin->cap - 1;          /* the block just freed */
+    int32_t cap = hm_bin_cap(cls, count, count);
+    /* room was minus the blocks held (the one just freed).  room first: a
+     * report that reads the new room with the old cap sees an empty bin. */
+    __atomic_store_n(&bin->room, cap + bin->room, __ATOMIC_RELAXED);
+    __atomic_store_n(&bin->cap, cap, __ATOMIC_RELAXED);
     hm_cache_bound_note(h, tc, cls);
 }
 

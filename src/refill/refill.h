@@ -33,7 +33,8 @@ struct hm_bin {
     int32_t room;       /* cap - blocks held; -1: one over the cap */
     int32_t cap;        /* set at each refill (hm_bin_cap: 2x the refill count,
                          * more after a span's whole free list, wider for a
-                         * class with a stash); or draining */
+                         * class with a stash), or at a free before the
+                         * class's first refill; or draining; 0 until then */
 };
 
 #define HM_BIN_DRAINING (-(1 << 30))
