@@ -239,6 +239,12 @@ if wait_for 10 hot_moved "$wl"; then ok "learning resumes after unfreeze"; else 
 
 # a stopped process cannot answer: timeout, and the request is withdrawn.
 kill -STOP "$wl"
+# The stop reaches each thread on its own: the ACE thread could still answer
+# for a moment.  Wait until every thread shows stopped (T).
+for _ in $(seq 200); do
+    awk '/^State:/ && $2 != "T" { running = 1 } END { exit running }' /proc/"$wl"/task/*/status && break
+    sleep 0.01
+done
 expect_rc "freeze a stopped process times out" 7 "$acectl" freeze "$wl"
 kill -CONT "$wl"
 sleep 0.3
