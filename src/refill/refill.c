@@ -1122,11 +1122,11 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
     struct hm_bin *bin = &tc->bins[cls];
     uint32_t count = hm_refill_count_load(cls);
-    int32_t cap = hm_bin_cap(cls, count, count);
-    /* room was minus the blocks held (the one just freed).  room first: a
-     * report that reads the new room with the old cap sees an empty bin. */
-    __atomic_store_n(&bin->room, cap + bin->room, __ATOMIC_RELAXED);
-    __atomic_store_n(&bin->cap, cap, __ATOMIC_RELAXED);
+    /* room was minus the blocks held (the one just freed).  A report on
+     * another thread may pair an old and a new field, as during a refill:
+     * hm_bin_count keeps what it makes of them within [0, cap + 1]. */
+    bin->cap = hm_bin_cap(cls, count, count);
+    bin->room += bin->cap;
     hm_cache_bound_note(h, tc, cls);
 }
 

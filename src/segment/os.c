@@ -114,13 +114,11 @@ static bool read_word(const void *p, uint64_t *out)
     return ok;
 }
 
-bool hm_os_unmap_if_marked(void *p, size_t size)
+void hm_os_unmap_if_marked(void *p, size_t size)
 {
     uint64_t word;
-    if (!read_word(p, &word) || word != mark_of(p))
-        return false;
-    hm_os_unmap(p, size);
-    return true;
+    if (read_word(p, &word) && word == mark_of(p))
+        hm_os_unmap(p, size);
 }
 
 void hm_os_unmap(void *p, size_t size)

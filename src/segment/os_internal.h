@@ -12,9 +12,9 @@ void hm_os_unmap(void *p, size_t size);
 /* A reservation that a call may replace or fail to (mremap onto it): the
  * mark written into its first page before, and the unmap after a failure
  * only if the range still carries it, so never another mapping that took
- * its place.  Returns whether it unmapped. */
+ * its place. */
 void hm_os_mark(void *p);
-bool hm_os_unmap_if_marked(void *p, size_t size);
+void hm_os_unmap_if_marked(void *p, size_t size);
 /* Turns transparent huge pages on (or off) for [p, p + size): madvise
  * MADV_HUGEPAGE or MADV_NOHUGEPAGE.  False when the OS refuses. */
 bool hm_os_huge_pages(void *p, size_t size, bool on);
