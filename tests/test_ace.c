@@ -59,6 +59,69 @@ static int threads_named(const char *name)
     return n;
 }
 
+/* Before this program's first allocation: with ACE on, the thread runs
+ * from load, with no event seen yet (it purges for every thread, however
+ * few refills make a report). */
+static void ace_thread_runs_from_load(void **state)
+{
+    (void)state;
+    struct hm_ace_counters ac;
+    hm_ace_counters(&ac);
+    assert_int_equal(ac.events, 0);
+    assert_int_equal(ac.running, ace_expected());
+    /* Created, it names itself when it first runs. */
+    struct timespec nap = { 0, 10000000 };
+    for (int i = 0; i < 100 && ace_expected() && threads_named("hakmem-ace") == 0; i++)
+        nanosleep(&nap, NULL);
+    assert_int_equal(threads_named("hakmem-ace"), ace_expected() ? 1 : 0);
+}
+
+/* Short-lived threads that make a few refills each (a class's first
+ * refills carve part of a batch, and only full ones count toward a
+ * report) free all they allocated and exit; the program sleeps.  No event
+ * reached the ACE thread, and yet, with ACE on, it gives their pages back;
+ * without, nobody does while the program sleeps. */
+static void *few_refills(void *arg)
+{
+    enum { N = 40 };
+    static const size_t sizes[] = { 64, 128, 256, 512 };
+    void *p[N];
+    (void)arg;
+    for (unsigned k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        for (int i = 0; i < N; i++) {
+            p[i] = hakmem_malloc(sizes[k]);
+            memset(p[i], 1, sizes[k]);
+        }
+        for (int i = 0; i < N; i++)
+            hakmem_free(p[i]);
+    }
+    return NULL;
+}
+
+static void ace_thread_purges_after_threads_with_no_reports(void **state)
+{
+    (void)state;
+    for (int t = 0; t < 50; t++)
+        run_thread(few_refills, NULL);
+    struct hm_ace_counters ac;
+    hm_ace_counters(&ac);
+    assert_int_equal(ac.events, 0);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    s1 = s0;
+    struct timespec nap = { 0, 20000000 };
+    for (int i = 0; i < (ace_expected() ? 50 : 20) && s1.bytes_purged == s0.bytes_purged; i++) {
+        nanosleep(&nap, NULL);
+        hakmem_stats(&s1);
+    }
+    print_message("purged %llu, after sleeping %llu\n", (unsigned long long)s0.bytes_purged,
+                  (unsigned long long)s1.bytes_purged);
+    if (ace_expected())
+        assert_true(s1.bytes_purged > s0.bytes_purged);
+    else
+        assert_true(s1.bytes_purged == s0.bytes_purged);
+}
+
 static void learns_a_hot_class(void **state)
 {
     (void)state;
@@ -314,6 +377,8 @@ static void frees_race_the_tidier_abandoning_drained_segments(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(ace_thread_runs_from_load),
+        cmocka_unit_test(ace_thread_purges_after_threads_with_no_reports),
         cmocka_unit_test(learns_a_hot_class),
         cmocka_unit_test(fork_child_runs_its_own_ace),
         cmocka_unit_test(ace_thread_purges_while_the_program_sleeps),

@@ -229,10 +229,25 @@ static void ace_start(void)
     atomic_store(&ace_state, rc == 0 ? ACE_RUNNING : ACE_FAILED);
 }
 
+/* Set by the library's constructor (see hm_ace_start); a fork child
+ * keeps it. */
+static atomic_bool ace_loaded;
+
+void hm_ace_start(void)
+{
+    if (hm_ace_on && atomic_load_explicit(&ace_loaded, memory_order_relaxed) &&
+        atomic_load_explicit(&ace_state, memory_order_relaxed) == ACE_IDLE)
+        ace_start();
+}
+
+void hm_ace_loaded(void)
+{
+    atomic_store_explicit(&ace_loaded, true, memory_order_relaxed);
+    hm_ace_start();
+}
+
 bool hm_ace_record(const struct hm_event *ev)
 {
-    if (atomic_load_explicit(&ace_state, memory_order_relaxed) == ACE_IDLE)
-        ace_start();
     return hm_queue_push(&ace_queue, ev);
 }
 

@@ -26,10 +26,23 @@ extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
  * before anything may allocate: it must not allocate. */
 void hm_ace_module_init(void);
 
-/* Called by the refill path (only when hm_ace_on) after the refill is done
- * and the allocator's state is consistent: starts the ACE thread on first
- * use (pthread_create may allocate) and pushes the event.  False: dropped. */
+/* Starts the ACE thread if it has not started (one load once it has).
+ * Called when the library is loaded, and by the refill path (only when
+ * hm_ace_on) at every refill and page-block allocation, outside its locks
+ * (pthread_create may allocate): the thread purges for every thread, so it
+ * must run however few refills make a report.  Before the library's
+ * constructor ran (a malloc from the dynamic loader or an earlier
+ * constructor), it does nothing: libc may not be ready to create threads. */
+void hm_ace_start(void);
+
+/* Pushes a refill event for the ACE thread (only when hm_ace_on), after
+ * the refill is done and the allocator's state is consistent.  False:
+ * dropped. */
 bool hm_ace_record(const struct hm_event *ev);
+
+/* The library's constructor: from now on hm_ace_start may start the
+ * thread, and it does. */
+void hm_ace_loaded(void);
 
 /* Fork: the child has no ACE thread; it starts its own at its next refill. */
 void hm_ace_fork_child(void);

@@ -113,6 +113,7 @@ bool hm_process_init(void)
 __attribute__((constructor)) static void hm_on_load(void)
 {
     hm_process_init();
+    hm_ace_loaded();
 }
 
 __attribute__((destructor)) static void hm_on_unload(void)

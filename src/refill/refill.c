@@ -665,8 +665,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     hm_heap_lock(h);
     void *p = refill(h, tc, cls, &ev, &report);
     hm_heap_unlock(h);
-    if (report)
-        send_report(h, &ev);
+    if (hm_ace_on) {
+        hm_ace_start();
+        if (report)
+            send_report(h, &ev);
+    }
     return p;
 }
 
@@ -695,6 +698,7 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     hm_heap_lock(h);
     void *p = alloc_pages(h, tc, size);
     hm_heap_unlock(h);
+    hm_ace_start();
     return p;
 }
 
