@@ -16,13 +16,15 @@ failed=0
 ok() { echo "ok: $1"; passed=$((passed + 1)); }
 not_ok() { echo "FAIL: $1"; failed=$((failed + 1)); }
 
-# same NAME CMD...: runs CMD plain and preloaded; stdout and status must match.
+# same NAME CMD...: runs CMD plain and preloaded (with hak_env set in the
+# preloaded run); stdout and status must match.
+hak_env=()
 same() {
     local name=$1
     shift
     "$@" >"$work/plain.out" 2>"$work/plain.err"
     local plain_rc=$?
-    LD_PRELOAD=$lib HAKMEM_STATS=1 "$@" >"$work/hak.out" 2>"$work/hak.err"
+    env "${hak_env[@]}" LD_PRELOAD="$lib" HAKMEM_STATS=1 "$@" >"$work/hak.out" 2>"$work/hak.err"
     local hak_rc=$?
     if ! grep -q 'hakmem stats: totals' "$work/hak.err"; then
         not_ok "$name: hakmem was not the allocator"
@@ -183,19 +185,46 @@ if have redis-server && have redis-cli; then
         wait "$pid"
         echo $?
     }
+    # redis_same NAME PORT REPORT ENV...: a preloaded run against the plain
+    # one; its log must hold a report matching REPORT.
+    redis_same() {
+        local name=$1 port=$2 report=$3 rc
+        shift 3
+        rc=$(redis_run "$port" env LD_PRELOAD="$lib" HAKMEM_STATS=1 "$@")
+        if ! grep -q "$report" "$work/redis.$port.log"; then
+            not_ok "$name: no hakmem report matching '$report'"
+        elif [[ $plain_rc != "$rc" ]] || ! cmp -s "$work/redis.16379.out" "$work/redis.$port.out"; then
+            not_ok "$name: output or exit differs ($plain_rc vs $rc)"
+            diff "$work/redis.16379.out" "$work/redis.$port.out" | head
+        else
+            ok "$name ($(wc -l <"$work/redis.$port.out") lines)"
+        fi
+    }
     plain_rc=$(redis_run 16379 env)
-    hak_rc=$(redis_run 16380 env LD_PRELOAD="$lib" HAKMEM_STATS=1)
-    if ! grep -q 'hakmem stats: totals' "$work/redis.16380.log"; then
-        not_ok "redis-server: hakmem was not the allocator"
-    elif [[ $plain_rc != "$hak_rc" ]] || ! cmp -s "$work/redis.16379.out" "$work/redis.16380.out"; then
-        not_ok "redis-server: output or exit differs ($plain_rc vs $hak_rc)"
-        diff "$work/redis.16379.out" "$work/redis.16380.out" | head
-    else
-        ok "redis-server ($(wc -l <"$work/redis.16380.out") lines)"
-    fi
+    redis_same "redis-server" 16380 'hakmem stats: totals'
+    redis_same "redis-server (ACE)" 16381 'hakmem stats: totals.* ace=running' HAKMEM_ACE=1
 else
     echo "skip: redis-server not installed"
 fi
+
+# --- with the ACE thread (HAKMEM_ACE=1 starts it when the library loads) ----
+# same_ace NAME CMD...: as same, with HAKMEM_ACE=1; the report at exit must
+# show the thread running.
+same_ace() {
+    hak_env=(HAKMEM_ACE=1)
+    same "$1 (ACE)" "${@:2}"
+    hak_env=()
+    grep -q 'totals.* ace=running' "$work/hak.err" || not_ok "$1 (ACE): the ACE thread was not running"
+}
+[[ -n $py ]] && same_ace "python3" "$py" "$work/t.py"
+if have git && [[ -n ${repo:-} ]]; then
+    same_ace "git log" git -C "$repo" log --stat
+fi
+have sqlite3 && same_ace "sqlite3" sqlite3 ":memory:" "$sql"
+if have gcc; then
+    same_ace "gcc" sh -c "gcc -O2 -Wall -Wextra -o '$work/prog' '$work/prog.c' && '$work/prog' && sha256sum < '$work/prog'"
+fi
+have sort && same_ace "sort" sh -c "sort -S 8M '$work/lines' | sha256sum"
 
 # --- bad frees die with a diagnostic ----------------------------------------
 for mode in invalid double offset; do

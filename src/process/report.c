@@ -116,6 +116,10 @@ void hakmem_stats_print(int fd)
     /* Without the page map (its address space refused) every free takes
      * the slow path. */
     hm_line_str(&l, hm_pagemap.entries ? " page_map=on" : " page_map=off");
+    /* Whether the ACE thread runs now (HAKMEM_ACE=1 starts it at load). */
+    struct hm_ace_counters ac;
+    hm_ace_counters(&ac);
+    hm_line_str(&l, ac.running ? " ace=running" : hm_ace_on ? " ace=not_running" : " ace=off");
     hm_line_str(&l, "\n");
     hm_line_write(&l, fd);
 }
