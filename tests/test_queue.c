@@ -87,6 +87,34 @@ static void test_queue_fifo_single_producer(void **state)
     assert_int_equal(hm_queue_drain(&q, buf, CAP), 0);
 }
 
+/* A ring in zeroed static memory is empty and ready without hm_queue_init
+ * (the ACE thread's ring is never initialised in a fresh process), over
+ * more than one lap; and init puts a used ring back in that state. */
+static struct hm_queue zeroed;
+
+static void test_queue_zeroed_is_empty(void **state)
+{
+    (void)state;
+    assert_int_equal(hm_queue_drain(&zeroed, buf, CAP), 0);
+    for (uint64_t lap = 0; lap < 2; lap++) {
+        for (uint64_t i = 0; i < CAP; i++) {
+            struct hm_event ev = make_event(1, lap * CAP + i);
+            assert_true(hm_queue_push(&zeroed, &ev));
+        }
+        struct hm_event ev = make_event(1, 0);
+        assert_false(hm_queue_push(&zeroed, &ev));          /* full */
+        assert_int_equal(hm_queue_drain(&zeroed, buf, CAP), CAP);
+        for (uint64_t i = 0; i < CAP; i++)
+            check_event(&buf[i], 1, lap * CAP + i);
+    }
+    struct hm_event ev = make_event(2, 5);
+    assert_true(hm_queue_push(&zeroed, &ev));
+    hm_queue_init(&zeroed);
+    assert_int_equal(hm_queue_drain(&zeroed, buf, CAP), 0);
+    for (size_t i = 0; i < CAP; i++)
+        assert_int_equal(zeroed.slots[i].seq, 0);       /* all zeros again */
+}
+
 /* Contract A: a full ring drops and counts; it never blocks. */
 static void test_queue_full_drops(void **state)
 {
@@ -364,6 +392,7 @@ static void test_queue_no_malloc(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_queue_zeroed_is_empty),
         cmocka_unit_test_setup(test_queue_fifo_single_producer, setup),
         cmocka_unit_test_setup(test_queue_full_drops, setup),
         cmocka_unit_test_setup(test_queue_wraparound, setup),

@@ -275,10 +275,8 @@ void hm_ace_module_init(void)
     const char *on = getenv("HAKMEM_ACE");
     hm_ace_on = on && on[0] == '1' && on[1] == '\0';
     ace_interval_ns = parse_interval_ms(getenv("HAKMEM_ACE_INTERVAL_MS")) * 1000000ull;
-    /* Without ACE nothing is ever pushed: the ring's 160 KiB stay
-     * untouched (and so not resident). */
-    if (hm_ace_on)
-        hm_queue_init(&ace_queue);
+    /* The static ring is all zeros, its initial state: its 160 KiB become
+     * resident only as events reach them, and never without ACE. */
     atomic_store(&ace_state, ACE_IDLE);
 }
 

@@ -19,6 +19,12 @@
  * (Contract A).  The ring is the fixed array inside struct hm_queue, which
  * its owner declares statically (Contract C).
  *
+ * A slot stores its seq less its index (slot_seq / slot_set_seq), so that
+ * the initial state is all zeros: a ring in zero-initialised static memory
+ * needs no init pass, and its pages become resident only as events reach
+ * them (the whole 160 KiB ring at once, before: every process with ACE on
+ * paid for it at start).
+ *
  * Atomics come from liburcu's headers only (<urcu/uatomic.h>, <urcu/arch.h>):
  * they are inline functions and macros, so the library does not link
  * liburcu.so.  On x86-64 liburcu 0.13 implements them with inline asm
@@ -77,10 +83,24 @@ static inline unsigned long hq_cmpxchg(unsigned long *p, unsigned long old,
 
 #endif
 
+static inline unsigned long slot_seq(struct hm_queue_slot *slot, unsigned long index)
+{
+    return hq_read(&slot->seq) + index;
+}
+
+static inline void slot_set_seq(struct hm_queue_slot *slot, unsigned long index,
+                                unsigned long seq)
+{
+    hq_set(&slot->seq, seq - index);
+}
+
 void hm_queue_init(struct hm_queue *q)
 {
+    /* Only slots not free for their first ticket are written: a fresh ring
+     * is read (the zero page), not touched. */
     for (unsigned long i = 0; i < HM_QUEUE_CAPACITY; i++)
-        hq_set(&q->slots[i].seq, i);
+        if (slot_seq(&q->slots[i], i) != i)
+            slot_set_seq(&q->slots[i], i, i);
     hq_set(&q->head, 0UL);
     hq_set(&q->pushed, 0UL);
     hq_set(&q->dropped, 0UL);
@@ -98,7 +118,7 @@ bool hm_queue_push(struct hm_queue *q, const struct hm_event *ev)
 
     for (;;) {
         slot = &q->slots[pos & HQ_MASK];
-        unsigned long seq = hq_read(&slot->seq);
+        unsigned long seq = slot_seq(slot, pos & HQ_MASK);
         long diff = (long)(seq - pos);
 
         if (diff == 0) {
@@ -122,7 +142,7 @@ bool hm_queue_push(struct hm_queue *q, const struct hm_event *ev)
 
     slot->ev = *ev;
     hq_wmb();                       /* event before seq */
-    hq_set(&slot->seq, pos + 1);
+    slot_set_seq(slot, pos & HQ_MASK, pos + 1);
     hq_add(&q->pushed, 1UL);
     return true;
 }
@@ -134,7 +154,7 @@ size_t hm_queue_drain(struct hm_queue *q, struct hm_event *out, size_t max)
 
     while (n < max) {
         struct hm_queue_slot *slot = &q->slots[(head + n) & HQ_MASK];
-        if (hq_read(&slot->seq) != head + n + 1)
+        if (slot_seq(slot, (head + n) & HQ_MASK) != head + n + 1)
             break;                  /* empty, or its producer is mid-write */
         hq_rmb();                   /* seq before event */
         out[n] = slot->ev;
@@ -147,8 +167,8 @@ size_t hm_queue_drain(struct hm_queue *q, struct hm_event *out, size_t max)
      * barrier for the batch (load -> store ordering). */
     hq_mb();
     for (size_t i = 0; i < n; i++)
-        hq_set(&q->slots[(head + i) & HQ_MASK].seq,
-               head + i + HM_QUEUE_CAPACITY);
+        slot_set_seq(&q->slots[(head + i) & HQ_MASK], (head + i) & HQ_MASK,
+                     head + i + HM_QUEUE_CAPACITY);
     hq_set(&q->head, head + n);
     return n;
 }

@@ -30,7 +30,8 @@ struct hm_event {
 };
 
 struct hm_queue_slot {
-    unsigned long seq;          /* liburcu uatomic: ticket that owns the slot */
+    unsigned long seq;          /* liburcu uatomic: ticket that owns the slot, less
+                                 * the slot's index (all zeros: every slot free) */
     struct hm_event ev;
 };
 
