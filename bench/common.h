@@ -205,6 +205,7 @@ struct bench_result {
     long threads;
     uint64_t ops;
     double seconds;
+    long final_rss_kb;  /* measured by the bench (before an idle period); 0: when printed */
 };
 
 /* Prints the one RESULT line:

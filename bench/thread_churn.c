@@ -8,7 +8,10 @@
  * other half for a later thread.  This measures per-thread setup and
  * teardown (caches created, flushed and reclaimed), frees of blocks whose
  * owner thread is gone, and whether memory of dead threads is reused: see
- * final_rss_kb.
+ * final_rss_kb, taken once the last thread has ended and every block is
+ * freed.  With --idle S the process then sleeps S seconds and reports
+ * idle_rss_kb: what an allocator that gives memory back with a delay (or
+ * from a background thread) still holds after a quiet spell.
  * --ops = total mallocs (threads created = ops / per-thread); --spawn N is
  * the same as --ops N*per-thread. */
 #include "common.h"
@@ -32,6 +35,7 @@ struct worker {
 
 static long g_per_thread = 300;
 static long g_spawn = 0;
+static double g_idle = 0;
 
 /* Blocks left by finished threads, for the next ones to free. */
 static pthread_mutex_t g_handoff_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -109,14 +113,15 @@ int main(int argc, char **argv)
     const struct bench_opt opts[] = {
         {"per-thread", OPT_LONG, &g_per_thread, "mallocs per thread (default 300)"},
         {"spawn", OPT_LONG, &g_spawn, "threads to create (default 2000 = --ops / per-thread)"},
+        {"idle", OPT_DOUBLE, &g_idle, "seconds to sleep at the end before idle_rss_kb (default 0)"},
         {NULL, OPT_FLAG, NULL, NULL},
     };
     bench_parse(argc, argv, "thread_churn",
                 "Create and join many short-lived threads that malloc/free a little.\n"
                 "--threads T alive at a time. --ops = total mallocs.",
                 &a, opts);
-    if (g_per_thread < 1)
-        bench_fail("--per-thread must be at least 1");
+    if (g_per_thread < 1 || g_idle < 0)
+        bench_fail("need --per-thread >= 1 and --idle >= 0");
     bench_quick_ops(&a, 100 * g_per_thread);
     uint64_t spawn = g_spawn > 0 ? (uint64_t)g_spawn : (uint64_t)a.ops / (uint64_t)g_per_thread;
     if (spawn < 1)
@@ -147,8 +152,14 @@ int main(int argc, char **argv)
     harness_free(running, nt * sizeof *running);
 
     uint64_t ops = spawn * (uint64_t)g_per_thread;
-    struct bench_result r = {.threads = nt, .ops = ops, .seconds = secs};
-    result_print(&r, " spawned=%" PRIu64 " per_thread=%ld threads_per_sec=%.0f", spawn,
-                 g_per_thread, secs > 0 ? (double)spawn / secs : 0.0);
+    struct bench_result r = {.threads = nt, .ops = ops, .seconds = secs,
+                             .final_rss_kb = rss_now_kb()};
+    char idle[64] = "";
+    if (g_idle > 0) {
+        sleep_sec(g_idle);
+        snprintf(idle, sizeof idle, " idle_s=%.1f idle_rss_kb=%ld", g_idle, rss_now_kb());
+    }
+    result_print(&r, " spawned=%" PRIu64 " per_thread=%ld threads_per_sec=%.0f%s", spawn,
+                 g_per_thread, secs > 0 ? (double)spawn / secs : 0.0, idle);
     return 0;
 }
