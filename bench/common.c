@@ -400,8 +400,8 @@ void result_print(const struct bench_result *r, const char *extra_fmt, ...)
     printf("RESULT bench=%s allocator=%s threads=%ld ops=%" PRIu64
            " seconds=%.6f ops_per_sec=%.0f peak_rss_kb=%ld final_rss_kb=%ld",
            g_bench, alloc, r->threads, r->ops, r->seconds,
-           r->seconds > 0 ? (double)r->ops / r->seconds : 0.0, hwm,
-           r->final_rss_kb ? r->final_rss_kb : rss);
+           r->seconds > 0 ? (double)r->ops / r->seconds : 0.0,
+           r->peak_rss_kb ? r->peak_rss_kb : hwm, r->final_rss_kb ? r->final_rss_kb : rss);
     if (strcmp(alloc, "hakmem") == 0) {
         /* Shows that the runner's HAKMEM_ACE setting reached the process. */
         const char *ace = getenv("HAKMEM_ACE");

@@ -205,7 +205,9 @@ struct bench_result {
     long threads;
     uint64_t ops;
     double seconds;
-    long final_rss_kb;  /* measured by the bench (before an idle period); 0: when printed */
+    /* Measured by the bench (before an idle period: the kernel's VmHWM
+     * may fall with RSS as memory goes back); 0: read when printed. */
+    long final_rss_kb, peak_rss_kb;
 };
 
 /* Prints the one RESULT line:

@@ -152,8 +152,8 @@ int main(int argc, char **argv)
     harness_free(running, nt * sizeof *running);
 
     uint64_t ops = spawn * (uint64_t)g_per_thread;
-    struct bench_result r = {.threads = nt, .ops = ops, .seconds = secs,
-                             .final_rss_kb = rss_now_kb()};
+    struct bench_result r = {.threads = nt, .ops = ops, .seconds = secs};
+    rss_read(&r.final_rss_kb, &r.peak_rss_kb);
     char idle[64] = "";
     if (g_idle > 0) {
         sleep_sec(g_idle);

@@ -317,6 +317,14 @@ check "the workload exited normally" $? -eq 0
 check "its region is removed at exit" ! -e "$shm/hakmem.$wl"
 expect_rc "show after exit" 2 "$acectl" show "$wl"
 
+# A process that learns nothing (no refill report) has no region, though
+# its ACE thread runs from load: a shell that waits and then execs another
+# program (exec runs no destructor) leaves no file behind.
+LD_PRELOAD=$lib HAKMEM_ACE=1 bash -c 'echo $$; sleep 1.2; exec true' >"$work/sh.out" 2>&1
+sh_pid=$(head -1 "$work/sh.out")
+check "a shell that execs after 1.2 s leaves no region" ! -e "$shm/hakmem.$sh_pid"
+rm -f "$shm/hakmem.$sh_pid"
+
 # fork: the child gets its own region and does not remove the parent's.
 start_workload --seconds 60 --fork --child-seconds 3
 parent=$wl

@@ -7,8 +7,11 @@
  * destructor and the fork-child hook:
  *
  *   - Creation: once per process, about REGION_DELAY_NS after the ACE
- *     thread's first tick (a short-lived process, or a fork child that
- *     _exits soon, never leaves a file behind).  open/ftruncate/fallocate/
+ *     thread first drained an event (a short-lived process, or a fork
+ *     child that _exits soon, never leaves a file behind; nor does a
+ *     process that learns nothing, such as a shell under LD_PRELOAD that
+ *     execs another program: exec runs no destructor, and the thread
+ *     starts at load).  open/ftruncate/fallocate/
  *     mmap only: the ACE thread never calls malloc or stdio.
  *   - Snapshot: gathered at most every REGION_GATHER_NS, written only when
  *     it changed or REGION_HEARTBEAT_NS passed, and right after a request
@@ -375,10 +378,14 @@ void hm_ace_region_tick(void)
 {
     uint64_t now = clock_ns(CLOCK_MONOTONIC);
     if (!region) {
-        if (region_first_tick == 0)
-            region_first_tick = now;
-        else if (now - region_first_tick >= REGION_DELAY_NS)
+        if (region_first_tick == 0) {
+            struct hm_ace_counters ac;
+            hm_ace_counters(&ac);
+            if (ac.events)
+                region_first_tick = now;
+        } else if (now - region_first_tick >= REGION_DELAY_NS) {
             region_try_create(now);
+        }
         return;
     }
     if (!control(now))

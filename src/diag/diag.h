@@ -10,9 +10,11 @@
 __attribute__((noreturn, cold))
 void hm_fatal(const char *call, const char *what, const void *ptr);
 
-/* A tiny line builder for reports. */
+/* A tiny line builder for reports.  A longer line is cut: 512 bytes hold
+ * the longest, the totals of HAKMEM_STATS (twelve counters of up to 20
+ * digits with their names, then page_map= and ace=: about 440). */
 struct hm_line {
-    char buf[256];
+    char buf[512];
     size_t len;
 };
 void hm_line_str(struct hm_line *l, const char *s);
