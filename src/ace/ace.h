@@ -27,11 +27,10 @@ extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
 void hm_ace_module_init(void);
 
 /* Starts the ACE thread if it has not started (one load once it has).
- * Called when the library is loaded, and by the refill path at every
- * refill, flush and page-block allocation, outside its locks
+ * Called when the library is loaded, and by the refill path (only when
+ * hm_ace_on) at every refill and page-block allocation, outside its locks
  * (pthread_create may allocate): the thread purges for every thread, so it
- * must run however few refills make a report, and a fork child that only
- * frees starts its own.  Before the library's
+ * must run however few refills make a report.  Before the library's
  * constructor ran (a malloc from the dynamic loader or an earlier
  * constructor), it does nothing: libc may not be ready to create threads. */
 void hm_ace_start(void);
@@ -45,8 +44,7 @@ bool hm_ace_record(const struct hm_event *ev);
  * thread, and it does. */
 void hm_ace_loaded(void);
 
-/* Fork: the child has no ACE thread; it starts its own at its next slow
- * path (refill, flush, page-block allocation). */
+/* Fork: the child has no ACE thread; it starts its own at its next refill. */
 void hm_ace_fork_child(void);
 
 /* What the learner sees of one class over one window. */

@@ -1172,7 +1172,6 @@ void hm_flush(struct hm_tcache *tc, unsigned cls)
     hm_heap_lock(tc->heap);
     flush(tc->heap, tc, cls);
     hm_heap_unlock(tc->heap);
-    hm_ace_start();
 }
 
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
