@@ -8,6 +8,7 @@ early_init=$2
 bad_free=$3
 libc_names=$4
 glibc_extras=$5
+fork_join=$6
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -225,6 +226,10 @@ if have gcc; then
     same_ace "gcc" sh -c "gcc -O2 -Wall -Wextra -o '$work/prog' '$work/prog.c' && '$work/prog' && sha256sum < '$work/prog'"
 fi
 have sort && same_ace "sort" sh -c "sort -S 8M '$work/lines' | sha256sum"
+
+# A fork child's first slow path may start its ACE thread: never a free's,
+# which glibc makes while holding a lock pthread_create needs.
+same_ace "fork_join" "$fork_join"
 
 # --- bad frees die with a diagnostic ----------------------------------------
 for mode in invalid double offset; do

@@ -30,7 +30,10 @@ void hm_ace_module_init(void);
  * Called when the library is loaded, and by the refill path (only when
  * hm_ace_on) at every refill and page-block allocation, outside its locks
  * (pthread_create may allocate): the thread purges for every thread, so it
- * must run however few refills make a report.  Before the library's
+ * must run however few refills make a report.  Never from a free: glibc
+ * frees a joined thread's DTV while holding its stack-cache lock, which
+ * pthread_create takes (tests/programs/fork_join.c); it never mallocs
+ * under that lock.  Before the library's
  * constructor ran (a malloc from the dynamic loader or an earlier
  * constructor), it does nothing: libc may not be ready to create threads. */
 void hm_ace_start(void);
