@@ -149,68 +149,34 @@ static void learns_a_hot_class(void **state)
     }
 }
 
-/* In a fork child: waits up to a second for its ACE thread to name itself,
- * then exits 0 if the thread runs exactly when ACE is on. */
-__attribute__((noreturn)) static void child_exit_with_ace_state(void)
-{
-    struct timespec nap = { 0, 10000000 };
-    for (int i = 0; i < 100 && ace_expected() && threads_named("hakmem-ace") == 0; i++)
-        nanosleep(&nap, NULL);
-    struct hm_ace_counters ac;
-    hm_ace_counters(&ac);
-    int ok = ace_expected() ? ac.running && threads_named("hakmem-ace") == 1
-                            : !ac.running && threads_named("hakmem-ace") == 0;
-    _exit(ok ? 0 : 1);
-}
-
-static void child_exited_zero(pid_t pid)
-{
-    int status;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 0);
-}
-
 static void fork_child_runs_its_own_ace(void **state)
 {
     (void)state;
     pid_t pid = fork();
     if (pid == 0) {
-        /* The child's thread starts at the fork; it refills too (a fresh
-         * class: the bins it inherited are warm). */
+        /* The bins the child inherited are warm: use a fresh class so that
+         * the child refills (the ACE thread starts at a refill). */
         static void *held[5000];
         for (int i = 0; i < 5000; i++)
             held[i] = hakmem_malloc(100);
         for (int i = 0; i < 5000; i++)
             hakmem_free(held[i]);
-        child_exit_with_ace_state();
+        struct timespec nap = { 0, 50000000 };
+        nanosleep(&nap, NULL);
+        struct hm_ace_counters ac;
+        hm_ace_counters(&ac);
+        int ok = ace_expected() ? ac.running && threads_named("hakmem-ace") == 1
+                                : !ac.running && threads_named("hakmem-ace") == 0;
+        _exit(ok ? 0 : 1);
     }
-    child_exited_zero(pid);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
     /* The parent's thread is unaffected. */
     struct hm_ace_counters ac;
     hm_ace_counters(&ac);
     assert_int_equal(ac.running, ace_expected());
-}
-
-/* A fork child that only frees (what its parent allocated) has its own
- * ACE thread from the fork on: it has memory to give back too, and no
- * free may start the thread (see hm_ace_start). */
-static void fork_child_that_only_frees_runs_its_own_ace(void **state)
-{
-    (void)state;
-    enum { N = 3000 };
-    static void *held[N];
-    for (int i = 0; i < N; i++)
-        held[i] = hakmem_malloc(300);
-    pid_t pid = fork();
-    if (pid == 0) {
-        for (int i = 0; i < N; i++)
-            hakmem_free(held[i]);
-        child_exit_with_ace_state();
-    }
-    child_exited_zero(pid);
-    for (int i = 0; i < N; i++)
-        hakmem_free(held[i]);
 }
 
 /* With ACE on, the ACE thread gives free pages back while the application
@@ -415,7 +381,6 @@ int main(void)
         cmocka_unit_test(ace_thread_purges_after_threads_with_no_reports),
         cmocka_unit_test(learns_a_hot_class),
         cmocka_unit_test(fork_child_runs_its_own_ace),
-        cmocka_unit_test(fork_child_that_only_frees_runs_its_own_ace),
         cmocka_unit_test(ace_thread_purges_while_the_program_sleeps),
         cmocka_unit_test(ace_thread_tidies_a_sleeping_thread),
         cmocka_unit_test(ace_thread_sweeps_exited_threads_segments),

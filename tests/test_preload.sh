@@ -227,8 +227,8 @@ if have gcc; then
 fi
 have sort && same_ace "sort" sh -c "sort -S 8M '$work/lines' | sha256sum"
 
-# No free may start the ACE thread: glibc frees while holding a lock
-# pthread_create needs (a fork child starts its thread as it forks).
+# A fork child's first slow path may start its ACE thread: never a free's,
+# which glibc makes while holding a lock pthread_create needs.
 same_ace "fork_join" "$fork_join"
 
 # --- bad frees die with a diagnostic ----------------------------------------

@@ -22,8 +22,8 @@
  * The thread never allocates: its buffer and windows are static, and it
  * calls only clock_gettime, clock_nanosleep, the mutex and the refill box's
  * count/bounds accessors.  pthread_create (at start) may allocate; it runs
- * in the library's constructor or a fork child's handler (see
- * hm_ace_start). */
+ * in the library's constructor, or in a fork child on a thread whose
+ * refill or page-block allocation finished (see hm_ace_start). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE   /* pthread_setname_np */
 #endif

@@ -27,16 +27,15 @@ extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
 void hm_ace_module_init(void);
 
 /* Starts the ACE thread if it has not started (one load once it has).
- * Called when the library is loaded, in a fork child's handler (glibc has
- * reset its locks by then), and by the refill path at every refill and
- * page-block allocation, outside its locks (pthread_create may allocate):
- * the thread purges for every thread, so it must run however few refills
- * make a report.  Never from a free: glibc frees a joined thread's DTV
- * while holding its stack-cache lock, which pthread_create takes
- * (tests/programs/fork_join.c); it never mallocs under that lock.  Before
- * the library's constructor ran (a malloc from the dynamic loader or an
- * earlier constructor), it does nothing: libc may not be ready to create
- * threads. */
+ * Called when the library is loaded, and by the refill path (only when
+ * hm_ace_on) at every refill and page-block allocation, outside its locks
+ * (pthread_create may allocate): the thread purges for every thread, so it
+ * must run however few refills make a report.  Never from a free: glibc
+ * frees a joined thread's DTV while holding its stack-cache lock, which
+ * pthread_create takes (tests/programs/fork_join.c); it never mallocs
+ * under that lock.  Before the library's
+ * constructor ran (a malloc from the dynamic loader or an earlier
+ * constructor), it does nothing: libc may not be ready to create threads. */
 void hm_ace_start(void);
 
 /* Pushes a refill event for the ACE thread (only when hm_ace_on), after
@@ -48,8 +47,7 @@ bool hm_ace_record(const struct hm_event *ev);
  * thread, and it does. */
 void hm_ace_loaded(void);
 
-/* Fork: the child has no ACE thread; its fork handler then starts its own
- * (hm_ace_start). */
+/* Fork: the child has no ACE thread; it starts its own at its next refill. */
 void hm_ace_fork_child(void);
 
 /* What the learner sees of one class over one window. */

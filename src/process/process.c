@@ -55,11 +55,6 @@ static void fork_child(void)
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
     hm_ace_fork_child();
-    /* The child's own ACE thread, now: glibc has reset its locks before it
-     * runs the handlers, so pthread_create works here, while a child that
-     * only frees would never reach a slow path that may start it (a free
-     * may not: see hm_ace_start). */
-    hm_ace_start();
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */

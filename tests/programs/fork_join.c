@@ -3,9 +3,8 @@
  * glibc frees such a thread's DTV (its table of TLS blocks) in
  * pthread_join while it holds its stack-cache lock, a plain lock that
  * pthread_create takes too.  So no free may create a thread: with
- * HAKMEM_ACE=1 a fork child starts its ACE thread in its fork handler, and
- * a free that started it instead (had the handler not) would hang the
- * child for good.  Child j frees j
+ * HAKMEM_ACE=1 a fork child has no ACE thread until its first refill, and
+ * a free that started it would hang the child for good.  Child j frees j
  * blocks of the DTV's size class (allocated by the parent, so they fill
  * the child's bin) before the join: for one j or another the DTV's free
  * is the one that overflows the bin and takes the slow path.
