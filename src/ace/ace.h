@@ -26,16 +26,16 @@ extern bool hm_ace_on;   /* set once at process init from HAKMEM_ACE */
  * before anything may allocate: it must not allocate. */
 void hm_ace_module_init(void);
 
-/* Starts the ACE thread if it has not started (one load once it has).
- * Called when the library is loaded, and by the refill path (only when
- * hm_ace_on) at every refill and page-block allocation, outside its locks
- * (pthread_create may allocate): the thread purges for every thread, so it
- * must run however few refills make a report.  Never from a free: glibc
- * frees a joined thread's DTV while holding its stack-cache lock, which
- * pthread_create takes (tests/programs/fork_join.c); it never mallocs
- * under that lock.  Before the library's
- * constructor ran (a malloc from the dynamic loader or an earlier
- * constructor), it does nothing: libc may not be ready to create threads. */
+/* Starts the ACE thread if it has not started (one load once it has; a
+ * no-op without HAKMEM_ACE=1).  Called when the library is loaded, and by
+ * the refill path at every refill and page-block allocation, outside its
+ * locks (pthread_create may allocate): the thread purges for every thread,
+ * so it must run however few refills make a report.  Never from a free:
+ * glibc frees a joined thread's DTV while holding its stack-cache lock,
+ * which pthread_create takes (tests/programs/fork_join.c); it never mallocs
+ * under that lock.  Before the library's constructor ran (a malloc from
+ * the dynamic loader or an earlier constructor), it does nothing: libc may
+ * not be ready to create threads. */
 void hm_ace_start(void);
 
 /* Pushes a refill event for the ACE thread (only when hm_ace_on), after

@@ -96,11 +96,11 @@ static inline void slot_set_seq(struct hm_queue_slot *slot, unsigned long index,
 
 void hm_queue_init(struct hm_queue *q)
 {
-    /* Only slots not free for their first ticket are written: a fresh ring
-     * is read (the zero page), not touched. */
+    /* Every slot free for its first ticket: all zeros.  Only slots a lap
+     * moved are written; a fresh ring is read (the zero page), not touched. */
     for (unsigned long i = 0; i < HM_QUEUE_CAPACITY; i++)
-        if (slot_seq(&q->slots[i], i) != i)
-            slot_set_seq(&q->slots[i], i, i);
+        if (hq_read(&q->slots[i].seq) != 0)
+            hq_set(&q->slots[i].seq, 0UL);
     hq_set(&q->head, 0UL);
     hq_set(&q->pushed, 0UL);
     hq_set(&q->dropped, 0UL);

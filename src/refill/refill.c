@@ -665,11 +665,9 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     hm_heap_lock(h);
     void *p = refill(h, tc, cls, &ev, &report);
     hm_heap_unlock(h);
-    if (hm_ace_on) {
-        hm_ace_start();
-        if (report)
-            send_report(h, &ev);
-    }
+    hm_ace_start();
+    if (report)
+        send_report(h, &ev);
     return p;
 }
 
