@@ -340,6 +340,36 @@ static void large_cache_reuses_then_decays(void **state)
     assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL), 0);
 }
 
+/* A block that goes from the program to the cache and back, never
+ * waiting out the purge delay there, gives its pages back once per delay:
+ * touching another page each round, it keeps resident what the rounds
+ * since then touched, not all 200.  Rounds take 1 ms at least, so a delay
+ * of 50 ms leaves at most about 51 (fewer on a slow machine). */
+static void large_cache_renews_a_block_in_rotation(void **state)
+{
+    (void)state;
+    const size_t size = HM_SEGMENT_SIZE - 65536;
+    const struct timespec ms = {0, 1000000};
+    bool zeroed;
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+    hm_large_cache_config(50 * 1000000ull);
+    char *p = hm_large_alloc(size, 16, &zeroed);
+    for (size_t i = 1; i <= 200; i++) {
+        p[i * 4096] = 1;
+        hm_large_free(hm_segment_of((uintptr_t)p));
+        nanosleep(&ms, NULL);
+        char *q = hm_large_alloc(size, 16, &zeroed);
+        assert_ptr_equal(q, p);
+    }
+    struct hm_segment *seg = hm_segment_of((uintptr_t)p);
+    size_t resident = resident_pages(seg->map_base, seg->map_size);
+    hm_large_free(seg);
+    hm_large_cache_config(1000 * 1000000ull);
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+    assert_true(resident >= 1);
+    assert_true(resident <= 100);
+}
+
 /* The cache keeps freed large blocks up to 128 MiB of them, counted whole
  * whether the program touched a page of them or all (no system call asks
  * which), and at most 32 blocks. */
@@ -554,6 +584,7 @@ int main(void)
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
         cmocka_unit_test(large_cache_is_bounded),
+        cmocka_unit_test(large_cache_renews_a_block_in_rotation),
         cmocka_unit_test(large_blocks_own_their_granule),
         cmocka_unit_test(large_block_moves_leave_new_blocks_registered),
         cmocka_unit_test(failed_move_leaves_another_mapping_alone),
