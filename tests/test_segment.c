@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "hakmem.h"
+#include "process/process.h"
 #include "segment/segment.h"
 #include "size_class/size_class.h"
 
@@ -341,10 +342,11 @@ static void large_cache_reuses_then_decays(void **state)
 }
 
 /* A block that goes from the program to the cache and back, never
- * waiting out the purge delay there, gives its pages back once per delay:
- * touching another page each round, it keeps resident what the rounds
- * since then touched, not all 200.  Rounds take 1 ms at least, so a delay
- * of 50 ms leaves at most about 51 (fewer on a slow machine). */
+ * waiting out the purge delay there, gives its pages back once per delay
+ * (counted from its first return): touching another page each round, it
+ * keeps resident what the rounds since then touched, not all 200.  Rounds
+ * take 1 ms at least, so a delay of 50 ms leaves at most about 55 (fewer
+ * on a slow machine). */
 static void large_cache_renews_a_block_in_rotation(void **state)
 {
     (void)state;
@@ -364,7 +366,7 @@ static void large_cache_renews_a_block_in_rotation(void **state)
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
     size_t resident = resident_pages(seg->map_base, seg->map_size);
     hm_large_free(seg);
-    hm_large_cache_config(1000 * 1000000ull);
+    hm_large_cache_config(hm_options.purge_delay_ns);
     hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
     assert_true(resident >= 1);
     assert_true(resident <= 100);

@@ -124,7 +124,7 @@ struct hm_segment {
     size_t map_size;
     char *user;
     size_t alignment;
-    uint64_t fresh_ns;              /* when its pages last went back whole (see large.c) */
+    uint64_t fresh_ns;              /* its first return to the cache, or last renewal; 0: none */
     struct hm_span *page_span[HM_SEGMENT_PAGES];
     struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
     /* Per span, one bit per block: the span's "holes", free blocks whose
