@@ -108,11 +108,11 @@ static uint64_t cache_delay_ns;
  * never waits out the purge delay there, and a program that uses a
  * different part of the buffer each time (a big buffer filled in part)
  * makes all of it resident in the end: 16 buffers of 2-8 MiB, one
- * replaced each millisecond with 8 of its pages written, held 83 MiB
+ * replaced each millisecond with 8 of its pages written, held 81 MiB
  * after 4 s and still growing (glibc 55, jemalloc 52).  So a block coming
  * back a purge delay or more after its first return (or its last renewal)
  * gives its pages back: what stays resident is what the program touched
- * since, as for the decay of every other free page (12-19 MiB there).
+ * since, as for the decay of every other free page (9-16 MiB there).
  * The clock starts at the first return, not at the mapping, so that a
  * long-lived buffer's first free costs no madvise of all it holds.  The
  * whole mapping goes, header included (saved and written back), so that
