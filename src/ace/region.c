@@ -59,7 +59,7 @@ static pid_t region_pid;
 /* The ACE thread's own state (the fork-child hook resets it). */
 static struct hakmem_region_header *region;
 static size_t region_size;
-static uint64_t region_first_tick, region_last_gather, region_last_publish;
+static uint64_t region_first_event, region_last_gather, region_last_publish;
 static uint64_t region_seq;          /* the seqlock's value, kept here, not read back */
 static uint32_t region_bell_seen;
 
@@ -378,12 +378,12 @@ void hm_ace_region_tick(void)
 {
     uint64_t now = clock_ns(CLOCK_MONOTONIC);
     if (!region) {
-        if (region_first_tick == 0) {
+        if (region_first_event == 0) {
             struct hm_ace_counters ac;
             hm_ace_counters(&ac);
             if (ac.events)
-                region_first_tick = now;
-        } else if (now - region_first_tick >= REGION_DELAY_NS) {
+                region_first_event = now;
+        } else if (now - region_first_event >= REGION_DELAY_NS) {
             region_try_create(now);
         }
         return;
@@ -419,7 +419,7 @@ void hm_ace_region_fork_child(void)
     if (region)
         munmap(region, region_size);
     region = NULL;
-    region_first_tick = region_last_gather = region_last_publish = 0;
+    region_first_event = region_last_gather = region_last_publish = 0;
     region_bell_seen = 0;
     region_seq = 0;
     memset(&snap_written, 0, sizeof snap_written);

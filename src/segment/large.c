@@ -134,9 +134,7 @@ static void renew(struct hm_segment *seg, uint64_t now_ns)
         return;                     /* nothing went: it stays as it was */
     memcpy(seg, header, sizeof header);
     seg->fresh_ns = now_ns;
-    HM_TRACE_PURGE(seg->map_size);
-    atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, seg->map_size,
-                              memory_order_relaxed);
+    hm_count_purged(seg->map_size);
 }
 
 static bool cache_put(struct hm_segment *seg)

@@ -23,5 +23,7 @@ void hm_segmap_set(uintptr_t u, struct hm_segment *seg);
 /* Sets the page-map words of `pages` pages from page_address on. */
 void hm_pagemap_set(uintptr_t page_address, size_t pages, uintptr_t tag);
 void hm_count_mapped(int64_t bytes);
+/* `bytes` went back to the OS with MADV_DONTNEED: counted and traced. */
+void hm_count_purged(size_t bytes);
 
 #endif

@@ -224,6 +224,12 @@ void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len)
 
 /* ---- page state and the decay purge ------------------------------------ */
 
+void hm_count_purged(size_t bytes)
+{
+    HM_TRACE_PURGE(bytes);
+    atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
+}
+
 /* Free pages go into use (under the lock): no longer free, and no longer
  * dirty (in use, resident is right).  With the last dirty page goes the
  * age, or pages freed later would inherit it and go back too early. */
@@ -276,8 +282,7 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
     if (!dirty)
         __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
     if (bytes)
-        HM_TRACE_PURGE(bytes);
-    atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
+        hm_count_purged(bytes);
     return bytes;
 }
 
