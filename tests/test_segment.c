@@ -192,6 +192,54 @@ static size_t resident_pages(void *p, size_t len)
     return n;
 }
 
+/* A span of many small blocks put on pages that a span of another class
+ * left resident gives back what it inherited past its first 8 KiB (it
+ * carves from its start, and may never get that far); a span of the same
+ * class, or of few big blocks, keeps it, and so does one that would give
+ * back less than 16 KiB. */
+static struct hm_span *carved_whole(struct hm_span *sp)
+{
+    memset(sp->start, 1, HM_PAGE_SIZE);
+    sp->bump = sp->end;
+    return sp;
+}
+
+static void span_gives_back_pages_it_inherited(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = hm_segment_alloc(777, false);
+    char *page = (char *)seg + HM_PAGE_SIZE;
+    uint64_t purged = atomic_load(&hm_segment_counters.bytes_purged);
+    struct hm_span *sp = carved_whole(hm_span_alloc(seg, 1, 31, 1024, 777, 0));
+    assert_ptr_equal(sp->start, page);
+    hm_span_release(seg, sp);
+    assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 16);
+
+    sp = hm_span_alloc(seg, 1, 31, 1024, 777, 0);           /* same class */
+    assert_ptr_equal(sp->start, page);
+    assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 16);
+    hm_span_release(seg, carved_whole(sp));
+    sp = hm_span_alloc(seg, 1, 47, 4096, 777, 0);           /* 16 blocks */
+    assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 16);
+    hm_span_release(seg, carved_whole(sp));
+    assert_int_equal(atomic_load(&hm_segment_counters.bytes_purged), purged);
+
+    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);              /* 1024 blocks */
+    assert_ptr_equal(sp->start, page);
+    assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 2);
+    assert_int_equal(atomic_load(&hm_segment_counters.bytes_purged) - purged,
+                     HM_PAGE_SIZE - 8192);
+
+    /* Carved to 20 KiB: 12 KiB past the first 8 is too little to trim. */
+    memset(sp->start, 1, 20480);
+    sp->bump = sp->start + 20480;
+    hm_span_release(seg, sp);
+    sp = hm_span_alloc(seg, 1, 1, 32, 777, 0);
+    assert_ptr_equal(sp->start, page);
+    assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 5);
+    hm_segment_free(seg);
+}
+
 /* A 2 MiB half of a huge segment keeps asking for huge pages while it is
  * given back whole, and stops (MADV_NOHUGEPAGE) once it is given back in
  * part: the kernel's collapse would fill the given-back pages in again. */
@@ -580,6 +628,7 @@ int main(void)
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),
+        cmocka_unit_test(span_gives_back_pages_it_inherited),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),
         cmocka_unit_test(huge_segments_are_bounded),

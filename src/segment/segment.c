@@ -118,6 +118,28 @@ static uint64_t page_run(unsigned first, unsigned count)
     return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
+/* Free pages `run` may hold `bytes` (from each page's start) resident, or
+ * more, as a span of class cls1 - 1 (0: none) left them. */
+static void note_resident(struct hm_segment *seg, uint64_t run, size_t bytes, unsigned cls1)
+{
+    uint8_t os = (uint8_t)((bytes + HM_OS_PAGE - 1) / HM_OS_PAGE);
+    for (; run; run &= run - 1) {
+        unsigned i = (unsigned)__builtin_ctzll(run);
+        if (os > seg->resident_os_pages[i])
+            seg->resident_os_pages[i] = os;
+        seg->last_class[i] = (uint8_t)cls1;
+    }
+}
+
+/* Free pages `run` went back to the OS. */
+static void forget_resident(struct hm_segment *seg, uint64_t run)
+{
+    for (; run; run &= run - 1) {
+        seg->resident_os_pages[__builtin_ctzll(run)] = 0;
+        seg->last_class[__builtin_ctzll(run)] = 0;
+    }
+}
+
 /* ---- huge pages -------------------------------------------------------- */
 
 /* A segment of a big heap asks for transparent huge pages: each 2 MiB half
@@ -191,6 +213,7 @@ static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
     for (unsigned i = 0; hit; i++, hit >>= 1) {
         uint64_t resident = (hit & 1) ? seg->free_pages & half_pages(i) & ~seg->dirty_pages : 0;
         if (resident) {
+            note_resident(seg, resident, HM_PAGE_SIZE, 0);
             set_pages(&seg->dirty_pages, seg->dirty_pages | resident);
             mark_dirty_since(seg, hm_clock_ns());
         }
@@ -259,6 +282,7 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
         uint64_t half = half_pages(i);
         if ((hit & 1) && (dirty & half) == half) {
             hm_segment_give_back(seg, (char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE);
+            forget_resident(seg, half);
             bytes += HM_HUGE_PAGE;
             dirty &= ~half;
         }
@@ -273,6 +297,7 @@ static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t del
             run = (unsigned)left;
         hm_segment_give_back(seg, (char *)seg + (size_t)first * HM_PAGE_SIZE,
                              (size_t)run * HM_PAGE_SIZE);
+        forget_resident(seg, page_run(first, run));
         bytes += (size_t)run * HM_PAGE_SIZE;
         dirty &= ~page_run(first, run);
     }
@@ -405,6 +430,48 @@ bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages)
     return find_free_run(free_pages & dirty, pages) >= 0;
 }
 
+/* A span carves its blocks from its start, as they are asked for.  On
+ * pages a span of a bigger need left resident, what lies beyond the new
+ * span's first carves stays resident and unused for as long as it lives,
+ * and a heap that needs a few blocks of a class may never reach it (larson:
+ * a third of its resident memory, with a thread's 32 classes moving
+ * between pages as threads come and go).  So a span that carves many
+ * blocks gives back what it inherited past its first HM_TRIM_KEEP bytes,
+ * when that is at least HM_TRIM_MIN.  Not when the page's last span was
+ * of the same class: the heap that released it (a producer whose blocks
+ * all come back) is likely to carve as far again.  Nor in a half asking
+ * for huge pages, resident whole anyway.  Caller holds the lock; returns
+ * the range to give back once it is let go, from the segment's start. */
+#define HM_TRIM_KEEP   ((size_t)8 << 10)
+#define HM_TRIM_MIN    ((size_t)16 << 10)
+#define HM_TRIM_BLOCKS 32u      /* spans of at least this many blocks */
+struct trim {
+    size_t from, len;
+};
+
+static struct trim trim_inherited(struct hm_segment *seg, unsigned at, unsigned pages,
+                                  unsigned cls, uint32_t block_size)
+{
+    struct trim t = { 0, 0 };
+    uint64_t run = page_run(at, pages);
+    if ((size_t)block_size * HM_TRIM_BLOCKS > (size_t)pages * HM_PAGE_SIZE ||
+        seg->last_class[at] == cls + 1 || asking_halves(seg, run))
+        return t;
+    size_t from = (size_t)at * HM_PAGE_SIZE + HM_TRIM_KEEP, end = 0;
+    for (unsigned j = at; j < at + pages; j++)
+        if (seg->resident_os_pages[j])
+            end = (size_t)j * HM_PAGE_SIZE + (size_t)seg->resident_os_pages[j] * HM_OS_PAGE;
+    if (end < from + HM_TRIM_MIN)
+        return t;
+    /* What stays: the first page's first HM_TRIM_KEEP bytes. */
+    seg->resident_os_pages[at] = (uint8_t)(HM_TRIM_KEEP / HM_OS_PAGE);
+    for (unsigned j = at + 1; j < at + pages; j++)
+        seg->resident_os_pages[j] = 0;
+    t.from = from;
+    t.len = end - from;
+    return t;
+}
+
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
                               uint32_t block_size, uintptr_t owner, uint32_t bin_offset)
 {
@@ -420,7 +487,12 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     }
     take_pages(seg, page_run((unsigned)at, pages));
     seg->pages_used += pages;
+    struct trim trim = trim_inherited(seg, (unsigned)at, pages, cls, block_size);
     seg_unlock(seg);
+    if (trim.len) {
+        hm_segment_give_back(seg, (char *)seg + trim.from, trim.len);
+        hm_count_purged(trim.len);
+    }
 
     struct hm_span *sp = &seg->spans[at];
     char *start = page_address(seg, (unsigned)at);
@@ -478,6 +550,7 @@ bool hm_span_resize(struct hm_segment *seg, struct hm_span *sp, unsigned pages)
             seg->page_span[i] = &hm_sentinel_span;
         uint64_t run = page_run(at + pages, old - pages), now = hm_clock_ns();
         seg_lock(seg);
+        note_resident(seg, run, HM_PAGE_SIZE, 0);
         set_pages(&seg->free_pages, seg->free_pages | run);
         set_pages(&seg->dirty_pages, seg->dirty_pages | run);
         mark_dirty_since(seg, now);
@@ -508,7 +581,14 @@ void hm_span_release(struct hm_segment *seg, struct hm_span *sp)
         seg->page_span[at + i] = &hm_sentinel_span;
     uint64_t run = page_run((unsigned)at, pages);
     uint64_t now = hm_clock_ns();
+    size_t carved = (size_t)(sp->bump - sp->start);
     seg_lock(seg);
+    /* Carved from the start: whole pages, then what the last one got. */
+    for (unsigned j = 0; j < pages; j++) {
+        size_t in_page = carved > (size_t)j * HM_PAGE_SIZE ? carved - (size_t)j * HM_PAGE_SIZE : 0;
+        note_resident(seg, page_run(at + j, 1), in_page < HM_PAGE_SIZE ? in_page : HM_PAGE_SIZE,
+                      sp->size_class + 1);
+    }
     set_pages(&seg->free_pages, seg->free_pages | run);
     set_pages(&seg->dirty_pages, seg->dirty_pages | run);
     mark_dirty_since(seg, now);
