@@ -119,12 +119,6 @@ struct hm_segment {
     bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
     bool on_abandoned;              /* on the abandoned stack (under its lock) */
     uint64_t drained_ns;            /* drained: when it last gave back a span (refill) */
-    /* What each free page's last span left there, under `lock` (see
-     * trim_inherited): how many of its OS pages, from its start, may still
-     * be resident (an upper bound, 0 once given back), and that span's
-     * class plus one (0: none). */
-    uint8_t resident_os_pages[HM_SEGMENT_PAGES];
-    uint8_t last_class[HM_SEGMENT_PAGES];
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
@@ -133,6 +127,13 @@ struct hm_segment {
     uint64_t fresh_ns;              /* its first return to the cache, or last renewal; 0: none */
     struct hm_span *page_span[HM_SEGMENT_PAGES];
     struct hm_span spans[HM_SEGMENT_PAGES];  /* not present in a large block's header */
+    /* What each free page's last span left there, under `lock` (see
+     * trim_inherited; after spans, so not in a large block's header
+     * either): how many of its OS pages, from its start, may still be
+     * resident (an upper bound, 0 once given back), and that span's class
+     * plus one (0: none). */
+    uint8_t resident_os_pages[HM_SEGMENT_PAGES];
+    uint8_t last_class[HM_SEGMENT_PAGES];
     /* Per span, one bit per block: the span's "holes", free blocks whose
      * OS pages were given back while the span stayed in use.  Touched only
      * for spans that were compacted. */
