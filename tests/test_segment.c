@@ -240,6 +240,29 @@ static void span_gives_back_pages_it_inherited(void **state)
     hm_segment_free(seg);
 }
 
+/* A span of 26 KiB blocks on two pages that a span of 1 KiB blocks left
+ * resident: its last block ends 24 KiB before its end, and those pages go
+ * back (the span's blocks keep theirs). */
+static void span_gives_back_its_unused_tail(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = hm_segment_alloc(777, false);
+    char *page = (char *)seg + HM_PAGE_SIZE;
+    struct hm_span *sp = hm_span_alloc(seg, 2, 31, 1024, 777, 0);
+    memset(sp->start, 1, 2 * HM_PAGE_SIZE);
+    sp->bump = sp->end;
+    hm_span_release(seg, sp);
+    assert_int_equal(resident_pages(page, 2 * HM_PAGE_SIZE), 32);
+
+    uint64_t purged = atomic_load(&hm_segment_counters.bytes_purged);
+    sp = hm_span_alloc(seg, 2, 68, 26624, 777, 0);
+    assert_ptr_equal(sp->start, page);
+    assert_int_equal(sp->capacity, 4);
+    assert_int_equal(resident_pages(page, 2 * HM_PAGE_SIZE), 26);
+    assert_int_equal(atomic_load(&hm_segment_counters.bytes_purged) - purged, 24576);
+    hm_segment_free(seg);
+}
+
 /* A 2 MiB half of a huge segment keeps asking for huge pages while it is
  * given back whole, and stops (MADV_NOHUGEPAGE) once it is given back in
  * part: the kernel's collapse would fill the given-back pages in again. */
@@ -629,6 +652,7 @@ int main(void)
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(span_gives_back_pages_it_inherited),
+        cmocka_unit_test(span_gives_back_its_unused_tail),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),
         cmocka_unit_test(huge_segments_are_bounded),

@@ -430,18 +430,21 @@ bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages)
     return find_free_run(free_pages & dirty, pages) >= 0;
 }
 
-/* A span carves its blocks from its start, as they are asked for.  On
- * pages a span of a bigger need left resident, what lies beyond the new
- * span's first carves stays resident and unused for as long as it lives,
- * and a heap that needs a few blocks of a class may never reach it (larson:
- * a third of its resident memory, with a thread's 32 classes moving
- * between pages as threads come and go).  So a span that carves many
- * blocks gives back what it inherited past its first HM_TRIM_KEEP bytes,
- * when that is at least HM_TRIM_MIN.  Not when the page's last span was
- * of the same class: the heap that released it (a producer whose blocks
- * all come back) is likely to carve as far again.  Nor in a half asking
- * for huge pages, resident whole anyway.  Caller holds the lock; returns
- * the range to give back once it is let go, from the segment's start. */
+/* A span carves its blocks from its start, as they are asked for, and
+ * never uses the tail its last block leaves (up to 31% of a span of
+ * 8-128 KiB blocks).  On pages an earlier span left resident, both stay
+ * resident and unused: the tail for as long as the span lives, and what
+ * lies beyond its first carves until it gets that far, which a heap that
+ * needs a few blocks of a class may never do (larson: a third of its
+ * resident memory, a thread's 32 classes moving between pages as threads
+ * come and go).  So a new span gives back what it inherited in its tail,
+ * and a span of many small blocks also what lies past its first
+ * HM_TRIM_KEEP bytes, when that is at least HM_TRIM_MIN; not when the
+ * page's last span was of the same class: the heap that released it (a
+ * producer whose blocks all come back) is likely to carve as far again.
+ * Nothing in a half asking for huge pages (resident whole anyway).  Caller
+ * holds the lock; returns the range to give back once it is let go, from
+ * the segment's start. */
 #define HM_TRIM_KEEP   ((size_t)8 << 10)
 #define HM_TRIM_MIN    ((size_t)16 << 10)
 #define HM_TRIM_BLOCKS 32u      /* spans of at least this many blocks */
@@ -453,20 +456,25 @@ static struct trim trim_inherited(struct hm_segment *seg, unsigned at, unsigned 
                                   unsigned cls, uint32_t block_size)
 {
     struct trim t = { 0, 0 };
-    uint64_t run = page_run(at, pages);
-    if ((size_t)block_size * HM_TRIM_BLOCKS > (size_t)pages * HM_PAGE_SIZE ||
-        seg->last_class[at] == cls + 1 || asking_halves(seg, run))
+    size_t base = (size_t)at * HM_PAGE_SIZE, bytes = (size_t)pages * HM_PAGE_SIZE;
+    if (asking_halves(seg, page_run(at, pages)))
         return t;
-    size_t from = (size_t)at * HM_PAGE_SIZE + HM_TRIM_KEEP, end = 0;
+    size_t end = 0;
     for (unsigned j = at; j < at + pages; j++)
         if (seg->resident_os_pages[j])
             end = (size_t)j * HM_PAGE_SIZE + (size_t)seg->resident_os_pages[j] * HM_OS_PAGE;
+    size_t from = base + hm_round_up(bytes / block_size * block_size, HM_OS_PAGE);
+    if ((size_t)block_size * HM_TRIM_BLOCKS <= bytes && seg->last_class[at] != cls + 1)
+        from = base + HM_TRIM_KEEP;
     if (end < from + HM_TRIM_MIN)
         return t;
-    /* What stays: the first page's first HM_TRIM_KEEP bytes. */
-    seg->resident_os_pages[at] = (uint8_t)(HM_TRIM_KEEP / HM_OS_PAGE);
-    for (unsigned j = at + 1; j < at + pages; j++)
-        seg->resident_os_pages[j] = 0;
+    /* What stays resident: up to `from`. */
+    for (unsigned j = at; j < at + pages; j++) {
+        size_t page = (size_t)j * HM_PAGE_SIZE;
+        size_t keep = from > page ? (from - page) / HM_OS_PAGE : 0;
+        if (seg->resident_os_pages[j] > keep)
+            seg->resident_os_pages[j] = (uint8_t)keep;
+    }
     t.from = from;
     t.len = end - from;
     return t;
