@@ -240,26 +240,38 @@ static void span_gives_back_pages_it_inherited(void **state)
     hm_segment_free(seg);
 }
 
-/* A span of 26 KiB blocks on two pages that a span of 1 KiB blocks left
- * resident: its last block ends 24 KiB before its end, and those pages go
- * back (the span's blocks keep theirs). */
+/* A span of big blocks on pages that a span of 1 KiB blocks left resident
+ * whole: what lies past its last block goes back, the blocks keep theirs.
+ * 26 KiB blocks fit four to two pages (24 KiB over); 72 KiB blocks two to
+ * three pages (48 KiB over, from the middle page on). */
+static void tail_after(struct hm_segment *seg, unsigned pages, unsigned cls, uint32_t size,
+                       uint32_t blocks, size_t kept_os_pages)
+{
+    struct hm_span *sp = hm_span_alloc(seg, pages, 31, 1024, 777, 0);
+    char *start = sp->start;
+    size_t bytes = (size_t)pages * HM_PAGE_SIZE;
+    memset(start, 1, bytes);
+    sp->bump = sp->end;
+    hm_span_release(seg, sp);
+    assert_int_equal(resident_pages(start, bytes), bytes / 4096);
+
+    uint64_t purged = atomic_load(&hm_segment_counters.bytes_purged);
+    sp = hm_span_alloc(seg, pages, cls, size, 777, 0);
+    assert_ptr_equal(sp->start, start);
+    assert_int_equal(sp->capacity, blocks);
+    assert_int_equal(resident_pages(start, bytes), kept_os_pages);
+    assert_int_equal(atomic_load(&hm_segment_counters.bytes_purged) - purged,
+                     bytes - kept_os_pages * 4096);
+    for (size_t i = 0; i < kept_os_pages * 4096; i++)
+        assert_int_equal(start[i], 1);
+}
+
 static void span_gives_back_its_unused_tail(void **state)
 {
     (void)state;
     struct hm_segment *seg = hm_segment_alloc(777, false);
-    char *page = (char *)seg + HM_PAGE_SIZE;
-    struct hm_span *sp = hm_span_alloc(seg, 2, 31, 1024, 777, 0);
-    memset(sp->start, 1, 2 * HM_PAGE_SIZE);
-    sp->bump = sp->end;
-    hm_span_release(seg, sp);
-    assert_int_equal(resident_pages(page, 2 * HM_PAGE_SIZE), 32);
-
-    uint64_t purged = atomic_load(&hm_segment_counters.bytes_purged);
-    sp = hm_span_alloc(seg, 2, 68, 26624, 777, 0);
-    assert_ptr_equal(sp->start, page);
-    assert_int_equal(sp->capacity, 4);
-    assert_int_equal(resident_pages(page, 2 * HM_PAGE_SIZE), 26);
-    assert_int_equal(atomic_load(&hm_segment_counters.bytes_purged) - purged, 24576);
+    tail_after(seg, 2, 68, 26624, 4, 26);
+    tail_after(seg, 3, 80, 73728, 2, 36);
     hm_segment_free(seg);
 }
 

@@ -434,17 +434,19 @@ bool hm_segment_has_dirty_run(const struct hm_segment *seg, unsigned pages)
  * never uses the tail its last block leaves (up to 31% of a span of
  * 8-128 KiB blocks).  On pages an earlier span left resident, both stay
  * resident and unused: the tail for as long as the span lives, and what
- * lies beyond its first carves until it gets that far, which a heap that
+ * lies past its first carves until it gets that far, which a heap that
  * needs a few blocks of a class may never do (larson: a third of its
  * resident memory, a thread's 32 classes moving between pages as threads
- * come and go).  So a new span gives back what it inherited in its tail,
- * and a span of many small blocks also what lies past its first
- * HM_TRIM_KEEP bytes, when that is at least HM_TRIM_MIN; not when the
- * page's last span was of the same class: the heap that released it (a
- * producer whose blocks all come back) is likely to carve as far again.
- * Nothing in a half asking for huge pages (resident whole anyway).  Caller
- * holds the lock; returns the range to give back once it is let go, from
- * the segment's start. */
+ * come and go).
+ *
+ * So a new span gives back what it inherited in its tail.  A span of
+ * many small blocks gives back all it inherited past its first
+ * HM_TRIM_KEEP bytes, unless the page's last span was of the same class:
+ * the heap that released it (a producer whose blocks all come back) is
+ * likely to carve as far again.  Either way only HM_TRIM_MIN or more (a
+ * call for less costs more than it saves), and nothing in a half asking
+ * for huge pages (resident whole anyway).  Caller holds the lock; returns
+ * the range to give back once it is let go, from the segment's start. */
 #define HM_TRIM_KEEP   ((size_t)8 << 10)
 #define HM_TRIM_MIN    ((size_t)16 << 10)
 #define HM_TRIM_BLOCKS 32u      /* spans of at least this many blocks */
