@@ -309,6 +309,34 @@ static void huge_halves_stop_when_given_back_in_part(void **state)
     assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
 }
 
+/* A span in a half asking for huge pages has its page resident whole,
+ * however little it carved.  Once the half stops asking (given back in
+ * part), a span of small blocks that takes the page gives back what lies
+ * past its first 8 KiB, as on small pages. */
+static void huge_half_pages_count_as_resident_whole(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = huge_segment();
+    char *half1 = (char *)seg + HM_SEGMENT_SIZE / 2;
+    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    struct hm_span *sp = hm_span_alloc(seg, 1, 31, 1024, 777, 0);
+    assert_ptr_equal(sp->start, half1);
+    assert_non_null(hm_span_alloc(seg, 1, 31, 1024, 777, 0));   /* keeps the half in use */
+    memset(sp->start, 1, 4096);                 /* faults in the half's huge page */
+    sp->bump = sp->start + 4096;
+    hm_span_release(seg, sp);
+    hm_segment_give_back(seg, half1 + 8 * HM_PAGE_SIZE, 4096);
+    assert_int_equal(atomic_load(&seg->huge_halves) & 2, 0);
+    if (resident_pages(half1, HM_PAGE_SIZE) != 16) {    /* no huge page was to be had */
+        hm_segment_free(seg);
+        skip();
+    }
+    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
+    assert_ptr_equal(sp->start, half1);
+    assert_int_equal(resident_pages(half1, HM_PAGE_SIZE), 2);
+    hm_segment_free(seg);
+}
+
 /* No more than hm_huge_segments_max segments that asked are mapped at once
  * (each may split the kernel's areas, of which a process has a bounded
  * number). */
@@ -667,6 +695,7 @@ int main(void)
         cmocka_unit_test(span_gives_back_its_unused_tail),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),
+        cmocka_unit_test(huge_half_pages_count_as_resident_whole),
         cmocka_unit_test(huge_segments_are_bounded),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),

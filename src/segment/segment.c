@@ -205,12 +205,16 @@ static unsigned asking_halves(const struct hm_segment *seg, uint64_t pages)
 }
 
 /* Pages `run` were taken (or the header written): the free pages of an
- * asking half they touch are resident now.  Caller holds the lock, or the
- * segment is not shared yet. */
+ * asking half they touch are resident now, and so are the taken pages
+ * whole, however little their span carves (noted for when it goes: see
+ * trim_inherited).  Caller holds the lock, or the segment is not shared
+ * yet. */
 static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
 {
     unsigned hit = asking_halves(seg, run);
     for (unsigned i = 0; hit; i++, hit >>= 1) {
+        if (hit & 1)
+            note_resident(seg, run & half_pages(i), HM_PAGE_SIZE, 0);
         uint64_t resident = (hit & 1) ? seg->free_pages & half_pages(i) & ~seg->dirty_pages : 0;
         if (resident) {
             note_resident(seg, resident, HM_PAGE_SIZE, 0);
