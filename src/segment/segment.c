@@ -118,8 +118,8 @@ static uint64_t page_run(unsigned first, unsigned count)
     return (count >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << count) - 1)) << first;
 }
 
-/* Free pages `run` may hold `bytes` (from each page's start) resident, or
- * more, as a span of class cls1 - 1 (0: none) left them. */
+/* Pages `run` may hold `bytes` (from each page's start) resident, or more,
+ * as a span of class cls1 - 1 (0: none) left them or will. */
 static void note_resident(struct hm_segment *seg, uint64_t run, size_t bytes, unsigned cls1)
 {
     uint8_t os = (uint8_t)((bytes + HM_OS_PAGE - 1) / HM_OS_PAGE);
