@@ -197,11 +197,17 @@ static size_t resident_pages(void *p, size_t len)
  * carves from its start, and may never get that far); a span of the same
  * class, or of few big blocks, keeps it, and so does one that would give
  * back less than 16 KiB. */
+/* sp as if its blocks up to `bytes` were carved and written. */
+static struct hm_span *carved(struct hm_span *sp, size_t bytes)
+{
+    memset(sp->start, 1, bytes);
+    sp->bump = sp->start + bytes;
+    return sp;
+}
+
 static struct hm_span *carved_whole(struct hm_span *sp)
 {
-    memset(sp->start, 1, HM_PAGE_SIZE);
-    sp->bump = sp->end;
-    return sp;
+    return carved(sp, (size_t)sp->pages * HM_PAGE_SIZE);
 }
 
 static void span_gives_back_pages_it_inherited(void **state)
@@ -231,9 +237,7 @@ static void span_gives_back_pages_it_inherited(void **state)
                      HM_PAGE_SIZE - 8192);
 
     /* Carved to 20 KiB: 12 KiB past the first 8 is too little to trim. */
-    memset(sp->start, 1, 20480);
-    sp->bump = sp->start + 20480;
-    hm_span_release(seg, sp);
+    hm_span_release(seg, carved(sp, 20480));
     sp = hm_span_alloc(seg, 1, 1, 32, 777, 0);
     assert_ptr_equal(sp->start, page);
     assert_int_equal(resident_pages(page, HM_PAGE_SIZE), 5);
@@ -247,11 +251,9 @@ static void span_gives_back_pages_it_inherited(void **state)
 static void tail_after(struct hm_segment *seg, unsigned pages, unsigned cls, uint32_t size,
                        uint32_t blocks, size_t kept_os_pages)
 {
-    struct hm_span *sp = hm_span_alloc(seg, pages, 31, 1024, 777, 0);
+    struct hm_span *sp = carved_whole(hm_span_alloc(seg, pages, 31, 1024, 777, 0));
     char *start = sp->start;
     size_t bytes = (size_t)pages * HM_PAGE_SIZE;
-    memset(start, 1, bytes);
-    sp->bump = sp->end;
     hm_span_release(seg, sp);
     assert_int_equal(resident_pages(start, bytes), bytes / 4096);
 
@@ -322,9 +324,7 @@ static void huge_half_pages_count_as_resident_whole(void **state)
     struct hm_span *sp = hm_span_alloc(seg, 1, 31, 1024, 777, 0);
     assert_ptr_equal(sp->start, half1);
     assert_non_null(hm_span_alloc(seg, 1, 31, 1024, 777, 0));   /* keeps the half in use */
-    memset(sp->start, 1, 4096);                 /* faults in the half's huge page */
-    sp->bump = sp->start + 4096;
-    hm_span_release(seg, sp);
+    hm_span_release(seg, carved(sp, 4096));     /* faults in the half's huge page */
     hm_segment_give_back(seg, half1 + 8 * HM_PAGE_SIZE, 4096);
     assert_int_equal(atomic_load(&seg->huge_halves) & 2, 0);
     if (resident_pages(half1, HM_PAGE_SIZE) != 16) {    /* no huge page was to be had */

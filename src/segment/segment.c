@@ -135,8 +135,9 @@ static void note_resident(struct hm_segment *seg, uint64_t run, size_t bytes, un
 static void forget_resident(struct hm_segment *seg, uint64_t run)
 {
     for (; run; run &= run - 1) {
-        seg->resident_os_pages[__builtin_ctzll(run)] = 0;
-        seg->last_class[__builtin_ctzll(run)] = 0;
+        unsigned i = (unsigned)__builtin_ctzll(run);
+        seg->resident_os_pages[i] = 0;
+        seg->last_class[i] = 0;
     }
 }
 
