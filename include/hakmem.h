@@ -36,8 +36,11 @@ HAKMEM_API size_t hakmem_malloc_usable_size(void *p);
 HAKMEM_API void  hakmem_free_sized(void *p, size_t size);
 HAKMEM_API void  hakmem_free_aligned_sized(void *p, size_t alignment, size_t size);
 
-/* Returns this thread's cached blocks and every empty span and segment to
- * the OS now (what malloc_trim(0) does).  1 when memory went back. */
+/* Gives back to the OS now every page that holds no live block (what
+ * malloc_trim(0) does): this thread's cached blocks, every thread's
+ * stashes, empty spans and segments, and the free pages of spans that
+ * live blocks pin.  Other threads' bins stay theirs.  1 when memory went
+ * back. */
 HAKMEM_API int hakmem_trim(void);
 
 /* Returns "hakmem <version>": also a way to prove the preload is active

@@ -308,6 +308,36 @@ static void sparse_spans_give_back_their_free_pages(void **state)
     check_reuse_free(b, N, SIZE);               /* holes are handed out again */
 }
 
+/* malloc_trim gives back every free page at once, also in spans that a
+ * few live blocks pin: neither the delay's compaction (of nearly empty
+ * spans only) nor the spans emptying would bring those back. */
+static void trim_gives_back_free_pages_of_pinned_spans(void **state)
+{
+    (void)state;
+    enum { N = 400000, SIZE = 100 };            /* about 45 MiB in 112 B blocks */
+    static unsigned char *b[N];
+    hakmem_trim();
+    alloc_tagged(b, N, SIZE);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    keep_one_in_100(b, N);
+    long sparse = rss_kb();
+    hakmem_trim();
+    hakmem_stats(&s1);
+    long trimmed = rss_kb();
+    /* Counted from before the frees: in a slow (sanitizer) build the
+     * delay's compaction may give back part of it while they go on. */
+    uint64_t purged = s1.bytes_purged - s0.bytes_purged;
+    print_message("rss: sparse %ld KiB, trimmed %ld; purged %llu KiB\n", sparse, trimmed,
+                  (unsigned long long)(purged >> 10));
+    /* One page in three keeps a live block (see above): about 27 MiB of
+     * the 45 go back. */
+    assert_true(purged > 22u << 20);
+    if (HM_RSS_MEANINGFUL)
+        assert_true(sparse - trimmed > 22 * 1024);
+    check_reuse_free(b, N, SIZE);               /* holes are handed out again */
+}
+
 /* A block whose page went back while it was free (compaction) lost its
  * free mark with the page, so its second free passes the fast path; it is
  * caught if it leaves the bin by a flush (here at trim).  (Not if malloc
@@ -793,6 +823,41 @@ static void idle_threads_heaps_are_tidied(void **state)
     pthread_barrier_destroy(&idle_wake);
 }
 
+/* malloc_trim reaches the heaps of the other threads too (those not in a
+ * slow path at that moment): their stashes and the free pages of their
+ * spans go back as its own do. */
+static void trim_reaches_other_threads_heaps(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    pthread_barrier_init(&idle_ready, NULL, 2);
+    pthread_barrier_init(&idle_wake, NULL, 2);
+    /* Counted from before the owner's frees, as in the test above. */
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    pthread_t t;
+    pthread_create(&t, NULL, idle_owner, NULL);
+    pthread_barrier_wait(&idle_ready);
+    long sparse = rss_kb();
+    unsigned long long cached0 = class_info_of(STASH_SIZE).blocks_cached;
+    hakmem_trim();
+    hakmem_stats(&s1);
+    unsigned long long cached1 = class_info_of(STASH_SIZE).blocks_cached;
+    long trimmed = rss_kb();
+    uint64_t purged = s1.bytes_purged - s0.bytes_purged;
+    print_message("other thread's heap: rss %ld -> %ld KiB, purged %llu KiB, "
+                  "%u B blocks cached %llu -> %llu\n", sparse, trimmed,
+                  (unsigned long long)(purged >> 10), (unsigned)STASH_SIZE, cached0, cached1);
+    assert_true(purged > 11u << 20);            /* about 14 of 22 MiB in 112 B blocks */
+    assert_true(cached1 < cached0);             /* the stash went back; the bin stays */
+    if (HM_RSS_MEANINGFUL)
+        assert_true(sparse - trimmed > 11 * 1024);
+    pthread_barrier_wait(&idle_wake);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&idle_ready);
+    pthread_barrier_destroy(&idle_wake);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -812,6 +877,8 @@ int main(void)
         cmocka_unit_test(a_segment_that_stops_draining_is_abandoned_again),
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
+        cmocka_unit_test(trim_gives_back_free_pages_of_pinned_spans),
+        cmocka_unit_test(trim_reaches_other_threads_heaps),
         cmocka_unit_test(double_free_of_a_hole_aborts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -420,10 +420,15 @@ static void expect_listed(struct hm_span *sp)
     assert_int_equal(carved - sp->used - sp->holes, list_length(sp->free));
 }
 
-/* Gives back the bin and returns the span's free list head. */
+/* Gives back the bin (and stash) of the span's class and returns the
+ * span's free list head.  Not by a trim: a trim also gives back the pages
+ * of the span's free blocks, which leaves no list. */
 static void *to_span_list(struct hm_span *sp)
 {
-    hakmem_trim();
+    struct hm_tcache *tc = hm_tcache_self();
+    hm_heap_lock(tc->heap);
+    hm_bin_return_all(tc->heap, tc, sp->size_class);
+    hm_heap_unlock(tc->heap);
     expect_listed(sp);
     return sp->free;
 }

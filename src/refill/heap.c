@@ -386,6 +386,18 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     }
 }
 
+void hm_heaps_trim_others(struct hm_heap *self)
+{
+    pthread_mutex_lock(&heaps_lock);
+    for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
+        if (h == self || !hm_heap_trylock(h))
+            continue;
+        hm_heap_trim(h);
+        hm_heap_tidier_unlock(h);
+    }
+    pthread_mutex_unlock(&heaps_lock);
+}
+
 /* ---- idle heaps -------------------------------------------------------- */
 
 /* The owner spins while a tidier finishes its step (at most a few

@@ -146,6 +146,9 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
  * next slow paths, within `budget` (counted as hm_heap_tidy counts it);
  * returns the cost. */
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget);
+/* malloc_trim's share of the other threads' heaps (not `self`): each one
+ * whose thread is not in a slow path right now is trimmed (hm_heap_trim). */
+void hm_heaps_trim_others(struct hm_heap *self);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
 unsigned hm_heap_purge_interval(const struct hm_heap *h);
@@ -172,6 +175,11 @@ bool hm_heap_has_remote_frees(const struct hm_heap *h);
  * thread's cache (the thread may be gone: a fork child's heaps of the
  * parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
+/* malloc_trim's share of one heap, under its lock (its owner's or a
+ * tidier's): remote frees collected, stashes back to their spans, and
+ * every free page of its partial spans given back (not the bins: only its
+ * thread reaches those). */
+void hm_heap_trim(struct hm_heap *h);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 /* Compacts nearly empty spans until the step's cost reaches `budget`:

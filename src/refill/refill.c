@@ -821,12 +821,12 @@ static size_t span_compact(struct hm_span *sp)
  * live, took 7-11 ms. */
 #define COMPACT_LINK_COST 64
 
-/* Spans at most 1/2^fill_shift full (nearly empty: 1/8 at least) for
- * delay_ns, whose free list grew by two OS pages' worth since their last
- * compaction; until the step's cost (bytes given back, links walked)
- * reaches `budget`. */
-size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                              unsigned fill_shift, size_t budget)
+/* Compacts h's partial spans at most 1/2^fill_shift full (0: any) for
+ * delay_ns, whose free lists grew by at least `grown` bytes' worth of
+ * blocks since their last compaction; until the cost (bytes given back,
+ * links walked) reaches `budget`. */
+static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                           unsigned fill_shift, size_t grown, size_t budget)
 {
     size_t bytes = 0;
     for (unsigned c = 0; c < HM_NUM_CLASSES && bytes < budget; c++) {
@@ -841,11 +841,19 @@ size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay
             }
             uint64_t listed = free_listed(sp);
             if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
-                (listed - sp->listed_after_compact) * sp->block_size >= 2 * HM_OS_PAGE)
+                (listed - sp->listed_after_compact) * sp->block_size >= grown)
                 bytes += span_compact(sp) + listed * COMPACT_LINK_COST;
         }
     }
     return bytes;
+}
+
+/* Nearly empty spans: their free lists grew by two OS pages' worth, or a
+ * pass would walk them for little. */
+size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
+                              unsigned fill_shift, size_t budget)
+{
+    return compact_pass(h, now_ns, delay_ns, fill_shift, 2 * HM_OS_PAGE, budget);
 }
 
 static struct hm_span *span_of_block(void *b)
@@ -1184,7 +1192,8 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 /* Not its batches of remote frees (the owner's free path fills them
  * without the lock; they hold at most REMOTE_HELD_MAX) nor its bins (the
  * fast paths'). */
-size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
+/* Collects h's remote frees and returns its stashes to their spans. */
+static void heap_tidy_caches(struct hm_heap *h)
 {
     hm_heap_collect(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
@@ -1197,9 +1206,24 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
             cache_bound_set(h, c, bound > n ? bound - n : 0);
         }
     }
+}
+
+size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
+{
+    heap_tidy_caches(h);
     /* Nothing changed since its owner went idle, the delay ago: its nearly
      * empty spans have been so that long. */
     return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);
+}
+
+/* Every page of a span that holds no live block, in every partial span
+ * that gained a free block since its last compaction: a live block or a
+ * few pin their spans, and waiting for a span to empty would keep the
+ * rest of it resident however little is live. */
+void hm_heap_trim(struct hm_heap *h)
+{
+    heap_tidy_caches(h);
+    compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX);
 }
 
 /* ---- slow frees -------------------------------------------------------- */
@@ -1376,10 +1400,11 @@ bool hm_trim(struct hm_tcache *tc)
         hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
-        hm_heap_collect(h);
+        hm_heap_trim(h);
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
+    hm_heaps_trim_others(h);
     hm_abandoned_sweep(UINT_MAX, true);
     hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
