@@ -36,10 +36,10 @@ HAKMEM_API size_t hakmem_malloc_usable_size(void *p);
 HAKMEM_API void  hakmem_free_sized(void *p, size_t size);
 HAKMEM_API void  hakmem_free_aligned_sized(void *p, size_t alignment, size_t size);
 
-/* Gives back to the OS now every page that holds no live block (what
- * malloc_trim(0) does): this thread's cached blocks, every thread's
- * stashes, empty spans and segments, and the free pages of spans that
- * live blocks pin.  Other threads' bins stay theirs.  1 when memory went
+/* Gives back to the OS now what is free (what malloc_trim(0) does): this
+ * thread's cached blocks, every thread's stashes, empty spans and
+ * segments, and the pages of every thread's partly used spans that hold
+ * only free blocks.  Other threads' bins stay theirs.  1 when memory went
  * back. */
 HAKMEM_API int hakmem_trim(void);
 

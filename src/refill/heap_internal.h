@@ -147,7 +147,8 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
  * returns the cost. */
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget);
 /* malloc_trim's share of the other threads' heaps (not `self`): each one
- * whose thread is not in a slow path right now is trimmed (hm_heap_trim). */
+ * whose thread is not in a slow path at that moment is trimmed
+ * (hm_heap_trim), in the tidier's steps. */
 void hm_heaps_trim_others(struct hm_heap *self);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
@@ -176,10 +177,12 @@ bool hm_heap_has_remote_frees(const struct hm_heap *h);
  * parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
 /* malloc_trim's share of one heap, under its lock (its owner's or a
- * tidier's): remote frees collected, stashes back to their spans, and
- * every free page of its partial spans given back (not the bins: only its
- * thread reaches those). */
-void hm_heap_trim(struct hm_heap *h);
+ * tidier's): remote frees collected, stashes back to their spans, and the
+ * free pages of its partial spans given back (not the bins: only its
+ * thread reaches those), until the cost reaches `budget` (counted as
+ * hm_heap_compact_sparse counts it); returns the cost.  A later call goes
+ * on where it stopped: spans done are passed over. */
+size_t hm_heap_trim(struct hm_heap *h, size_t budget);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 /* Compacts nearly empty spans until the step's cost reaches `budget`:

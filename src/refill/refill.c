@@ -112,6 +112,7 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
     *(void **)block = sp->free;
     sp->free = block;
     sp->used--;
+    sp->freed_since_compact++;
     span_settle(h, sp);
 }
 
@@ -235,6 +236,7 @@ static void collect_pending(struct hm_segment *seg, joined_fn *joined, void *ctx
             *(void **)tail = sp->free;
             sp->free = hm_remote_head(list);
             sp->used -= n;
+            sp->freed_since_compact += n;
             HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
             joined(ctx, sp, n);
         }
@@ -730,16 +732,22 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
  * spans; compacting at once when the heap grew cost phase_server 5k page
  * faults and 900 madvise calls for 1.5 MiB of peak RSS. */
 
-static bool page_all_free(const struct hm_span *sp, const uint64_t *freeb, uint32_t carved,
-                          uintptr_t page)
+/* Whether an OS page of the carved area holds nothing live and is still
+ * resident: every block on it is free (listed or a hole), and one at
+ * least is listed.  A page of holes alone went back with them already. */
+static bool page_free_resident(const struct hm_span *sp, const uint64_t *freeb,
+                               const uint64_t *listb, uint32_t carved, uintptr_t page)
 {
     size_t bs = sp->block_size;
     uint32_t i0 = (uint32_t)((page - (uintptr_t)sp->start) / bs);
     uint32_t i1 = (uint32_t)((page + HM_OS_PAGE - 1 - (uintptr_t)sp->start) / bs);
-    for (uint32_t i = i0; i <= i1 && i < carved; i++)
+    bool listed = false;
+    for (uint32_t i = i0; i <= i1 && i < carved; i++) {     /* past `carved`: never touched */
         if (!(freeb[i >> 6] >> (i & 63) & 1))
             return false;
-    return true;           /* blocks past `carved` were never touched */
+        listed |= listb[i >> 6] >> (i & 63) & 1;
+    }
+    return listed;
 }
 
 static bool block_on_purged_page(const struct hm_span *sp, uint32_t i, const uint64_t *purged)
@@ -756,13 +764,15 @@ static size_t span_compact(struct hm_span *sp)
     size_t bs = sp->block_size;
     uint32_t carved = span_carved(sp);
     uint64_t *holes = hm_span_holes(sp);
-    uint64_t freeb[HM_PAGE_SIZE / 16 / 64];
-    memcpy(freeb, holes, sizeof freeb);
+    uint64_t freeb[HM_PAGE_SIZE / 16 / 64], listb[HM_PAGE_SIZE / 16 / 64] = { 0 };
     for (void *b = sp->free; b; b = *(void **)b) {
         check_free_link(sp, b, "free");
         uint32_t i = (uint32_t)((size_t)((char *)b - sp->start) / bs);
-        freeb[i >> 6] |= (uint64_t)1 << (i & 63);
+        listb[i >> 6] |= (uint64_t)1 << (i & 63);
     }
+    for (size_t w = 0; w < sizeof freeb / sizeof freeb[0]; w++)
+        freeb[w] = listb[w] | holes[w];
+    sp->freed_since_compact = 0;
 
     /* Pages of the carved area that hold nothing live go back. */
     uint64_t purged[(16 * HM_PAGE_SIZE / HM_OS_PAGE) / 64] = { 0 };
@@ -771,7 +781,8 @@ static size_t span_compact(struct hm_span *sp)
     size_t bytes = 0;
     for (size_t pg = 0; pg < npages;) {
         size_t run = 0;
-        while (pg + run < npages && page_all_free(sp, freeb, carved, start + (pg + run) * HM_OS_PAGE)) {
+        while (pg + run < npages &&
+               page_free_resident(sp, freeb, listb, carved, start + (pg + run) * HM_OS_PAGE)) {
             purged[(pg + run) >> 6] |= (uint64_t)1 << ((pg + run) & 63);
             run++;
         }
@@ -782,10 +793,8 @@ static size_t span_compact(struct hm_span *sp)
         }
         pg += run + 1;
     }
-    if (!bytes) {
-        sp->listed_after_compact = free_listed(sp);
+    if (!bytes)
         return 0;
-    }
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     HM_TRACE_PURGE(bytes);
 
@@ -809,7 +818,6 @@ static size_t span_compact(struct hm_span *sp)
     }
     sp->free = list;
     sp->holes = nholes;
-    sp->listed_after_compact = free_listed(sp);
     return bytes;
 }
 
@@ -822,11 +830,11 @@ static size_t span_compact(struct hm_span *sp)
 #define COMPACT_LINK_COST 64
 
 /* Compacts h's partial spans at most 1/2^fill_shift full (0: any) for
- * delay_ns, whose free lists grew by at least `grown` bytes' worth of
- * blocks since their last compaction; until the cost (bytes given back,
- * links walked) reaches `budget`. */
+ * delay_ns, to which at least `freed` bytes' worth of blocks returned
+ * since their last compaction; until the cost (bytes given back, links
+ * walked) reaches `budget`. */
 static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                           unsigned fill_shift, size_t grown, size_t budget)
+                           unsigned fill_shift, size_t freed, size_t budget)
 {
     size_t bytes = 0;
     for (unsigned c = 0; c < HM_NUM_CLASSES && bytes < budget; c++) {
@@ -839,17 +847,19 @@ static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns
                 sp->sparse_since_ns = now_ns;
                 continue;
             }
-            uint64_t listed = free_listed(sp);
-            if (now_ns - sp->sparse_since_ns >= delay_ns && listed > sp->listed_after_compact &&
-                (listed - sp->listed_after_compact) * sp->block_size >= grown)
+            if (now_ns - sp->sparse_since_ns >= delay_ns &&
+                (uint64_t)sp->freed_since_compact * sp->block_size >= freed) {
+                uint64_t listed = free_listed(sp);
                 bytes += span_compact(sp) + listed * COMPACT_LINK_COST;
+            }
         }
     }
     return bytes;
 }
 
-/* Nearly empty spans: their free lists grew by two OS pages' worth, or a
- * pass would walk them for little. */
+/* Nearly empty spans, to which two OS pages' worth of blocks returned
+ * since they were last compacted: fewer would seldom free a page, and the
+ * walk of the free list would be for little. */
 size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                               unsigned fill_shift, size_t budget)
 {
@@ -1217,13 +1227,13 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
 }
 
 /* Every page of a span that holds no live block, in every partial span
- * that gained a free block since its last compaction: a live block or a
+ * that a block returned to since its last compaction: a live block or a
  * few pin their spans, and waiting for a span to empty would keep the
  * rest of it resident however little is live. */
-void hm_heap_trim(struct hm_heap *h)
+size_t hm_heap_trim(struct hm_heap *h, size_t budget)
 {
     heap_tidy_caches(h);
-    compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX);
+    return compact_pass(h, hm_clock_ns(), 0, 0, 1, budget);
 }
 
 /* ---- slow frees -------------------------------------------------------- */
@@ -1400,7 +1410,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
-        hm_heap_trim(h);
+        hm_heap_trim(h, SIZE_MAX);
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }

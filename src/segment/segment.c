@@ -529,7 +529,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     sp->used = 0;
     sp->holes = 0;
     sp->sparse_since_ns = 0;
-    sp->listed_after_compact = 0;
+    sp->freed_since_compact = 0;
     sp->in_partial = 0;
     sp->next = sp->prev = NULL;
     for (unsigned i = 0; i < pages; i++)

@@ -76,7 +76,7 @@ struct hm_span {
     uint64_t sparse_since_ns;       /* when it was first seen nearly empty; 0: not */
     struct hm_span *next, *prev;    /* heap's partial list for the class */
     uint8_t in_partial;             /* on its heap's list for the class */
-    uint32_t listed_after_compact;  /* free-list length its last compaction left */
+    uint32_t freed_since_compact;   /* blocks returned to it since its last compaction */
 } __attribute__((aligned(64)));
 
 /* A span's remote list as one word: user addresses fit in 48 bits, and a
