@@ -57,6 +57,8 @@ enum hakmem_region_cmd {
     HAKMEM_REGION_CMD_UNFREEZE = 2,   /* class ALL, value 0 */
     HAKMEM_REGION_CMD_RESET    = 3,   /* class or ALL, value 0: default count, unpinned */
     HAKMEM_REGION_CMD_PIN      = 4,   /* class, value in [min, max]: fixed count */
+    HAKMEM_REGION_CMD_TRIM     = 5,   /* class ALL, value 0: malloc_trim(0), run by the
+                                       * ACE thread; answered when it is done */
 };
 
 enum hakmem_region_status {

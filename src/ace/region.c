@@ -305,11 +305,16 @@ static uint32_t apply(uint32_t cmd, uint32_t cls, uint32_t value)
     switch (cmd) {
     case HAKMEM_REGION_CMD_FREEZE:
     case HAKMEM_REGION_CMD_UNFREEZE:
+    case HAKMEM_REGION_CMD_TRIM:
         if (cls != HAKMEM_REGION_ALL_CLASSES)
             return HAKMEM_REGION_BAD_CLASS;
         if (value != 0)
             return HAKMEM_REGION_BAD_VALUE;
-        hold_frozen = cmd == HAKMEM_REGION_CMD_FREEZE;
+        if (cmd == HAKMEM_REGION_CMD_TRIM)
+            hakmem_trim();      /* every thread's heap, in the tidier's steps; the
+                                 * events wait in the ring meanwhile (full: dropped) */
+        else
+            hold_frozen = cmd == HAKMEM_REGION_CMD_FREEZE;
         return HAKMEM_REGION_OK;
     case HAKMEM_REGION_CMD_RESET:
         if (value != 0)

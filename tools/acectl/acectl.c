@@ -40,6 +40,7 @@ enum exit_code {
 
 #define MAX_CLASSES       1024        /* a region claiming more is corrupt */
 #define ANSWER_WAIT_MS    2000        /* how long a request waits for its ack */
+#define TRIM_WAIT_MS      30000       /* and a trim the process took, for its end */
 #define LOCK_WAIT_MS      2000        /* and for another acectl's request */
 #define SNAPSHOT_WAIT_MS  1000        /* a writer never holds the seqlock that long */
 #define CREATE_WAIT_MS    250         /* a region whose magic is not written yet */
@@ -57,6 +58,7 @@ static const char help_text[] =
 "    acectl unfreeze PID\n"
 "    acectl reset PID [CLASS]\n"
 "    acectl pin PID CLASS COUNT\n"
+"    acectl trim PID\n"
 "    acectl --help | --version\n"
 "\n"
 "DESCRIPTION\n"
@@ -88,6 +90,11 @@ static const char help_text[] =
 "              and unpin it.  Learning, unless frozen, goes on from there.\n"
 "    pin       Fix CLASS's count at COUNT, which must be within the class's\n"
 "              [min, max]; learning leaves a pinned class alone until reset.\n"
+"    trim      Give free memory back to the OS now: the ACE thread runs\n"
+"              malloc_trim(0) for the process (every thread's stashes and\n"
+"              the free pages of every heap; not other threads' bins), and\n"
+"              acectl prints the process's resident memory before and\n"
+"              after.  Waits up to 30 s once the process took it.\n"
 "\n"
 "    CLASS is a class index (0, 1, ...) or a size in bytes with a B suffix\n"
 "    (64B): the class that malloc of that size uses.  Requests wait up to\n"
@@ -125,6 +132,7 @@ static const char help_text[] =
 "    acectl show --json 4242 | jq '.classes[] | select(.refills > 0)'\n"
 "    acectl watch 4242 --interval 0.5 --count 10\n"
 "    acectl pin 4242 64B 128 && acectl freeze 4242\n"
+"    acectl trim 4242\n"
 "\n"
 "SEE ALSO\n"
 "    docs/acectl.md in the hakmem sources.\n";
@@ -146,7 +154,8 @@ static int fail(int code, const char *fmt, ...)
 static int usage(const char *why)
 {
     fail(EXIT_USAGE, "%s", why);
-    fputs("usage: acectl list|show|watch|freeze|unfreeze|reset|pin ... (acectl --help)\n", stderr);
+    fputs("usage: acectl list|show|watch|freeze|unfreeze|reset|pin|trim ... (acectl --help)\n",
+          stderr);
     return EXIT_USAGE;
 }
 
@@ -221,6 +230,22 @@ static uint64_t process_start_time(pid_t pid)
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     return hakmem_region_start_time_of(path);
+}
+
+/* VmRSS of pid in KiB, -1 if unknown. */
+static long process_rss_kb(pid_t pid)
+{
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    long kb = -1;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb;
 }
 
 static void process_comm(pid_t pid, char *buf, size_t len)
@@ -760,7 +785,9 @@ static int send_request(struct region *r, uint32_t cmd, uint32_t cls, uint32_t v
                                         __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             return fail(EXIT_TIMEOUT, "process %d did not answer within %d ms (stopped?); "
                         "the request was withdrawn", (int)r->pid, ANSWER_WAIT_MS);
-        answered = wait_answer(r, id, clock_ms(CLOCK_MONOTONIC) + 1000, &gone);
+        /* Taken: a trim may still be at work. */
+        int more_ms = cmd == HAKMEM_REGION_CMD_TRIM ? TRIM_WAIT_MS : 1000;
+        answered = wait_answer(r, id, clock_ms(CLOCK_MONOTONIC) + more_ms, &gone);
     }
     if (gone)
         return fail(EXIT_NO_PROCESS, "process %d exited before it answered", (int)r->pid);
@@ -814,7 +841,7 @@ static int parse_class(const char *arg, const struct snapshot *s, bool allow_all
 }
 
 static void describe_done(pid_t pid, uint32_t cmd, uint32_t cls, uint32_t value,
-                          const struct snapshot *s)
+                          const struct snapshot *s, long rss_before_kb)
 {
     char what[64] = "every class";
     if (cls != HAKMEM_REGION_ALL_CLASSES)
@@ -825,6 +852,17 @@ static void describe_done(pid_t pid, uint32_t cmd, uint32_t cls, uint32_t value,
     case HAKMEM_REGION_CMD_UNFREEZE: printf("pid %d: learning resumed\n", (int)pid); break;
     case HAKMEM_REGION_CMD_RESET:    printf("pid %d: %s reset to default\n", (int)pid, what); break;
     case HAKMEM_REGION_CMD_PIN:      printf("pid %d: %s pinned at %u\n", (int)pid, what, value); break;
+    case HAKMEM_REGION_CMD_TRIM: {
+        char before[32], after[32];
+        long rss_after_kb = process_rss_kb(pid);
+        if (rss_before_kb < 0 || rss_after_kb < 0)
+            printf("pid %d: trimmed\n", (int)pid);
+        else
+            printf("pid %d: trimmed, resident %s -> %s\n", (int)pid,
+                   human_bytes((uint64_t)rss_before_kb << 10, before, sizeof before),
+                   human_bytes((uint64_t)rss_after_kb << 10, after, sizeof after));
+        break;
+    }
     }
 }
 
@@ -866,6 +904,7 @@ static int cmd_request(uint32_t cmd, int argc, char **argv)
     rc = read_snapshot(&r, &snap_a);                 /* for CLASS sizes and messages */
     if (rc == EXIT_OK && argc >= 2)
         rc = parse_class(argv[1], &snap_a, cmd == HAKMEM_REGION_CMD_RESET, &cls);
+    long rss_before_kb = process_rss_kb(pid);
     if (rc == EXIT_OK)
         rc = send_request(&r, cmd, cls, (uint32_t)value, &a);
     region_close(&r);
@@ -873,7 +912,7 @@ static int cmd_request(uint32_t cmd, int argc, char **argv)
         return rc;
     if (a.status != HAKMEM_REGION_APPLIED)
         return report_refusal(pid, cls, (uint32_t)value, a.reason, &snap_a);
-    describe_done(pid, cmd, cls, (uint32_t)value, &snap_a);
+    describe_done(pid, cmd, cls, (uint32_t)value, &snap_a, rss_before_kb);
     return EXIT_OK;
 }
 
@@ -1085,5 +1124,7 @@ int main(int argc, char **argv)
         return cmd_request(HAKMEM_REGION_CMD_RESET, a.npos, a.pos);
     if (!strcmp(c, "pin"))
         return cmd_request(HAKMEM_REGION_CMD_PIN, a.npos, a.pos);
+    if (!strcmp(c, "trim"))
+        return cmd_request(HAKMEM_REGION_CMD_TRIM, a.npos, a.pos);
     return fail(EXIT_USAGE, "unknown command '%s' (acectl --help)", c);
 }

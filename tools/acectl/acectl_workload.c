@@ -4,8 +4,12 @@
  * LD_PRELOAD=libhakmem.so HAKMEM_ACE=1.
  *
  *   acectl_workload [--seconds S] [--threads T] [--size B] [--burst N]
- *                   [--fork] [--child-seconds S]
+ *                   [--fork] [--child-seconds S] [--pinned MB]
  *
+ * --pinned MB: before the threads start, the main thread allocates MB of
+ * 100 B blocks and frees all but one in 100, which pin every span they
+ * are in: memory only a trim gives back before the purge delay (acectl
+ * trim's test runs this with a long delay). 
  * Prints "pid <pid>" at start; with --fork, forks once after 0.3 s and the
  * child (which churns on its own main thread, then exits normally) prints
  * "child <pid>".  The parent waits for the child before it exits.  SIGTERM
@@ -26,7 +30,7 @@
 struct options {
     double seconds, child_seconds;
     int threads;
-    size_t size, burst;
+    size_t size, burst, pinned_mb;
     int fork;
 };
 
@@ -102,6 +106,21 @@ static void run_child(const struct options *o)
     exit(0);   /* a normal exit: hakmem removes the child's region */
 }
 
+static void pin_sparse(size_t mb)
+{
+    size_t n = (mb << 20) / 100;
+    void **b = malloc(n * sizeof *b);
+    if (!b)
+        return;
+    for (size_t i = 0; i < n; i++)
+        if ((b[i] = malloc(100)) != NULL)
+            memset(b[i], 1, 100);
+    for (size_t i = 0; i < n; i++)
+        if (i % 100)
+            free(b[i]);     /* the other blocks stay live until exit */
+    free(b);
+}
+
 static int parse(int argc, char **argv, struct options *o)
 {
     *o = (struct options){ .seconds = 5, .child_seconds = 2, .threads = 2,
@@ -125,6 +144,8 @@ static int parse(int argc, char **argv, struct options *o)
             o->size = (size_t)atol(v);
         else if (!strcmp(a, "--burst"))
             o->burst = (size_t)atol(v);
+        else if (!strcmp(a, "--pinned"))
+            o->pinned_mb = (size_t)atol(v);
         else
             return -1;
         i++;
@@ -137,7 +158,7 @@ int main(int argc, char **argv)
     struct options o;
     if (parse(argc, argv, &o) != 0) {
         fprintf(stderr, "usage: %s [--seconds S] [--threads T] [--size B] [--burst N]"
-                        " [--fork] [--child-seconds S]\n", argv[0]);
+                        " [--fork] [--child-seconds S] [--pinned MB]\n", argv[0]);
         return 1;
     }
     opts = &o;
@@ -147,6 +168,7 @@ int main(int argc, char **argv)
     printf("pid %d\n", (int)getpid());
     fflush(stdout);
     deadline = now_s() + o.seconds;
+    pin_sparse(o.pinned_mb);
 
     pthread_t tid[64];
     for (int i = 0; i < o.threads; i++)
