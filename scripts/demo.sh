@@ -46,6 +46,11 @@ echo "== acectl pin, then reset, of the 64-byte class"
 "$acectl" show "$server" --json | python3 -c 'import json,sys; c=[k for k in json.load(sys.stdin)["classes"] if k["block_size"]==64][0]; print("  64B: count", c["count"], "pinned", c["pinned"])'
 "$acectl" reset "$server" 64B
 
+echo
+echo "== redis-cli flushall, then acectl trim: what the data held goes back now"
+redis-cli -p $port flushall >/dev/null
+"$acectl" trim "$server"
+
 redis-cli -p $port shutdown nosave >/dev/null 2>&1 || true
 wait "$server" || true
 server=
