@@ -8,6 +8,8 @@
 #include <time.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "../diag/diag.h"
 #include "../process/process.h"
@@ -388,6 +390,14 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 
 /* ---- idle heaps -------------------------------------------------------- */
 
+/* A short sleep by the raw system call: glibc's nanosleep is a thread
+ * cancellation point, and malloc and malloc_trim must not be. */
+static void nap_ns(long ns)
+{
+    struct timespec nap = { 0, ns };
+    syscall(SYS_nanosleep, &nap, NULL);
+}
+
 /* The owner spins while a tidier finishes its step (at most a few
  * milliseconds: see HM_TIDY_STEP), then yields, then sleeps: on a machine
  * with fewer cores than threads the tidier may not be running, and under
@@ -402,8 +412,7 @@ void hm_heap_lock_wait(struct hm_heap *h)
         } else if (spins < 128) {
             sched_yield();
         } else {
-            struct timespec nap = { 0, 20000 };
-            nanosleep(&nap, NULL);
+            nap_ns(20000);
         }
     }
 }
@@ -490,8 +499,7 @@ void hm_heaps_trim_others(struct hm_heap *self)
         pthread_mutex_unlock(&heaps_lock);
         if (!more)
             return;
-        struct timespec nap = { 0, HM_TRIM_NAP_NS };
-        nanosleep(&nap, NULL);
+        nap_ns(HM_TRIM_NAP_NS);
     }
 }
 

@@ -107,12 +107,20 @@ static void span_settle(struct hm_heap *h, struct hm_span *sp)
         hm_partial_push(h, sp);
 }
 
+/* n blocks returned to sp: what makes it worth compacting (saturating: a
+ * wrapped count would hold its compaction back). */
+static void note_freed(struct hm_span *sp, uint32_t n)
+{
+    uint32_t f = sp->freed_since_compact;
+    sp->freed_since_compact = f + n >= f ? f + n : UINT32_MAX;
+}
+
 void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 {
     *(void **)block = sp->free;
     sp->free = block;
     sp->used--;
-    sp->freed_since_compact++;
+    note_freed(sp, 1);
     span_settle(h, sp);
 }
 
@@ -236,7 +244,7 @@ static void collect_pending(struct hm_segment *seg, joined_fn *joined, void *ctx
             *(void **)tail = sp->free;
             sp->free = hm_remote_head(list);
             sp->used -= n;
-            sp->freed_since_compact += n;
+            note_freed(sp, n);
             HM_TRACE_REMOTE_COLLECT(sp->size_class, n);
             joined(ctx, sp, n);
         }
@@ -798,15 +806,17 @@ static size_t span_compact(struct hm_span *sp)
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     HM_TRACE_PURGE(bytes);
 
-    /* Rebuild: free blocks on kept pages are linked again, the rest are
-     * holes.  Only kept pages are written. */
+    /* Rebuild: listed blocks on kept pages are linked again; the rest are
+     * holes, those that were (a page of theirs went back before) and those
+     * on pages that went back now.  Only kept pages are written: linking
+     * an old hole would fault its page back in. */
     void *list = NULL;
     uint32_t nholes = 0;
     memset(holes, 0, sizeof freeb);
     for (uint32_t w = 0; w < (carved + 63) / 64; w++) {
         for (uint64_t m = freeb[w]; m; m &= m - 1) {
             uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(m);
-            if (block_on_purged_page(sp, i, purged)) {
+            if (!(listb[w] >> (i & 63) & 1) || block_on_purged_page(sp, i, purged)) {
                 holes[w] |= (uint64_t)1 << (i & 63);
                 nholes++;
             } else {
