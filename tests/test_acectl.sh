@@ -262,7 +262,8 @@ LD_PRELOAD=$lib HAKMEM_ACE=1 HAKMEM_PURGE_DELAY_MS=600000 "$workload" --pinned 6
     --threads 1 --seconds 30 >"$work/tw.out" 2>"$work/tw.err" &
 tw=$!
 pids+=("$tw")
-if wait_for 10 region_of "$tw"; then
+pinned_done() { grep -q '^pinned' "$work/tw.out"; }
+if wait_for 20 pinned_done && wait_for 10 region_of "$tw"; then
     before=$(rss_kb "$tw")
     expect_rc "trim" 0 "$acectl" trim "$tw"
     after=$(rss_kb "$tw")

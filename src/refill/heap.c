@@ -476,28 +476,35 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
  * start or exit (heaps_lock), must not wait that long.  The nap is five
  * of a waiting owner's (see hm_heap_lock_wait): without it the next round
  * took the lock back before the owner looked again, and one malloc waited
- * out the whole trim.  Rounds go on while a heap used its whole step or
- * was busy, up to HM_TRIM_ROUNDS (about 2 s of work). */
-#define HM_TRIM_ROUNDS 1024
-#define HM_TRIM_NAP_NS 100000
+ * out the whole trim.  Rounds go on while a heap used its whole step, for
+ * at most HM_TRIM_MAX_NS; a heap found busy (its owner in a slow path) is
+ * tried again for HM_TRIM_BUSY_ROUNDS rounds only: an owner that keeps
+ * entering slow paths purges its heap itself, and with 64 threads
+ * churning on 2 cores, every round found one busy and the trim went on
+ * for 2-14 s (32 s and more under acectl trim). */
+#define HM_TRIM_ROUNDS      1024
+#define HM_TRIM_BUSY_ROUNDS 8
+#define HM_TRIM_MAX_NS      1000000000ull
+#define HM_TRIM_NAP_NS      100000
 
-void hm_heaps_trim_others(struct hm_heap *self)
+void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 {
+    uint64_t start = hm_clock_ns();
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
         bool more = false;
         pthread_mutex_lock(&heaps_lock);
         for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
             if (h == self)
                 continue;
-            if (!hm_heap_trylock(h)) {      /* its owner is in a slow path: next round */
-                more = true;
+            if (!hm_heap_trylock(h)) {
+                more |= round < HM_TRIM_BUSY_ROUNDS;
                 continue;
             }
-            more |= hm_heap_trim(h, HM_TIDY_STEP) >= HM_TIDY_STEP;
+            more |= !hm_heap_trim(h, gen, HM_TIDY_STEP);
             hm_heap_tidier_unlock(h);
         }
         pthread_mutex_unlock(&heaps_lock);
-        if (!more)
+        if (!more || hm_clock_ns() - start >= HM_TRIM_MAX_NS)
             return;
         nap_ns(HM_TRIM_NAP_NS);
     }

@@ -65,6 +65,10 @@ struct hm_heap {
     bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     bool compact_unfinished;                /* that pass ran out of its step */
+    /* malloc_trim's pass over the heap, which may take several steps:
+     * which trim it belongs to, and the class it goes on from. */
+    uint64_t trim_gen;
+    unsigned trim_class;
     /* Frees of other threads' blocks, batched per class (one span per
      * batch): one CAS per batch instead of one per block.  Blocks in a
      * batch count as used by their span, so it cannot go away meanwhile. */
@@ -148,8 +152,8 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns);
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget);
 /* malloc_trim's share of the other threads' heaps (not `self`): each one
  * whose thread is not in a slow path at that moment is trimmed
- * (hm_heap_trim), in the tidier's steps. */
-void hm_heaps_trim_others(struct hm_heap *self);
+ * (hm_heap_trim, trim `gen`), in the tidier's steps. */
+void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen);
 /* Slow-path ticks between two steps (64, or 8 while steps fall behind: both
  * divide 2^32, so a wrapping tick keeps the pace). */
 unsigned hm_heap_purge_interval(const struct hm_heap *h);
@@ -180,9 +184,12 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
  * tidier's): remote frees collected, stashes back to their spans, and the
  * free pages of its partial spans given back (not the bins: only its
  * thread reaches those), until the cost reaches `budget` (counted as
- * hm_heap_compact_sparse counts it); returns the cost.  A later call goes
- * on where it stopped: spans done are passed over. */
-size_t hm_heap_trim(struct hm_heap *h, size_t budget);
+ * hm_heap_compact_sparse counts it).  A later call for the same trim
+ * (`gen`, from hm_trim_generation) goes on from the class where it
+ * stopped, so a heap whose thread keeps freeing is still passed over once.
+ * True when the heap's pass is done (or a later trim's has begun). */
+bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget);
+uint64_t hm_trim_generation(void);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 /* Compacts nearly empty spans until the step's cost reaches `budget`:

@@ -844,10 +844,11 @@ static size_t span_compact(struct hm_span *sp)
  * since their last compaction; until the cost (bytes given back, links
  * walked) reaches `budget`. */
 static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                           unsigned fill_shift, size_t freed, size_t budget)
+                           unsigned fill_shift, size_t freed, size_t budget, unsigned *from)
 {
     size_t bytes = 0;
-    for (unsigned c = 0; c < HM_NUM_CLASSES && bytes < budget; c++) {
+    unsigned c = *from;
+    for (; c < HM_NUM_CLASSES; c++) {
         for (struct hm_span *sp = h->partial[c]; sp && bytes < budget; sp = sp->next) {
             if ((uint64_t)sp->used << fill_shift > sp->capacity)
                 continue;
@@ -863,7 +864,10 @@ static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns
                 bytes += span_compact(sp) + listed * COMPACT_LINK_COST;
             }
         }
+        if (bytes >= budget)
+            break;              /* class c goes on at the next step */
     }
+    *from = c;
     return bytes;
 }
 
@@ -873,7 +877,8 @@ static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns
 size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                               unsigned fill_shift, size_t budget)
 {
-    return compact_pass(h, now_ns, delay_ns, fill_shift, 2 * HM_OS_PAGE, budget);
+    unsigned from = 0;
+    return compact_pass(h, now_ns, delay_ns, fill_shift, 2 * HM_OS_PAGE, budget, &from);
 }
 
 static struct hm_span *span_of_block(void *b)
@@ -1240,10 +1245,24 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
  * that a block returned to since its last compaction: a live block or a
  * few pin their spans, and waiting for a span to empty would keep the
  * rest of it resident however little is live. */
-size_t hm_heap_trim(struct hm_heap *h, size_t budget)
+static _Atomic uint64_t trim_generations;
+
+uint64_t hm_trim_generation(void)
 {
-    heap_tidy_caches(h);
-    return compact_pass(h, hm_clock_ns(), 0, 0, 1, budget);
+    return atomic_fetch_add_explicit(&trim_generations, 1, memory_order_relaxed) + 1;
+}
+
+bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget)
+{
+    if (h->trim_gen > gen)
+        return true;            /* a later trim has it */
+    if (h->trim_gen < gen) {
+        h->trim_gen = gen;
+        h->trim_class = 0;
+        heap_tidy_caches(h);
+    }
+    compact_pass(h, hm_clock_ns(), 0, 0, 1, budget, &h->trim_class);
+    return h->trim_class >= HM_NUM_CLASSES;
 }
 
 /* ---- slow frees -------------------------------------------------------- */
@@ -1415,16 +1434,17 @@ bool hm_trim(struct hm_tcache *tc)
     struct hm_heap *h = tc->heap;
     uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                            memory_order_relaxed);
+    uint64_t gen = hm_trim_generation();
     if (h) {
         hm_heap_lock(h);
         hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
-        hm_heap_trim(h, SIZE_MAX);
+        hm_heap_trim(h, gen, SIZE_MAX);
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
-    hm_heaps_trim_others(h);
+    hm_heaps_trim_others(h, gen);
     hm_abandoned_sweep(UINT_MAX, true);
     hm_heap_release_empty_pool();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);

@@ -866,13 +866,16 @@ static void describe_done(pid_t pid, uint32_t cmd, uint32_t cls, uint32_t value,
     }
 }
 
-static int report_refusal(pid_t pid, uint32_t cls, uint32_t value, uint32_t reason,
-                          const struct snapshot *s)
+static int report_refusal(pid_t pid, uint32_t cmd, uint32_t cls, uint32_t value,
+                          uint32_t reason, const struct snapshot *s)
 {
     if (reason == HAKMEM_REGION_OUT_OF_BOUNDS && cls < s->n)
         return fail(EXIT_REFUSED, "pid %d refused: count %u is outside class %u's "
                     "bounds [%u, %u]", (int)pid, value, cls, s->cls[cls].count_min,
                     s->cls[cls].count_max);
+    if (reason == HAKMEM_REGION_BAD_COMMAND && cmd == HAKMEM_REGION_CMD_TRIM)
+        return fail(EXIT_REFUSED, "pid %d refused: unknown command (its hakmem predates "
+                    "trim)", (int)pid);
     if (reason == HAKMEM_REGION_BAD_CLASS)
         return fail(EXIT_REFUSED, "pid %d refused: no class %u (classes are 0 to %u)",
                     (int)pid, cls, s->n - 1);
@@ -911,7 +914,7 @@ static int cmd_request(uint32_t cmd, int argc, char **argv)
     if (rc != EXIT_OK)
         return rc;
     if (a.status != HAKMEM_REGION_APPLIED)
-        return report_refusal(pid, cls, (uint32_t)value, a.reason, &snap_a);
+        return report_refusal(pid, cmd, cls, (uint32_t)value, a.reason, &snap_a);
     describe_done(pid, cmd, cls, (uint32_t)value, &snap_a, rss_before_kb);
     return EXIT_OK;
 }

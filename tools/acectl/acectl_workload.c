@@ -9,7 +9,7 @@
  * --pinned MB: before the threads start, the main thread allocates MB of
  * 100 B blocks and frees all but one in 100, which pin every span they
  * are in: memory only a trim gives back before the purge delay (acectl
- * trim's test runs this with a long delay). 
+ * trim's test runs this with a long delay).  Prints "pinned" when done. 
  * Prints "pid <pid>" at start; with --fork, forks once after 0.3 s and the
  * child (which churns on its own main thread, then exits normally) prints
  * "child <pid>".  The parent waits for the child before it exits.  SIGTERM
@@ -168,7 +168,11 @@ int main(int argc, char **argv)
     printf("pid %d\n", (int)getpid());
     fflush(stdout);
     deadline = now_s() + o.seconds;
-    pin_sparse(o.pinned_mb);
+    if (o.pinned_mb) {
+        pin_sparse(o.pinned_mb);
+        printf("pinned\n");
+        fflush(stdout);
+    }
 
     pthread_t tid[64];
     for (int i = 0; i < o.threads; i++)
