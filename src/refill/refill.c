@@ -1252,6 +1252,21 @@ uint64_t hm_trim_generation(void)
     return atomic_fetch_add_explicit(&trim_generations, 1, memory_order_relaxed) + 1;
 }
 
+/* The caller's own heap, whole, whichever trim marked it last: a later
+ * trim of another thread's may have begun it between this trim's start
+ * and the lock, and it would not have seen the blocks the bins just gave
+ * back.  A later trim's cursor is left for it (spans done are skipped). */
+static void trim_own(struct hm_heap *h, uint64_t gen)
+{
+    heap_tidy_caches(h);
+    unsigned from = 0;
+    compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX, &from);
+    if (h->trim_gen < gen) {
+        h->trim_gen = gen;
+        h->trim_class = HM_NUM_CLASSES;
+    }
+}
+
 bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget)
 {
     if (h->trim_gen > gen)
@@ -1440,7 +1455,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_remote_flush(h);
         for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
             hm_bin_return_all(h, tc, c);
-        hm_heap_trim(h, gen, SIZE_MAX);
+        trim_own(h, gen);
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
