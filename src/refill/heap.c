@@ -476,34 +476,61 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
  * start or exit (heaps_lock), must not wait that long.  The nap is five
  * of a waiting owner's (see hm_heap_lock_wait): without it the next round
  * took the lock back before the owner looked again, and one malloc waited
- * out the whole trim.  Rounds go on while a heap used its whole step, for
- * at most HM_TRIM_MAX_NS; a heap found busy (its owner in a slow path) is
- * tried again for HM_TRIM_BUSY_ROUNDS rounds only: an owner that keeps
- * entering slow paths purges its heap itself, and with 64 threads
- * churning on 2 cores, every round found one busy and the trim went on
- * for 2-14 s (32 s and more under acectl trim). */
-#define HM_TRIM_ROUNDS      1024
+ * out the whole trim.  Each heap is passed over once (its cursor goes on
+ * where the last step stopped, however its thread frees meanwhile), so
+ * the work is bounded by what the heaps hold; a heap found busy (its
+ * owner in a slow path) is tried again for HM_TRIM_BUSY_ROUNDS rounds
+ * only, since an owner that keeps entering slow paths purges its heap
+ * itself (with 64 threads churning on 2 cores, retrying every round made
+ * a trim take 2-14 s).  HM_TRIM_MAX_NS and HM_TRIM_ROUNDS only bound what
+ * nothing else does. */
+#define HM_TRIM_ROUNDS      (1 << 16)
 #define HM_TRIM_BUSY_ROUNDS 8
-#define HM_TRIM_MAX_NS      1000000000ull
+#define HM_TRIM_MAX_NS      10000000000ull
 #define HM_TRIM_NAP_NS      100000
+/* What a round may cost over all heaps, so that heaps_lock (a thread's
+ * start and exit) is let go every 8 ms or so however many heaps there
+ * are: 200 idle heaps at a step each held it 35 ms.  The next round
+ * starts where this one stopped. */
+#define HM_TRIM_ROUND_COST  (4 * HM_TIDY_STEP)
 
 void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 {
     uint64_t start = hm_clock_ns();
+    struct hm_heap *resume = NULL;
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
         bool more = false, late = false;
+        size_t spent = 0;
         pthread_mutex_lock(&heaps_lock);
-        for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
-            if ((late = hm_clock_ns() - start >= HM_TRIM_MAX_NS))
-                break;          /* within a round too: 64 heaps' steps took 200 ms */
-            if (h == self)
-                continue;
-            if (!hm_heap_trylock(h)) {
-                more |= round < HM_TRIM_BUSY_ROUNDS;
-                continue;
+        struct hm_heap *first = heaps_live;
+        for (struct hm_heap *h = heaps_live; resume && h; h = h->next_live)
+            if (h == resume) {
+                first = h;      /* still registered: go on from it */
+                break;
             }
-            more |= !hm_heap_trim(h, gen, HM_TIDY_STEP);
-            hm_heap_tidier_unlock(h);
+        resume = NULL;
+        /* From `first` to the end, then from the head up to `first`. */
+        for (int pass = 0; pass < 2 && !resume && !late; pass++) {
+            struct hm_heap *end = pass ? first : NULL;
+            for (struct hm_heap *h = pass ? heaps_live : first; h != end; h = h->next_live) {
+                if ((late = hm_clock_ns() - start >= HM_TRIM_MAX_NS))
+                    break;
+                if (spent >= HM_TRIM_ROUND_COST) {
+                    resume = h;
+                    more = true;
+                    break;
+                }
+                if (h == self)
+                    continue;
+                if (!hm_heap_trylock(h)) {
+                    more |= round < HM_TRIM_BUSY_ROUNDS;
+                    continue;
+                }
+                size_t cost;
+                more |= !hm_heap_trim(h, gen, HM_TIDY_STEP, &cost);
+                spent += cost;
+                hm_heap_tidier_unlock(h);
+            }
         }
         pthread_mutex_unlock(&heaps_lock);
         if (!more || late)

@@ -37,6 +37,13 @@ struct hm_stash {
  * tidying it while the thread idles), except the registry link, the
  * counters that reports read, and the batches of remote frees, which only
  * its thread touches. */
+/* Where a compaction pass that ran out of its step goes on: a class, and
+ * a position in the class's partial list. */
+struct hm_compact_cursor {
+    unsigned cls;
+    uint32_t span;
+};
+
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
     struct hm_tcache *tcache;               /* NULL: attached after its thread's exit */
@@ -66,9 +73,9 @@ struct hm_heap {
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
     bool compact_unfinished;                /* that pass ran out of its step */
     /* malloc_trim's pass over the heap, which may take several steps:
-     * which trim it belongs to, and the class it goes on from. */
+     * which trim it belongs to, and where it goes on. */
     uint64_t trim_gen;
-    unsigned trim_class;
+    struct hm_compact_cursor trim_at;
     /* Frees of other threads' blocks, batched per class (one span per
      * batch): one CAS per batch instead of one per block.  Blocks in a
      * batch count as used by their span, so it cannot go away meanwhile. */
@@ -185,10 +192,11 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
  * free pages of its partial spans given back (not the bins: only its
  * thread reaches those), until the cost reaches `budget` (counted as
  * hm_heap_compact_sparse counts it).  A later call for the same trim
- * (`gen`, from hm_trim_generation) goes on from the class where it
+ * (`gen`, from hm_trim_generation) goes on from the span where it
  * stopped, so a heap whose thread keeps freeing is still passed over once.
- * True when the heap's pass is done (or a later trim's has begun). */
-bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget);
+ * True when the heap's pass is done (or a later trim's has begun); *cost:
+ * what this step cost. */
+bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget, size_t *cost);
 uint64_t hm_trim_generation(void);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);

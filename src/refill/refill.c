@@ -844,12 +844,20 @@ static size_t span_compact(struct hm_span *sp)
  * since their last compaction; until the cost (bytes given back, links
  * walked) reaches `budget`. */
 static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
-                           unsigned fill_shift, size_t freed, size_t budget, unsigned *from)
+                           unsigned fill_shift, size_t freed, size_t budget,
+                           struct hm_compact_cursor *at)
 {
     size_t bytes = 0;
-    unsigned c = *from;
-    for (; c < HM_NUM_CLASSES; c++) {
-        for (struct hm_span *sp = h->partial[c]; sp && bytes < budget; sp = sp->next) {
+    uint32_t skip = at->span;
+    for (unsigned c = at->cls; c < HM_NUM_CLASSES; c++, skip = 0) {
+        /* By position: a span may have left the list meanwhile, and spans
+         * put in front move the rest back (some are looked at again);
+         * either way the pass moves on, however the owner frees. */
+        uint32_t i = 0;
+        struct hm_span *sp = h->partial[c];
+        for (; sp && i < skip; sp = sp->next)
+            i++;
+        for (; sp && bytes < budget; sp = sp->next, i++) {
             if ((uint64_t)sp->used << fill_shift > sp->capacity)
                 continue;
             /* With no delay (a tidier's), no stamp: a span up to half full
@@ -864,10 +872,14 @@ static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns
                 bytes += span_compact(sp) + listed * COMPACT_LINK_COST;
             }
         }
-        if (bytes >= budget)
-            break;              /* class c goes on at the next step */
+        if (sp) {               /* out of budget: the next step goes on here */
+            at->cls = c;
+            at->span = i;
+            return bytes;
+        }
     }
-    *from = c;
+    at->cls = HM_NUM_CLASSES;
+    at->span = 0;
     return bytes;
 }
 
@@ -877,8 +889,8 @@ static size_t compact_pass(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns
 size_t hm_heap_compact_sparse(struct hm_heap *h, uint64_t now_ns, uint64_t delay_ns,
                               unsigned fill_shift, size_t budget)
 {
-    unsigned from = 0;
-    return compact_pass(h, now_ns, delay_ns, fill_shift, 2 * HM_OS_PAGE, budget, &from);
+    struct hm_compact_cursor at = { 0, 0 };
+    return compact_pass(h, now_ns, delay_ns, fill_shift, 2 * HM_OS_PAGE, budget, &at);
 }
 
 static struct hm_span *span_of_block(void *b)
@@ -1259,25 +1271,27 @@ uint64_t hm_trim_generation(void)
 static void trim_own(struct hm_heap *h, uint64_t gen)
 {
     heap_tidy_caches(h);
-    unsigned from = 0;
-    compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX, &from);
+    struct hm_compact_cursor at = { 0, 0 };
+    compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX, &at);
     if (h->trim_gen < gen) {
         h->trim_gen = gen;
-        h->trim_class = HM_NUM_CLASSES;
+        h->trim_at = at;        /* done */
     }
 }
 
-bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget)
+bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget, size_t *cost)
 {
+    *cost = 0;
     if (h->trim_gen > gen)
         return true;            /* a later trim has it */
     if (h->trim_gen < gen) {
         h->trim_gen = gen;
-        h->trim_class = 0;
+        h->trim_at = (struct hm_compact_cursor){ 0, 0 };
         heap_tidy_caches(h);
     }
-    compact_pass(h, hm_clock_ns(), 0, 0, 1, budget, &h->trim_class);
-    return h->trim_class >= HM_NUM_CLASSES;
+    if (h->trim_at.cls < HM_NUM_CLASSES)
+        *cost = compact_pass(h, hm_clock_ns(), 0, 0, 1, budget, &h->trim_at);
+    return h->trim_at.cls >= HM_NUM_CLASSES;
 }
 
 /* ---- slow frees -------------------------------------------------------- */
