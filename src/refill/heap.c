@@ -479,13 +479,13 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
  * out the whole trim.  Each heap is passed over once (its cursor goes on
  * where the last step stopped, however its thread frees meanwhile), so
  * the work is bounded by what the heaps hold; a heap found busy (its
- * owner in a slow path) is tried again for HM_TRIM_BUSY_ROUNDS rounds
- * only, since an owner that keeps entering slow paths purges its heap
+ * owner in a slow path) is tried again on HM_TRIM_BUSY_LAPS trips round
+ * the list only, since an owner that keeps entering slow paths purges its heap
  * itself (with 64 threads churning on 2 cores, retrying every round made
  * a trim take 2-14 s).  HM_TRIM_MAX_NS and HM_TRIM_ROUNDS only bound what
  * nothing else does. */
 #define HM_TRIM_ROUNDS      (1 << 16)
-#define HM_TRIM_BUSY_ROUNDS 8
+#define HM_TRIM_BUSY_LAPS   8
 #define HM_TRIM_MAX_NS      10000000000ull
 #define HM_TRIM_NAP_NS      100000
 /* What a round may cost over all heaps, so that heaps_lock (a thread's
@@ -498,6 +498,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 {
     uint64_t start = hm_clock_ns();
     struct hm_heap *resume = NULL;
+    int laps = 0;           /* rounds that went all the way round the list */
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
         bool more = false, late = false;
         size_t spent = 0;
@@ -523,7 +524,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
                 if (h == self)
                     continue;
                 if (!hm_heap_trylock(h)) {
-                    more |= round < HM_TRIM_BUSY_ROUNDS;
+                    more |= laps < HM_TRIM_BUSY_LAPS;
                     continue;
                 }
                 size_t cost;
@@ -535,6 +536,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
         pthread_mutex_unlock(&heaps_lock);
         if (!more || late)
             return;
+        laps += !resume;
         nap_ns(HM_TRIM_NAP_NS);
     }
 }
