@@ -298,24 +298,33 @@ static void reset_class(unsigned c)
     hm_refill_count_store(c, hm_refill_bounds(c).def);
 }
 
+/* A request for the whole process takes class ALL and value 0. */
+static uint32_t whole_process(uint32_t cls, uint32_t value)
+{
+    if (cls != HAKMEM_REGION_ALL_CLASSES)
+        return HAKMEM_REGION_BAD_CLASS;
+    return value != 0 ? HAKMEM_REGION_BAD_VALUE : HAKMEM_REGION_OK;
+}
+
 /* Validates and applies one request; returns HAKMEM_REGION_OK or the
  * reason it was refused.  Nothing is changed by a refused request. */
 static uint32_t apply(uint32_t cmd, uint32_t cls, uint32_t value)
 {
     switch (cmd) {
     case HAKMEM_REGION_CMD_FREEZE:
-    case HAKMEM_REGION_CMD_UNFREEZE:
-    case HAKMEM_REGION_CMD_TRIM:
-        if (cls != HAKMEM_REGION_ALL_CLASSES)
-            return HAKMEM_REGION_BAD_CLASS;
-        if (value != 0)
-            return HAKMEM_REGION_BAD_VALUE;
-        if (cmd == HAKMEM_REGION_CMD_TRIM)
+    case HAKMEM_REGION_CMD_UNFREEZE: {
+        uint32_t reason = whole_process(cls, value);
+        if (reason == HAKMEM_REGION_OK)
+            hold_frozen = cmd == HAKMEM_REGION_CMD_FREEZE;
+        return reason;
+    }
+    case HAKMEM_REGION_CMD_TRIM: {
+        uint32_t reason = whole_process(cls, value);
+        if (reason == HAKMEM_REGION_OK)
             hakmem_trim();      /* every thread's heap, in the tidier's steps; the
                                  * events wait in the ring meanwhile (full: dropped) */
-        else
-            hold_frozen = cmd == HAKMEM_REGION_CMD_FREEZE;
-        return HAKMEM_REGION_OK;
+        return reason;
+    }
     case HAKMEM_REGION_CMD_RESET:
         if (value != 0)
             return HAKMEM_REGION_BAD_VALUE;

@@ -490,53 +490,41 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
 #define HM_TRIM_NAP_NS      100000
 /* What a round may cost over all heaps, so that heaps_lock (a thread's
  * start and exit) is let go every 8 ms or so however many heaps there
- * are: 200 idle heaps at a step each held it 35 ms.  The next round
- * starts where this one stopped. */
+ * are: 200 idle heaps at a step each held it 35 ms. */
 #define HM_TRIM_ROUND_COST  (4 * HM_TIDY_STEP)
 
 void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 {
     uint64_t start = hm_clock_ns();
-    struct hm_heap *resume = NULL;
-    int laps = 0;           /* rounds that went all the way round the list */
+    int laps = 0;           /* rounds that went all the way down the list */
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
-        bool more = false, late = false;
+        bool more = false, late = false, cut = false;
         size_t spent = 0;
         pthread_mutex_lock(&heaps_lock);
-        struct hm_heap *first = heaps_live;
-        for (struct hm_heap *h = heaps_live; resume && h; h = h->next_live)
-            if (h == resume) {
-                first = h;      /* still registered: go on from it */
+        /* From the head each round: a heap done for this trim costs a
+         * trylock, so the round's cost goes to the first ones not done. */
+        for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
+            if ((late = hm_clock_ns() - start >= HM_TRIM_MAX_NS))
+                break;
+            if (spent >= HM_TRIM_ROUND_COST) {
+                cut = more = true;
                 break;
             }
-        resume = NULL;
-        /* From `first` to the end, then from the head up to `first`. */
-        for (int pass = 0; pass < 2 && !resume && !late; pass++) {
-            struct hm_heap *end = pass ? first : NULL;
-            for (struct hm_heap *h = pass ? heaps_live : first; h != end; h = h->next_live) {
-                if ((late = hm_clock_ns() - start >= HM_TRIM_MAX_NS))
-                    break;
-                if (spent >= HM_TRIM_ROUND_COST) {
-                    resume = h;
-                    more = true;
-                    break;
-                }
-                if (h == self)
-                    continue;
-                if (!hm_heap_trylock(h)) {
-                    more |= laps < HM_TRIM_BUSY_LAPS;
-                    continue;
-                }
-                size_t cost;
-                more |= !hm_heap_trim(h, gen, HM_TIDY_STEP, &cost);
-                spent += cost;
-                hm_heap_tidier_unlock(h);
+            if (h == self)
+                continue;
+            if (!hm_heap_trylock(h)) {
+                more |= laps < HM_TRIM_BUSY_LAPS;
+                continue;
             }
+            size_t cost;
+            more |= !hm_heap_trim(h, gen, HM_TIDY_STEP, &cost);
+            spent += cost;
+            hm_heap_tidier_unlock(h);
         }
         pthread_mutex_unlock(&heaps_lock);
         if (!more || late)
             return;
-        laps += !resume;
+        laps += !cut;
         nap_ns(HM_TRIM_NAP_NS);
     }
 }

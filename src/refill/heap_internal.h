@@ -192,12 +192,11 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
  * free pages of its partial spans given back (not the bins: only its
  * thread reaches those), until the cost reaches `budget` (counted as
  * hm_heap_compact_sparse counts it).  A later call for the same trim
- * (`gen`, from hm_trim_generation) goes on from the span where it
- * stopped, so a heap whose thread keeps freeing is still passed over once.
+ * (`gen`: each malloc_trim has its own, later ones greater) goes on from
+ * the span where it stopped, so a heap whose thread keeps freeing is still passed over once.
  * True when the heap's pass is done (or a later trim's has begun); *cost:
  * what this step cost. */
 bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget, size_t *cost);
-uint64_t hm_trim_generation(void);
 /* Sends this heap's batches of remote frees to their spans. */
 void hm_remote_flush(struct hm_heap *h);
 /* Compacts nearly empty spans until the step's cost reaches `budget`:

@@ -743,7 +743,7 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
 /* Whether an OS page of the carved area holds nothing live and is still
  * resident: every block on it is free (listed or a hole), and one at
  * least is listed.  A page of holes alone went back with them already. */
-static bool page_free_resident(const struct hm_span *sp, const uint64_t *freeb,
+static bool page_free_resident(const struct hm_span *sp, const uint64_t *holes,
                                const uint64_t *listb, uint32_t carved, uintptr_t page)
 {
     size_t bs = sp->block_size;
@@ -751,7 +751,7 @@ static bool page_free_resident(const struct hm_span *sp, const uint64_t *freeb,
     uint32_t i1 = (uint32_t)((page + HM_OS_PAGE - 1 - (uintptr_t)sp->start) / bs);
     bool listed = false;
     for (uint32_t i = i0; i <= i1 && i < carved; i++) {     /* past `carved`: never touched */
-        if (!(freeb[i >> 6] >> (i & 63) & 1))
+        if (!((holes[i >> 6] | listb[i >> 6]) >> (i & 63) & 1))
             return false;
         listed |= listb[i >> 6] >> (i & 63) & 1;
     }
@@ -772,14 +772,12 @@ static size_t span_compact(struct hm_span *sp)
     size_t bs = sp->block_size;
     uint32_t carved = span_carved(sp);
     uint64_t *holes = hm_span_holes(sp);
-    uint64_t freeb[HM_PAGE_SIZE / 16 / 64], listb[HM_PAGE_SIZE / 16 / 64] = { 0 };
+    uint64_t listb[HM_PAGE_SIZE / 16 / 64] = { 0 };
     for (void *b = sp->free; b; b = *(void **)b) {
         check_free_link(sp, b, "free");
         uint32_t i = (uint32_t)((size_t)((char *)b - sp->start) / bs);
         listb[i >> 6] |= (uint64_t)1 << (i & 63);
     }
-    for (size_t w = 0; w < sizeof freeb / sizeof freeb[0]; w++)
-        freeb[w] = listb[w] | holes[w];
     sp->freed_since_compact = 0;
 
     /* Pages of the carved area that hold nothing live go back. */
@@ -790,7 +788,7 @@ static size_t span_compact(struct hm_span *sp)
     for (size_t pg = 0; pg < npages;) {
         size_t run = 0;
         while (pg + run < npages &&
-               page_free_resident(sp, freeb, listb, carved, start + (pg + run) * HM_OS_PAGE)) {
+               page_free_resident(sp, holes, listb, carved, start + (pg + run) * HM_OS_PAGE)) {
             purged[(pg + run) >> 6] |= (uint64_t)1 << ((pg + run) & 63);
             run++;
         }
@@ -806,17 +804,15 @@ static size_t span_compact(struct hm_span *sp)
     atomic_fetch_add_explicit(&hm_segment_counters.bytes_purged, bytes, memory_order_relaxed);
     HM_TRACE_PURGE(bytes);
 
-    /* Rebuild: listed blocks on kept pages are linked again; the rest are
-     * holes, those that were (a page of theirs went back before) and those
-     * on pages that went back now.  Only kept pages are written: linking
-     * an old hole would fault its page back in. */
+    /* Rebuild: listed blocks on kept pages are linked again, those on
+     * pages that went back now join the holes.  The holes stay holes (a
+     * page of theirs went back before).  Only kept pages are written. */
     void *list = NULL;
-    uint32_t nholes = 0;
-    memset(holes, 0, sizeof freeb);
+    uint32_t nholes = sp->holes;
     for (uint32_t w = 0; w < (carved + 63) / 64; w++) {
-        for (uint64_t m = freeb[w]; m; m &= m - 1) {
+        for (uint64_t m = listb[w]; m; m &= m - 1) {
             uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(m);
-            if (!(listb[w] >> (i & 63) & 1) || block_on_purged_page(sp, i, purged)) {
+            if (block_on_purged_page(sp, i, purged)) {
                 holes[w] |= (uint64_t)1 << (i & 63);
                 nholes++;
             } else {
@@ -1253,13 +1249,10 @@ size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
     return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);
 }
 
-/* Every page of a span that holds no live block, in every partial span
- * that a block returned to since its last compaction: a live block or a
- * few pin their spans, and waiting for a span to empty would keep the
- * rest of it resident however little is live. */
+/* Each malloc_trim has a generation, newer ones greater (see trim_at). */
 static _Atomic uint64_t trim_generations;
 
-uint64_t hm_trim_generation(void)
+static uint64_t trim_generation(void)
 {
     return atomic_fetch_add_explicit(&trim_generations, 1, memory_order_relaxed) + 1;
 }
@@ -1279,6 +1272,10 @@ static void trim_own(struct hm_heap *h, uint64_t gen)
     }
 }
 
+/* Every page of a span that holds no live block, in every partial span
+ * that a block returned to since its last compaction: a live block or a
+ * few pin their spans, and waiting for a span to empty would keep the
+ * rest of it resident however little is live. */
 bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget, size_t *cost)
 {
     *cost = 0;
@@ -1463,7 +1460,7 @@ bool hm_trim(struct hm_tcache *tc)
     struct hm_heap *h = tc->heap;
     uint64_t before = atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                            memory_order_relaxed);
-    uint64_t gen = hm_trim_generation();
+    uint64_t gen = trim_generation();
     if (h) {
         hm_heap_lock(h);
         hm_remote_flush(h);
