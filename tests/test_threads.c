@@ -721,9 +721,10 @@ static void fork_child_forgets_other_threads_heaps(void **state)
 }
 
 /* A key destructor that allocates in every round, past glibc's last:
- * the thread gets a heap again after its exit, and nothing exits that
- * one.  Its cache goes with the thread's memory, which later threads
- * reuse: reports must not read it (they once crashed here). */
+ * the thread gets a heap again after its exit, for each allocation.  No
+ * heap may stay (nothing would exit one attached in the last round: each
+ * such thread once left a heap and a segment behind), and reports must
+ * not read a dead thread's cache (they once crashed here). */
 enum { LATE = 8 };
 static pthread_key_t late_key;
 
@@ -752,7 +753,10 @@ static void allocation_after_the_last_destructor_round(void **state)
 #ifdef __SANITIZE_THREAD__      /* TSan's own state of a thread is gone by its late rounds */
     skip();
 #endif
+    hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
     pthread_key_create(&late_key, late_dtor);
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
     pthread_t t[LATE];
     for (int i = 0; i < LATE; i++)
         pthread_create(&t[i], NULL, set_late_key, NULL);
@@ -770,6 +774,9 @@ static void allocation_after_the_last_destructor_round(void **state)
             assert_true(ci.blocks_cached < 100000);
         }
     }
+    hakmem_stats(&s1);
+    assert_int_equal(s1.threads_live, s0.threads_live);
+    assert_true(s1.segments <= s0.segments + 1);
     pthread_key_delete(late_key);
 }
 

@@ -117,9 +117,8 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
         /* A thread that allocates after its exit (a later key destructor)
-         * gets a heap again; if that was glibc's last round of
-         * destructors, nothing exits it and its cache goes with the
-         * thread: reports must not read it. */
+         * gets a heap again, for that one allocation (see
+         * hm_heap_leave_after_exit): reports must not read its cache. */
         h->tcache = tc->owner == HM_OWNER_EXITED ? NULL : tc;
         h->next_live = heaps_live;
         if (heaps_live)
@@ -133,12 +132,27 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     /* The bins are empty with no room (a new thread's are zero; an exited
      * one's were reset): a class's first refill (or a free into it before
      * that) sets its cap, so a thread pays only for the classes it uses. */
+    bool after_exit = !h->tcache;
     tc->heap = h;
     tc->key = hm_free_key;
     tc->owner = h->id;
     /* May allocate (keys past the first 32): the cache already works. */
-    pthread_setspecific(thread_exit_key, tc);
+    if (!after_exit)
+        pthread_setspecific(thread_exit_key, tc);
     return h;
+}
+
+/* A heap attached after its thread's exit goes again once the allocation
+ * that attached it is done.  Left to the exit key, it would stay when the
+ * allocation came in glibc's last round of key destructors, which runs no
+ * other: the heap, its segments and its cache would outlive the thread (a
+ * program whose threads each malloc'd once in that round kept a heap and a
+ * 4 MiB segment per thread it ever ran).  Each such allocation pays for a
+ * heap's set-up and exit; they are rare. */
+void hm_heap_leave_after_exit(struct hm_tcache *tc)
+{
+    if (tc->heap && !tc->heap->tcache)
+        hm_thread_exit(tc);
 }
 
 /* ---- segments ---------------------------------------------------------- */

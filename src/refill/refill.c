@@ -678,6 +678,7 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
     hm_ace_start();
     if (report)
         send_report(h, &ev);
+    hm_heap_leave_after_exit(tc);
     return p;
 }
 
@@ -707,6 +708,7 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     void *p = alloc_pages(h, tc, size);
     hm_heap_unlock(h);
     hm_ace_start();
+    hm_heap_leave_after_exit(tc);
     return p;
 }
 
