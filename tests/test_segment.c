@@ -399,6 +399,41 @@ static void huge_halves_follow_the_purge(void **state)
     hm_segment_free(seg);
 }
 
+/* A segment's page-state lock that another thread holds at a fork (an
+ * owner in a span call or a purge takes it under no lock the fork's
+ * handlers take) is free in the child, which has no such thread: a
+ * child's mallinfo2 once spun on one for ever.  In the parent it stays
+ * taken: a purge passes the segment by. */
+static void usage_in_child(void)
+{
+    alarm(10);                              /* a child that spins dies of SIGALRM */
+    struct hm_segment_usage u;
+    hm_segment_usage(&u);
+    _exit(u.span_bytes ? 0 : 3);
+}
+
+static void lock_held_at_fork_is_free_in_the_child(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = hm_segment_alloc(777, false);
+    assert_non_null(seg);
+    hm_span_release(seg, hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0));
+    assert_true(seg->dirty_pages != 0);
+    uint32_t gen = atomic_load(&hm_fork_generation);
+    atomic_store(&seg->lock, gen);          /* as if another thread held it */
+    char buf[64];
+    int status = run_child(usage_in_child, buf, sizeof buf);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(atomic_load(&hm_fork_generation), gen);
+    hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
+    assert_true(seg->dirty_pages != 0);     /* held: passed by */
+    atomic_store(&seg->lock, 0);
+    hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
+    assert_int_equal(seg->dirty_pages, 0);
+    hm_segment_free(seg);
+}
+
 static void large_blocks_map_align_and_resize(void **state)
 {
     (void)state;
@@ -697,6 +732,7 @@ int main(void)
         cmocka_unit_test(huge_halves_follow_the_purge),
         cmocka_unit_test(huge_half_pages_count_as_resident_whole),
         cmocka_unit_test(huge_segments_are_bounded),
+        cmocka_unit_test(lock_held_at_fork_is_free_in_the_child),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
         cmocka_unit_test(large_cache_is_bounded),

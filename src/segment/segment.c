@@ -56,27 +56,42 @@ void hm_segment_fork_parent(void)
     pthread_mutex_unlock(&registry_lock);
 }
 
+/* The page-state lock: held for a few bit operations by the owner, or for
+ * the madvise calls of one purge (the owner then waits that long).  It
+ * holds the process's fork generation while taken, 0 when free.  A
+ * thread of the parent may hold one at the fork (an owner in a span call
+ * or a purge takes it without any lock the fork's handlers take): the
+ * child, which has no such thread, counts a lock taken in an older
+ * generation as free, instead of spinning on it for ever (a child's
+ * mallinfo2 hung there).  The segment is then one of a thread that is
+ * gone, stopped between page-state updates of pages that hold no live
+ * block; nothing has to visit every segment at the fork. */
+_Atomic uint32_t hm_fork_generation = 1;
+
 void hm_segment_fork_child(void)
 {
     pthread_mutex_init(&registry_lock, NULL);
-}
-
-/* The page-state lock: held for a few bit operations by the owner, or for
- * the madvise calls of one purge (the owner then waits that long). */
-static void seg_lock(struct hm_segment *seg)
-{
-    while (atomic_flag_test_and_set_explicit(&seg->lock, memory_order_acquire))
-        __builtin_ia32_pause();
+    atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
 }
 
 static bool seg_trylock(struct hm_segment *seg)
 {
-    return !atomic_flag_test_and_set_explicit(&seg->lock, memory_order_acquire);
+    uint32_t gen = atomic_load_explicit(&hm_fork_generation, memory_order_relaxed);
+    uint32_t seen = atomic_load_explicit(&seg->lock, memory_order_relaxed);
+    return (seen == 0 || seen != gen) &&
+           atomic_compare_exchange_strong_explicit(&seg->lock, &seen, gen, memory_order_acquire,
+                                                   memory_order_relaxed);
+}
+
+static void seg_lock(struct hm_segment *seg)
+{
+    while (!seg_trylock(seg))
+        __builtin_ia32_pause();
 }
 
 static void seg_unlock(struct hm_segment *seg)
 {
-    atomic_flag_clear_explicit(&seg->lock, memory_order_release);
+    atomic_store_explicit(&seg->lock, 0, memory_order_release);
 }
 
 /* dirty_since_ns is read without the lock as a hint (purge_all skips clean
@@ -379,7 +394,7 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
     atomic_store_explicit(&seg->owner, owner, memory_order_relaxed);
     for (unsigned i = 0; i < HM_SEGMENT_PAGES; i++)
         seg->page_span[i] = &hm_sentinel_span;
-    atomic_flag_clear(&seg->lock);
+    atomic_store_explicit(&seg->lock, 0, memory_order_relaxed);
     registry_add(seg);
     hm_segmap_set((uintptr_t)seg, seg);
     hm_count_mapped((int64_t)HM_SEGMENT_SIZE);

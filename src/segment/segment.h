@@ -107,8 +107,9 @@ struct hm_segment {
     uint32_t pages_used;            /* spans' pages in use, header excluded */
     _Atomic uintptr_t owner;        /* heap id (| HM_OWNER_DRAIN), or HM_OWNER_ABANDONED */
     /* Page state, under `lock`: the owner changes it when spans come and
-     * go, a purger (the ACE thread) when it returns free pages to the OS. */
-    atomic_flag lock;
+     * go, a purger (the ACE thread) when it returns free pages to the OS.
+     * 0 when free, else the fork generation that took it (see seg_lock). */
+    _Atomic uint32_t lock;
     uint64_t free_pages;            /* bit i set: page i is free */
     uint64_t dirty_pages;           /* free pages that may still be resident */
     uint64_t dirty_since_ns;        /* when the oldest of those was freed; 0: none */
@@ -285,6 +286,9 @@ size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 void hm_segment_fork_prepare(void);
 void hm_segment_fork_parent(void);
 void hm_segment_fork_child(void);
+/* Counts forks down the process's line: a segment's lock taken in an
+ * older generation is free (see seg_lock in segment.c). */
+extern _Atomic uint32_t hm_fork_generation;
 void hm_large_fork_prepare(void);
 void hm_large_fork_parent(void);
 void hm_large_fork_child(void);
