@@ -4,6 +4,7 @@
  * exited thread left any to adopt. */
 #include "test_util.h"
 
+#include <pthread.h>
 #include <stdbool.h>
 
 #include "hakmem.h"
@@ -69,10 +70,80 @@ static void big_heaps_ask_for_huge_pages(void **state)
         hakmem_free(blocks[i]);
 }
 
+/* A thread that adopts exited threads' segments holds many at once, but
+ * only the fresh ones it takes count: its own stay on small pages until it
+ * took four (short-lived threads that each adopted their predecessors'
+ * segments left a huge half resident apiece for a few live blocks). */
+enum { LEFT_BLOCKS = 15 };                  /* 1 MiB each: five segments */
+static void *left_blocks[LEFT_BLOCKS];
+
+static void *leave_segments(void *arg)
+{
+    (void)arg;
+    for (unsigned i = 0; i < LEFT_BLOCKS; i++)
+        left_blocks[i] = hakmem_malloc(BLOCK);
+    return NULL;                            /* its segments go to the abandoned stack */
+}
+
+static bool left_segment(const struct hm_segment *seg)
+{
+    for (unsigned i = 0; i < LEFT_BLOCKS; i++)
+        if (hm_segment_of((uintptr_t)left_blocks[i]) == seg)
+            return true;
+    return false;
+}
+
+/* What the adopting thread saw at its first fresh segment (checked on the
+ * test's thread: cmocka's asserts belong there). */
+struct adopter {
+    void *blocks[MAX_BLOCKS];
+    unsigned nblocks, held;
+    unsigned halves;
+};
+
+static void *map_after_adopting(void *arg)
+{
+    struct adopter *a = arg;
+    while (a->nblocks < MAX_BLOCKS) {
+        void *p = a->blocks[a->nblocks++] = hakmem_malloc(BLOCK);
+        struct hm_segment *seg = p ? hm_segment_of((uintptr_t)p) : NULL;
+        if (seg && !left_segment(seg)) {    /* the first segment it took fresh */
+            a->held = heap_segments();
+            a->halves = atomic_load(&seg->huge_halves);
+            break;
+        }
+    }
+    return NULL;
+}
+
+static void adopted_segments_do_not_make_a_heap_big(void **state)
+{
+    (void)state;
+    hm_huge_fault_slow_ns = UINT64_MAX;
+    const char *env = getenv("HAKMEM_THP");
+    if ((env && strcmp(env, "0") == 0) || !huge_pages_supported())
+        skip();
+    pthread_t t;
+    pthread_create(&t, NULL, leave_segments, NULL);
+    pthread_join(t, NULL);
+    for (unsigned i = 0; i < LEFT_BLOCKS; i++)
+        assert_non_null(left_blocks[i]);
+    static struct adopter a;
+    pthread_create(&t, NULL, map_after_adopting, &a);
+    pthread_join(t, NULL);
+    assert_true(a.held > 4);                /* it held the adopted ones */
+    assert_int_equal(a.halves, 0);
+    for (unsigned i = 0; i < a.nblocks; i++)
+        hakmem_free(a.blocks[i]);
+    for (unsigned i = 0; i < LEFT_BLOCKS; i++)
+        hakmem_free(left_blocks[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(big_heaps_ask_for_huge_pages),
+        cmocka_unit_test(adopted_segments_do_not_make_a_heap_big),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

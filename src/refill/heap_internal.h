@@ -66,6 +66,7 @@ struct hm_heap {
      * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped. */
     struct hm_segment *reserve;
     unsigned reserve_count;
+    unsigned segments_taken;                /* fresh ones (not of exited threads), ever */
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
     struct hm_heap *next_free;
     uint32_t slow_path_ticks;               /* refills, page blocks, flushes: pace periodic work */
