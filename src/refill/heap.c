@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "heap_internal.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -67,9 +68,22 @@ static void abandoned_unlink(struct hm_segment *seg)
 
 static pthread_key_t thread_exit_key;
 
+/* glibc runs key destructors in rounds, while any key has a value, at
+ * most PTHREAD_DESTRUCTOR_ITERATIONS.  Ours re-arms itself until then, so
+ * that it runs in every round and tc->exit_rounds tells which one this
+ * is: an allocation by a later destructor of the same round gets a heap
+ * that the next round's exit takes back, and one in the last round a
+ * heap given back at once (see hm_heap_leave_after_exit).  Our key is
+ * among the first created: its destructor runs before most others in a
+ * round, so allocations after it are common (any key destructor of a
+ * library's that allocates). */
 static void on_thread_exit(void *arg)
 {
-    hm_thread_exit(arg);
+    struct hm_tcache *tc = arg;
+    tc->exit_rounds++;
+    hm_thread_exit(tc);
+    if (tc->exit_rounds < PTHREAD_DESTRUCTOR_ITERATIONS)
+        pthread_setspecific(thread_exit_key, tc);
 }
 
 void hm_refill_module_init(void)
@@ -117,14 +131,16 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
         /* A thread that allocates after its exit (a later key destructor)
-         * gets a heap again, for that one allocation (see
-         * hm_heap_leave_after_exit): reports must not read its cache. */
+         * gets a heap again, until the next round's exit or, in the last
+         * round, for that one allocation (see hm_heap_leave_after_exit).
+         * Not a thread start, and reports must not read its cache. */
         h->tcache = tc->owner == HM_OWNER_EXITED ? NULL : tc;
         h->next_live = heaps_live;
         if (heaps_live)
             heaps_live->prev_live = h;
         heaps_live = h;
-        atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
+        if (h->tcache)
+            atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
     }
     pthread_mutex_unlock(&heaps_lock);
     if (!h)
@@ -132,26 +148,26 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     /* The bins are empty with no room (a new thread's are zero; an exited
      * one's were reset): a class's first refill (or a free into it before
      * that) sets its cap, so a thread pays only for the classes it uses. */
-    bool after_exit = !h->tcache;
     tc->heap = h;
     tc->key = hm_free_key;
     tc->owner = h->id;
     /* May allocate (keys past the first 32): the cache already works. */
-    if (!after_exit)
+    if (tc->exit_rounds < PTHREAD_DESTRUCTOR_ITERATIONS)
         pthread_setspecific(thread_exit_key, tc);
     return h;
 }
 
-/* A heap attached after its thread's exit goes again once the allocation
- * that attached it is done.  Left to the exit key, it would stay when the
- * allocation came in glibc's last round of key destructors, which runs no
- * other: the heap, its segments and its cache would outlive the thread (a
- * program whose threads each malloc'd once in that round kept a heap and a
- * 4 MiB segment per thread it ever ran).  Each such allocation pays for a
- * heap's set-up and exit; they are rare. */
+/* A heap attached in glibc's last round of key destructors, after ours
+ * ran, goes again once the allocation that attached it is done: no later
+ * round would exit it, and the heap, its segments and its cache would
+ * outlive the thread (a program whose threads each malloc'd once in that
+ * round kept a heap and a 4 MiB segment per thread it ever ran).  Each
+ * such allocation pays for a heap's set-up and exit (about 1.3 us).
+ * Known gap: a thread whose first allocation of all comes in that round
+ * never armed our key, and keeps its heap. */
 void hm_heap_leave_after_exit(struct hm_tcache *tc)
 {
-    if (tc->heap && !tc->heap->tcache)
+    if (tc->heap && tc->exit_rounds >= PTHREAD_DESTRUCTOR_ITERATIONS)
         hm_thread_exit(tc);
 }
 
@@ -806,8 +822,10 @@ void hm_thread_exit(struct hm_tcache *tc)
 
     pthread_mutex_lock(&heaps_lock);
     retire_stats(h);
-    threads_exited++;
-    atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
+    if (h->tcache) {            /* not a heap attached after the exit */
+        threads_exited++;
+        atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
+    }
     if (h->prev_live)
         h->prev_live->next_live = h->next_live;
     else
@@ -892,8 +910,10 @@ void hm_refill_fork_child(struct hm_tcache *self)
         if (h == mine)
             continue;
         retire_stats(h);
-        threads_exited++;
-        n++;
+        if (h->tcache) {        /* as in hm_thread_exit */
+            threads_exited++;
+            n++;
+        }
     }
     heaps_live = mine;
     if (mine)
