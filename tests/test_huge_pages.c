@@ -36,7 +36,6 @@ static bool huge_pages_supported(void)
 static void big_heaps_ask_for_huge_pages(void **state)
 {
     (void)state;
-    hm_huge_fault_slow_ns = UINT64_MAX;     /* however slow this machine's are */
     const char *env = getenv("HAKMEM_THP");
     bool enabled = !(env && strcmp(env, "0") == 0);
     if (enabled && !huge_pages_supported())
@@ -119,7 +118,6 @@ static void *map_after_adopting(void *arg)
 static void adopted_segments_do_not_make_a_heap_big(void **state)
 {
     (void)state;
-    hm_huge_fault_slow_ns = UINT64_MAX;
     const char *env = getenv("HAKMEM_THP");
     if ((env && strcmp(env, "0") == 0) || !huge_pages_supported())
         skip();

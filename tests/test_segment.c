@@ -22,9 +22,6 @@ static int setup(void **state)
 {
     (void)state;
     hakmem_free(hakmem_malloc(1));   /* sets the process up */
-    /* Segments ask for huge pages however slow this machine's are (see
-     * slow_huge_faults_back_off). */
-    hm_huge_fault_slow_ns = UINT64_MAX;
     return 0;
 }
 
@@ -402,34 +399,6 @@ static void huge_halves_follow_the_purge(void **state)
     hm_segment_free(seg);
 }
 
-/* A huge page's first touch slower than hm_huge_fault_slow_ns maps the
- * next 1, 2, 4 ... segments on small pages before one asks again; a fast
- * one ends the back-off. */
-static void slow_huge_faults_back_off(void **state)
-{
-    (void)state;
-    hm_segment_free(huge_segment());        /* fast: no back-off before */
-    uint64_t slow = atomic_load(&hm_segment_counters.huge_slow_faults);
-    struct hm_segment *segs[32];
-    unsigned n = 0;
-    const char *steps[] = {
-        "AsAssAssssA",                      /* every touch slow: 1, 2, 4, then 8 */
-        "ssssssssAAA",                      /* every touch fast: the 8, then no more */
-    };
-    for (unsigned k = 0; k < 2; k++) {
-        hm_huge_fault_slow_ns = k == 0 ? 0 : UINT64_MAX;
-        for (const char *c = steps[k]; *c; c++) {
-            struct hm_segment *seg = segs[n++] = hm_segment_alloc(777, true);
-            assert_non_null(seg);
-            assert_int_equal(atomic_load(&seg->huge_halves), *c == 'A' ? 3 : 0);
-            assert_int_equal(vma_has_flag(seg, "hg"), *c == 'A');
-        }
-    }
-    assert_int_equal(atomic_load(&hm_segment_counters.huge_slow_faults), slow + 4);
-    while (n)
-        hm_segment_free(segs[--n]);
-}
-
 /* A segment's page-state lock that another thread holds at a fork (an
  * owner in a span call or a purge takes it under no lock the fork's
  * handlers take) is free in the child, which has no such thread: a
@@ -763,7 +732,6 @@ int main(void)
         cmocka_unit_test(huge_halves_follow_the_purge),
         cmocka_unit_test(huge_half_pages_count_as_resident_whole),
         cmocka_unit_test(huge_segments_are_bounded),
-        cmocka_unit_test(slow_huge_faults_back_off),
         cmocka_unit_test(lock_held_at_fork_is_free_in_the_child),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),

@@ -113,8 +113,6 @@ void hakmem_stats_print(int fd)
     field(&l, "swept", h.segments_swept);
     /* 2 MiB halves of big heaps' segments asking for huge pages now. */
     field(&l, "huge_halves", atomic_load(&hm_segment_counters.huge_halves));
-    /* Huge-page faults slow enough to map the next segments on small pages. */
-    field(&l, "huge_slow", atomic_load(&hm_segment_counters.huge_slow_faults));
     /* Without the page map (its address space refused) every free takes
      * the slow path. */
     hm_line_str(&l, hm_pagemap.entries ? " page_map=on" : " page_map=off");

@@ -180,59 +180,18 @@ static void forget_resident(struct hm_segment *seg, uint64_t run)
  * hundreds of GiB cannot run the process out of areas. */
 uint64_t hm_huge_segments_max = 4096;
 
-/* Whether it asked.  Its first write faults in the header's half. */
-static bool huge_pages_ask(struct hm_segment *seg)
+static void huge_pages_ask(struct hm_segment *seg)
 {
     if (atomic_fetch_add_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed) >=
             hm_huge_segments_max ||
         !hm_os_huge_pages(seg, HM_SEGMENT_SIZE, true)) {
         atomic_fetch_sub_explicit(&hm_segment_counters.huge_segments, 1, memory_order_relaxed);
-        return false;
+        return;
     }
     seg->huge_asked = true;
     atomic_store_explicit(&seg->huge_halves, (1u << HM_SEGMENT_HALVES) - 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&hm_segment_counters.huge_halves, HM_SEGMENT_HALVES,
                               memory_order_relaxed);
-    return true;
-}
-
-/* Whether huge pages pay here.  A huge page's first touch zeroes 2 MiB at
- * once: about 0.1-0.3 ms where the kernel has one at hand, against about
- * 1 ms for the 512 small-page faults it saves.  Where the kernel must
- * first compact memory, or in a virtual machine whose host backs the
- * guest's memory as it is first touched, that one fault takes milliseconds
- * (5-8 ms measured in this project's Firecracker VM, where 512 small
- * faults take 1.1 ms), and it stalls whichever malloc made it.  So the
- * first touch of each asking segment (its header's half) is timed, in the
- * thread's CPU time (a preemption does not count); after a slow one the
- * next 1, 2, 4 ... up to HM_HUGE_BACKOFF_MAX segments are mapped on small
- * pages before one asks again, and a fast one ends the back-off. */
-#define HM_HUGE_BACKOFF_MAX 64u
-
-uint64_t hm_huge_fault_slow_ns = 2000000;
-static _Atomic uint32_t huge_skip, huge_backoff;
-
-static bool huge_pages_pay(void)
-{
-    uint32_t n = atomic_load_explicit(&huge_skip, memory_order_relaxed);
-    while (n)
-        if (atomic_compare_exchange_weak_explicit(&huge_skip, &n, n - 1, memory_order_relaxed,
-                                                  memory_order_relaxed))
-            return false;
-    return true;
-}
-
-static void huge_fault_took(uint64_t ns)
-{
-    if (ns < hm_huge_fault_slow_ns) {
-        atomic_store_explicit(&huge_backoff, 0, memory_order_relaxed);
-        return;
-    }
-    uint32_t b = atomic_load_explicit(&huge_backoff, memory_order_relaxed);
-    b = !b ? 1 : b < HM_HUGE_BACKOFF_MAX ? 2 * b : HM_HUGE_BACKOFF_MAX;
-    atomic_store_explicit(&huge_backoff, b, memory_order_relaxed);
-    atomic_store_explicit(&huge_skip, b, memory_order_relaxed);
-    atomic_fetch_add_explicit(&hm_segment_counters.huge_slow_faults, 1, memory_order_relaxed);
 }
 
 /* The segment is going away. */
@@ -426,11 +385,8 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
         return NULL;
     /* Before the header's first write, or its half would start on small
      * pages. */
-    if (huge && huge_pages_pay()) {
-        uint64_t t0 = clock_read(CLOCK_THREAD_CPUTIME_ID);
-        if (huge_pages_ask(seg))
-            huge_fault_took(clock_read(CLOCK_THREAD_CPUTIME_ID) - t0);
-    }
+    if (huge)
+        huge_pages_ask(seg);
     /* Fresh mapping: already zero.  Only the header page is written. */
     seg->kind = HM_SEGMENT_SPANS;
     seg->free_pages = ~(uint64_t)1;         /* page 0 is the header */

@@ -226,7 +226,6 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge);
 /* At most this many segments that asked for huge pages are mapped at once
  * (4096: 16 GiB); a variable so that tests can lower it. */
 extern uint64_t hm_huge_segments_max;
-extern uint64_t hm_huge_fault_slow_ns;
 void hm_segment_free(struct hm_segment *seg);
 bool hm_segment_is_empty(const struct hm_segment *seg);
 /* Gives back [p, p + len) of the segment's pages (MADV_DONTNEED); a huge
@@ -312,8 +311,6 @@ struct hm_segment_counters {
     _Atomic uint64_t bytes_purged;      /* given back with MADV_DONTNEED, ever */
     _Atomic uint64_t huge_halves;       /* 2 MiB halves of segments asking for huge pages */
     _Atomic uint64_t huge_segments;     /* segments mapped asking for them, still mapped */
-    _Atomic uint64_t huge_slow_faults;  /* first touches of a huge page slower than
-                                         * hm_huge_fault_slow_ns (see huge_pages_pay) */
 };
 extern struct hm_segment_counters hm_segment_counters;
 
