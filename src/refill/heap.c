@@ -3,7 +3,6 @@
 #define _GNU_SOURCE
 #include "heap_internal.h"
 
-#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -68,22 +67,9 @@ static void abandoned_unlink(struct hm_segment *seg)
 
 static pthread_key_t thread_exit_key;
 
-/* glibc runs key destructors in rounds, while any key has a value, at
- * most PTHREAD_DESTRUCTOR_ITERATIONS.  Ours re-arms itself until then, so
- * that it runs in every round and tc->exit_rounds tells which one this
- * is: an allocation by a later destructor of the same round gets a heap
- * that the next round's exit takes back, and one in the last round a
- * heap given back at once (see hm_heap_leave_after_exit).  Our key is
- * among the first created: its destructor runs before most others in a
- * round, so allocations after it are common (any key destructor of a
- * library's that allocates). */
 static void on_thread_exit(void *arg)
 {
-    struct hm_tcache *tc = arg;
-    tc->exit_rounds++;
-    hm_thread_exit(tc);
-    if (tc->exit_rounds < PTHREAD_DESTRUCTOR_ITERATIONS)
-        pthread_setspecific(thread_exit_key, tc);
+    hm_thread_exit(arg);
 }
 
 void hm_refill_module_init(void)
@@ -130,16 +116,12 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
          * are then touched only by the classes that use them. */
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
-        /* A thread that allocates after its exit (a later key destructor)
-         * gets a heap again, until the next round's exit or, in the last
-         * round, for that one allocation (see hm_heap_leave_after_exit).
-         * Not a thread start, and reports must not read its cache. */
-        h->tcache = tc->owner == HM_OWNER_EXITED ? NULL : tc;
+        h->tcache = tc;
         h->next_live = heaps_live;
         if (heaps_live)
             heaps_live->prev_live = h;
         heaps_live = h;
-        if (h->tcache)
+        if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
     }
     pthread_mutex_unlock(&heaps_lock);
@@ -152,23 +134,34 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     tc->key = hm_free_key;
     tc->owner = h->id;
     /* May allocate (keys past the first 32): the cache already works. */
-    if (tc->exit_rounds < PTHREAD_DESTRUCTOR_ITERATIONS)
+    if (tc != &hm_exited_tcache)
         pthread_setspecific(thread_exit_key, tc);
     return h;
 }
 
-/* A heap attached in glibc's last round of key destructors, after ours
- * ran, goes again once the allocation that attached it is done: no later
- * round would exit it, and the heap, its segments and its cache would
- * outlive the thread (a program whose threads each malloc'd once in that
- * round kept a heap and a 4 MiB segment per thread it ever ran).  Each
- * such allocation pays for a heap's set-up and exit (about 1.3 us).
- * Known gap: a thread whose first allocation of all comes in that round
- * never armed our key, and keeps its heap. */
-void hm_heap_leave_after_exit(struct hm_tcache *tc)
+/* A key destructor that runs after ours may still allocate (glibc runs
+ * them in rounds, and ours is among the first keys: any library's that
+ * allocates does so after it).  Its thread's heap is gone, and a new one
+ * might never be exited: glibc runs at most PTHREAD_DESTRUCTOR_ITERATIONS
+ * rounds, and which round this is cannot be told from inside one.  So
+ * exited threads allocate from one heap for them all, under a mutex, with
+ * a thread cache that is no thread's: static, so that reports read it
+ * safely.  Their frees go to it as remote frees, like any exited
+ * thread's.  (A heap for each such allocation, given back after it, cost
+ * 1.3 us a malloc; one kept until the next round leaked when the thread's
+ * first allocation came in a destructor, which glibc's last round did not
+ * follow.) */
+struct hm_tcache hm_exited_tcache;
+static pthread_mutex_t exited_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void hm_exited_lock(void)
 {
-    if (tc->heap && tc->exit_rounds >= PTHREAD_DESTRUCTOR_ITERATIONS)
-        hm_thread_exit(tc);
+    pthread_mutex_lock(&exited_lock);
+}
+
+void hm_exited_unlock(void)
+{
+    pthread_mutex_unlock(&exited_lock);
 }
 
 /* ---- segments ---------------------------------------------------------- */
@@ -822,10 +815,8 @@ void hm_thread_exit(struct hm_tcache *tc)
 
     pthread_mutex_lock(&heaps_lock);
     retire_stats(h);
-    if (h->tcache) {            /* not a heap attached after the exit */
-        threads_exited++;
-        atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
-    }
+    threads_exited++;
+    atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
     if (h->prev_live)
         h->prev_live->next_live = h->next_live;
     else
@@ -884,6 +875,7 @@ void hm_heap_counters(struct hm_heap_counters *out)
 
 void hm_refill_fork_prepare(void)
 {
+    pthread_mutex_lock(&exited_lock);       /* first: its holder takes the others */
     pthread_mutex_lock(&heaps_lock);
     pthread_mutex_lock(&abandoned_lock);
 }
@@ -892,6 +884,7 @@ void hm_refill_fork_parent(void)
 {
     pthread_mutex_unlock(&abandoned_lock);
     pthread_mutex_unlock(&heaps_lock);
+    pthread_mutex_unlock(&exited_lock);
 }
 
 /* Only the forking thread lives on in the child.  The other threads'
@@ -903,20 +896,26 @@ void hm_refill_fork_child(struct hm_tcache *self)
 {
     pthread_mutex_init(&abandoned_lock, NULL);
     pthread_mutex_init(&heaps_lock, NULL);
-    struct hm_heap *mine = self ? self->heap : NULL;
+    pthread_mutex_init(&exited_lock, NULL);
+    /* The exited threads' heap stays: its cache is static, and no one was
+     * using it (the prepare handler held its lock). */
+    struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;
     uint64_t n = 0;
-    for (struct hm_heap *h = heaps_live, *next; h; h = next) {
+    struct hm_heap *all = heaps_live;
+    heaps_live = NULL;
+    for (struct hm_heap *h = all, *next; h; h = next) {
         next = h->next_live;
-        if (h == mine)
+        if (h == mine || h == exited) {
+            h->prev_live = NULL;
+            h->next_live = heaps_live;
+            if (heaps_live)
+                heaps_live->prev_live = h;
+            heaps_live = h;
             continue;
-        retire_stats(h);
-        if (h->tcache) {        /* as in hm_thread_exit */
-            threads_exited++;
-            n++;
         }
+        retire_stats(h);
+        threads_exited++;
+        n++;
     }
-    heaps_live = mine;
-    if (mine)
-        mine->next_live = mine->prev_live = NULL;
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
 }

@@ -147,8 +147,11 @@ static inline void hm_heap_tidier_unlock(struct hm_heap *h)
 
 /* heap.c */
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc);
-/* Gives back a heap attached after its thread's exit (see heap.c). */
-void hm_heap_leave_after_exit(struct hm_tcache *tc);
+/* The cache of allocations by threads after their exit, and its lock
+ * (see heap.c). */
+extern struct hm_tcache hm_exited_tcache;
+void hm_exited_lock(void);
+void hm_exited_unlock(void);
 struct hm_span *hm_heap_new_span(struct hm_heap *h, unsigned cls);
 struct hm_span *hm_heap_new_pages(struct hm_heap *h, unsigned pages);
 void hm_heap_segment_emptied(struct hm_heap *h, struct hm_segment *seg);

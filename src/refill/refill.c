@@ -665,20 +665,48 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     return p;
 }
 
-void *hm_refill(struct hm_tcache *tc, unsigned cls)
+static void *refill_from(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 {
-    struct hm_heap *h = tc->heap;
-    if (__builtin_expect(!h, 0) && !(h = hm_heap_attach(tc)))
-        return NULL;
     struct hm_event ev;
     bool report = false;
     hm_heap_lock(h);
     void *p = refill(h, tc, cls, &ev, &report);
     hm_heap_unlock(h);
-    hm_ace_start();
     if (report)
         send_report(h, &ev);
-    hm_heap_leave_after_exit(tc);
+    return p;
+}
+
+/* An allocation by a thread after its exit, from the heap for them all
+ * (see hm_exited_tcache).  Not hm_ace_start, under the lock: starting the
+ * ACE thread allocates (its TLS), on this thread, which would come back
+ * here. */
+static void *exited_refill(unsigned cls)
+{
+    struct hm_tcache *tc = &hm_exited_tcache;
+    hm_exited_lock();
+    struct hm_bin *bin = &tc->bins[cls];
+    void *p = bin->head;
+    if (p) {
+        bin->head = *(void **)p;
+        bin->room++;
+        ((uintptr_t *)p)[1] = 0;        /* as bin_pop's */
+    } else if (tc->heap || hm_heap_attach(tc)) {
+        p = refill_from(tc->heap, tc, cls);
+    }
+    hm_exited_unlock();
+    return p;
+}
+
+void *hm_refill(struct hm_tcache *tc, unsigned cls)
+{
+    if (__builtin_expect(tc->owner == HM_OWNER_EXITED, 0))
+        return exited_refill(cls);
+    struct hm_heap *h = tc->heap;
+    if (__builtin_expect(!h, 0) && !(h = hm_heap_attach(tc)))
+        return NULL;
+    void *p = refill_from(h, tc, cls);
+    hm_ace_start();
     return p;
 }
 
@@ -699,7 +727,7 @@ static void *alloc_pages(struct hm_heap *h, struct hm_tcache *tc, size_t size)
     return sp->start;
 }
 
-void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
+static void *alloc_pages_from(struct hm_tcache *tc, size_t size)
 {
     struct hm_heap *h = tc->heap;
     if (!h && !(h = hm_heap_attach(tc)))
@@ -707,8 +735,19 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
     hm_heap_lock(h);
     void *p = alloc_pages(h, tc, size);
     hm_heap_unlock(h);
+    return p;
+}
+
+void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
+{
+    if (__builtin_expect(tc->owner == HM_OWNER_EXITED, 0)) {   /* see exited_refill */
+        hm_exited_lock();
+        void *p = alloc_pages_from(&hm_exited_tcache, size);
+        hm_exited_unlock();
+        return p;
+    }
+    void *p = alloc_pages_from(tc, size);
     hm_ace_start();
-    hm_heap_leave_after_exit(tc);
     return p;
 }
 

@@ -92,7 +92,6 @@ struct hm_tcache {
     uintptr_t key;      /* hm_free_key, next to owner for free()'s compares */
     struct hm_heap *heap;
     struct hm_bin bins[HM_NUM_CLASSES + 1];
-    unsigned exit_rounds;   /* rounds of key destructors that ran hm_thread_exit */
 };
 
 /* Page-map tags carry a bin's offset below the heap id's alignment. */
