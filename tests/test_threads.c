@@ -4,6 +4,8 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <time.h>
+#include <signal.h>
 
 #include "hakmem.h"
 #include "process/process.h"
@@ -830,6 +832,63 @@ static void allocation_in_key_destructors_after_ours(void **state)
     pthread_key_delete(dtor_key);
 }
 
+/* A signal handler that allocates, on a thread that allocates after its
+ * exit: each of those allocations takes the heap for exited threads,
+ * which the handler must not find halfway through one (with signals not
+ * blocked there, the child died of a broken list in every run). */
+static pthread_key_t sig_key;
+static atomic_int sig_in_dtor, sig_done;
+
+static void alloc_in_handler(int sig)
+{
+    (void)sig;
+    hakmem_free(hakmem_malloc(48));
+}
+
+static void busy_dtor(void *v)
+{
+    (void)v;
+    atomic_store(&sig_in_dtor, 1);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do {
+        for (int i = 0; i < 1000; i++)
+            hakmem_free(hakmem_malloc(16 + (size_t)i * 7 % 4000));
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    } while ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) < 1000000000L);
+    atomic_store(&sig_done, 1);
+}
+
+static void signals_while_allocating_after_exit(void)
+{
+    alarm(20);                              /* a hang dies of SIGALRM */
+    struct sigaction sa = { .sa_handler = alloc_in_handler };
+    sigaction(SIGUSR1, &sa, NULL);
+    hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
+    pthread_key_create(&sig_key, busy_dtor);
+    pthread_t t;
+    pthread_create(&t, NULL, set_key, &sig_key);
+    while (!atomic_load(&sig_in_dtor))
+        usleep(100);
+    while (!atomic_load(&sig_done)) {
+        pthread_kill(t, SIGUSR1);
+        usleep(200);
+    }
+    pthread_join(t, NULL);
+}
+
+static void signal_handler_allocates_after_thread_exit(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* TSan's own state of a thread is gone by its late rounds */
+    skip();
+#endif
+    char buf[256];
+    int status = run_child(signals_while_allocating_after_exit, buf, sizeof buf);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 /* A thread whose very first call is free(): its cache is not set up, so
  * no page can look like its own, whatever the block (small, a page
  * block, a large one).  Each goes back to its owner or the OS, and the
@@ -945,6 +1004,7 @@ int main(void)
         cmocka_unit_test(fork_child_forgets_other_threads_heaps),
         cmocka_unit_test(allocation_after_the_last_destructor_round),
         cmocka_unit_test(allocation_in_key_destructors_after_ours),
+        cmocka_unit_test(signal_handler_allocates_after_thread_exit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -152,16 +152,42 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
  * first allocation came in a destructor, which glibc's last round did not
  * follow.) */
 struct hm_tcache hm_exited_tcache;
-static pthread_mutex_t exited_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Its lock, which the thread that holds it may take again: from an abort
+ * handler after a diagnostic under it, or a signal handler (as
+ * hm_heap_lock lets its owner re-enter).  One CAS takes it, so no signal
+ * finds it half taken (a signal inside pthread_mutex_lock of a recursive
+ * mutex, before it noted its owner, left the handler waiting for ever). */
+static _Atomic uintptr_t exited_holder;     /* pthread_self() of the holder; 0: free */
+static unsigned exited_depth;               /* the holder's re-entries */
+
+static void nap_ns(long ns);
 
 void hm_exited_lock(void)
 {
-    pthread_mutex_lock(&exited_lock);
+    uintptr_t self = (uintptr_t)pthread_self();
+    for (unsigned spins = 0;; spins++) {
+        uintptr_t seen = 0;
+        if (atomic_compare_exchange_strong_explicit(&exited_holder, &seen, self,
+                                                    memory_order_acquire, memory_order_relaxed))
+            return;
+        if (seen == self) {
+            exited_depth++;
+            return;
+        }
+        if (spins < 64)
+            __builtin_ia32_pause();
+        else
+            nap_ns(20000);
+    }
 }
 
 void hm_exited_unlock(void)
 {
-    pthread_mutex_unlock(&exited_lock);
+    if (exited_depth)
+        exited_depth--;
+    else
+        atomic_store_explicit(&exited_holder, 0, memory_order_release);
 }
 
 /* ---- segments ---------------------------------------------------------- */
@@ -875,7 +901,7 @@ void hm_heap_counters(struct hm_heap_counters *out)
 
 void hm_refill_fork_prepare(void)
 {
-    pthread_mutex_lock(&exited_lock);       /* first: its holder takes the others */
+    hm_exited_lock();                       /* first: its holder takes the others */
     pthread_mutex_lock(&heaps_lock);
     pthread_mutex_lock(&abandoned_lock);
 }
@@ -884,7 +910,7 @@ void hm_refill_fork_parent(void)
 {
     pthread_mutex_unlock(&abandoned_lock);
     pthread_mutex_unlock(&heaps_lock);
-    pthread_mutex_unlock(&exited_lock);
+    hm_exited_unlock();
 }
 
 /* Only the forking thread lives on in the child.  The other threads'
@@ -896,7 +922,8 @@ void hm_refill_fork_child(struct hm_tcache *self)
 {
     pthread_mutex_init(&abandoned_lock, NULL);
     pthread_mutex_init(&heaps_lock, NULL);
-    pthread_mutex_init(&exited_lock, NULL);
+    atomic_store_explicit(&exited_holder, 0, memory_order_relaxed);
+    exited_depth = 0;
     /* The exited threads' heap stays: its cache is static, and no one was
      * using it (the prepare handler held its lock). */
     struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;

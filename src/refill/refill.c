@@ -4,6 +4,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -677,14 +679,34 @@ static void *refill_from(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
     return p;
 }
 
-/* An allocation by a thread after its exit, from the heap for them all
- * (see hm_exited_tcache).  Not hm_ace_start, under the lock: starting the
- * ACE thread allocates (its TLS), on this thread, which would come back
- * here. */
+/* The heap for exited threads (see hm_exited_tcache), taken with the
+ * thread's signals blocked: every allocation of an exited thread comes
+ * here, so a signal handler that allocates would otherwise often find
+ * the heap halfway through one (a program whose handler did so while a
+ * key destructor allocated aborted on a broken list in 2 runs of 3).
+ * The two calls cost about 0.6 us an allocation, paid only after exit. */
+static void exited_enter(sigset_t *saved)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, saved);
+    hm_exited_lock();
+}
+
+static void exited_leave(const sigset_t *saved)
+{
+    hm_exited_unlock();
+    pthread_sigmask(SIG_SETMASK, saved, NULL);
+}
+
+/* An allocation by a thread after its exit, from the heap for them all.
+ * Not hm_ace_start, under the lock: starting the ACE thread allocates (its
+ * TLS), on this thread, which would come back here. */
 static void *exited_refill(unsigned cls)
 {
     struct hm_tcache *tc = &hm_exited_tcache;
-    hm_exited_lock();
+    sigset_t saved;
+    exited_enter(&saved);
     struct hm_bin *bin = &tc->bins[cls];
     void *p = bin->head;
     if (p) {
@@ -694,7 +716,7 @@ static void *exited_refill(unsigned cls)
     } else if (tc->heap || hm_heap_attach(tc)) {
         p = refill_from(tc->heap, tc, cls);
     }
-    hm_exited_unlock();
+    exited_leave(&saved);
     return p;
 }
 
@@ -741,9 +763,10 @@ static void *alloc_pages_from(struct hm_tcache *tc, size_t size)
 void *hm_alloc_pages(struct hm_tcache *tc, size_t size)
 {
     if (__builtin_expect(tc->owner == HM_OWNER_EXITED, 0)) {   /* see exited_refill */
-        hm_exited_lock();
+        sigset_t saved;
+        exited_enter(&saved);
         void *p = alloc_pages_from(&hm_exited_tcache, size);
-        hm_exited_unlock();
+        exited_leave(&saved);
         return p;
     }
     void *p = alloc_pages_from(tc, size);
