@@ -1519,6 +1519,23 @@ void hm_free_key_init(void)
 /* malloc_trim: this thread's cached blocks go back (spans left empty go to
  * their segments), its empty segments are unmapped, and every free page of
  * every segment goes back to the OS now. */
+/* The bins of the heap for exited threads, which are no thread's: a trim
+ * empties them as the caller's own. */
+static void trim_exited_bins(void)
+{
+    sigset_t saved;
+    exited_enter(&saved);
+    struct hm_heap *h = hm_exited_tcache.heap;
+    if (h) {
+        hm_heap_lock(h);
+        for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+            if (hm_bin_count(&hm_exited_tcache.bins[c]))
+                hm_bin_return_all(h, &hm_exited_tcache, c);
+        hm_heap_unlock(h);
+    }
+    exited_leave(&saved);
+}
+
 bool hm_trim(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
@@ -1534,6 +1551,7 @@ bool hm_trim(struct hm_tcache *tc)
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);
     }
+    trim_exited_bins();
     hm_heaps_trim_others(h, gen);
     hm_abandoned_sweep(UINT_MAX, true);
     hm_heap_release_empty_pool();
