@@ -751,16 +751,23 @@ static void *set_key(void *key)
     return NULL;
 }
 
-static void allocation_after_the_last_destructor_round(void **state)
+/* A test of key destructors that run after hakmem's: its key created
+ * after hakmem's exit key, and the counters before. */
+static void key_after_ours(pthread_key_t *key, void (*dtor)(void *), struct hakmem_stats *s0)
 {
-    (void)state;
 #ifdef __SANITIZE_THREAD__      /* TSan's own state of a thread is gone by its late rounds */
     skip();
 #endif
     hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
-    pthread_key_create(&late_key, late_dtor);
+    assert_int_equal(pthread_key_create(key, dtor), 0);
+    hakmem_stats(s0);
+}
+
+static void allocation_after_the_last_destructor_round(void **state)
+{
+    (void)state;
     struct hakmem_stats s0, s1;
-    hakmem_stats(&s0);
+    key_after_ours(&late_key, late_dtor, &s0);
     pthread_t t[LATE];
     for (int i = 0; i < LATE; i++)
         pthread_create(&t[i], NULL, set_key, &late_key);
@@ -813,13 +820,8 @@ static void *set_dtor_key_only(void *arg)
 static void allocation_in_key_destructors_after_ours(void **state)
 {
     (void)state;
-#ifdef __SANITIZE_THREAD__      /* TSan's own state of a thread is gone by its late rounds */
-    skip();
-#endif
-    hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
-    pthread_key_create(&dtor_key, allocating_dtor);
     struct hakmem_stats s0, s1;
-    hakmem_stats(&s0);
+    key_after_ours(&dtor_key, allocating_dtor, &s0);
     for (int i = 0; i < 4; i++) {
         run_thread(set_key, &dtor_key);         /* allocated before its exit */
         run_thread(set_dtor_key_only, NULL);    /* first allocates in a destructor */

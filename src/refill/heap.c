@@ -79,6 +79,28 @@ void hm_refill_module_init(void)
         hm_fatal("malloc", "cannot create the thread-exit key", NULL);
 }
 
+/* A short sleep by the raw system call: glibc's nanosleep is a thread
+ * cancellation point, and malloc and malloc_trim must not be. */
+static void nap_ns(long ns)
+{
+    struct timespec nap = { 0, ns };
+    syscall(SYS_nanosleep, &nap, NULL);
+}
+
+/* A waiter's pause at its `spins`th try for a lock held for at most a few
+ * milliseconds: it spins, then yields, then sleeps (on a machine with
+ * fewer cores than threads the holder may not be running, and under
+ * SCHED_FIFO a yield never lets a lower priority run). */
+static void lock_backoff(unsigned spins)
+{
+    if (spins < 64)
+        __builtin_ia32_pause();
+    else if (spins < 128)
+        sched_yield();
+    else
+        nap_ns(20000);
+}
+
 static struct hm_heap *heap_take(void)
 {
     struct hm_heap *h = heaps_free;
@@ -101,6 +123,16 @@ static struct hm_heap *heap_take(void)
     return h;
 }
 
+/* Onto the registry's list of live heaps (under heaps_lock). */
+static void live_push(struct hm_heap *h)
+{
+    h->prev_live = NULL;
+    h->next_live = heaps_live;
+    if (heaps_live)
+        heaps_live->prev_live = h;
+    heaps_live = h;
+}
+
 struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
 {
     if (!hm_process_init())
@@ -117,10 +149,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
         h->tcache = tc;
-        h->next_live = heaps_live;
-        if (heaps_live)
-            heaps_live->prev_live = h;
-        heaps_live = h;
+        live_push(h);
         if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
     }
@@ -161,8 +190,6 @@ struct hm_tcache hm_exited_tcache;
 static _Atomic uintptr_t exited_holder;     /* pthread_self() of the holder; 0: free */
 static unsigned exited_depth;               /* the holder's re-entries */
 
-static void nap_ns(long ns);
-
 void hm_exited_lock(void)
 {
     uintptr_t self = (uintptr_t)pthread_self();
@@ -175,10 +202,7 @@ void hm_exited_lock(void)
             exited_depth++;
             return;
         }
-        if (spins < 64)
-            __builtin_ia32_pause();
-        else
-            nap_ns(20000);
+        lock_backoff(spins);
     }
 }
 
@@ -439,31 +463,12 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 
 /* ---- idle heaps -------------------------------------------------------- */
 
-/* A short sleep by the raw system call: glibc's nanosleep is a thread
- * cancellation point, and malloc and malloc_trim must not be. */
-static void nap_ns(long ns)
-{
-    struct timespec nap = { 0, ns };
-    syscall(SYS_nanosleep, &nap, NULL);
-}
-
-/* The owner spins while a tidier finishes its step (at most a few
- * milliseconds: see HM_TIDY_STEP), then yields, then sleeps: on a machine
- * with fewer cores than threads the tidier may not be running, and under
- * SCHED_FIFO a yield never lets a lower priority run. */
+/* The owner waits while a tidier finishes its step (at most a few
+ * milliseconds: see HM_TIDY_STEP). */
 void hm_heap_lock_wait(struct hm_heap *h)
 {
-    for (unsigned spins = 0;; spins++) {
-        if (hm_heap_lock_take(h, HM_HEAP_OWNER))
-            return;
-        if (spins < 64) {
-            __builtin_ia32_pause();
-        } else if (spins < 128) {
-            sched_yield();
-        } else {
-            nap_ns(20000);
-        }
-    }
+    for (unsigned spins = 0; !hm_heap_lock_take(h, HM_HEAP_OWNER); spins++)
+        lock_backoff(spins);
 }
 
 /* One step of the ACE thread's tidying gives back at most 512 KiB, about
@@ -876,7 +881,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
         out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
-        out->blocks_cached += (h->tcache ? hm_bin_count(&h->tcache->bins[cls]) : 0) +
+        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]) +
                               hm_stash_count(h, cls);
     }
     pthread_mutex_unlock(&heaps_lock);
@@ -933,11 +938,7 @@ void hm_refill_fork_child(struct hm_tcache *self)
     for (struct hm_heap *h = all, *next; h; h = next) {
         next = h->next_live;
         if (h == mine || h == exited) {
-            h->prev_live = NULL;
-            h->next_live = heaps_live;
-            if (heaps_live)
-                heaps_live->prev_live = h;
-            heaps_live = h;
+            live_push(h);
             continue;
         }
         retire_stats(h);

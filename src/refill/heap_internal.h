@@ -46,7 +46,7 @@ struct hm_compact_cursor {
 
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
-    struct hm_tcache *tcache;               /* NULL: attached after its thread's exit */
+    struct hm_tcache *tcache;               /* its thread's, or hm_exited_tcache */
     /* Held by the owner through each slow path (hm_heap_lock), so that
      * another thread may tidy the heap while its thread idles (see
      * hm_heaps_tidy_idle); the fast paths never take it: they touch only

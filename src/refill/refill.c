@@ -1404,14 +1404,14 @@ static struct hm_span *block_of(void *p, const char *call, struct hm_segment **l
 }
 
 /* A block of an exited thread's segment, freed by a thread with a live
- * heap: the segment may become ours (see hm_heap_reclaim).  Not by a heap
- * attached after its thread's exit (nothing would give it back), nor for
+ * heap: the segment may become ours (see hm_heap_reclaim).  Not by an
+ * exited thread (it has no heap: nothing would give the segment back), nor for
  * a block that looks free already: the remote path's check below ends
  * that double free, where ours would miss the block in another thread's
  * remote batch. */
 static bool reclaim(struct hm_tcache *tc, struct hm_span *sp, const uintptr_t *words)
 {
-    return words[1] != hm_free_key && tc->heap && tc->heap->tcache == tc &&
+    return words[1] != hm_free_key && tc->heap &&
            hm_heap_reclaim(tc->heap, hm_segment_of_span(sp));
 }
 
@@ -1516,9 +1516,13 @@ void hm_free_key_init(void)
 
 /* ---- trim -------------------------------------------------------------- */
 
-/* malloc_trim: this thread's cached blocks go back (spans left empty go to
- * their segments), its empty segments are unmapped, and every free page of
- * every segment goes back to the OS now. */
+/* Every cached block of tc's, bins and stashes, back to its span. */
+static void return_cache(struct hm_heap *h, struct hm_tcache *tc)
+{
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        hm_bin_return_all(h, tc, c);
+}
+
 /* The bins of the heap for exited threads, which are no thread's: a trim
  * empties them as the caller's own. */
 static void trim_exited_bins(void)
@@ -1528,14 +1532,15 @@ static void trim_exited_bins(void)
     struct hm_heap *h = hm_exited_tcache.heap;
     if (h) {
         hm_heap_lock(h);
-        for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-            if (hm_bin_count(&hm_exited_tcache.bins[c]))
-                hm_bin_return_all(h, &hm_exited_tcache, c);
+        return_cache(h, &hm_exited_tcache);
         hm_heap_unlock(h);
     }
     exited_leave(&saved);
 }
 
+/* malloc_trim: this thread's cached blocks go back (spans left empty go to
+ * their segments), its empty segments are unmapped, and every free page of
+ * every segment goes back to the OS now. */
 bool hm_trim(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
@@ -1545,8 +1550,7 @@ bool hm_trim(struct hm_tcache *tc)
     if (h) {
         hm_heap_lock(h);
         hm_remote_flush(h);
-        for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
-            hm_bin_return_all(h, tc, c);
+        return_cache(h, tc);
         trim_own(h, gen);
         hm_heap_release_reserve(h, true);
         hm_heap_unlock(h);

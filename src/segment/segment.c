@@ -78,7 +78,7 @@ static bool seg_trylock(struct hm_segment *seg)
 {
     uint32_t gen = atomic_load_explicit(&hm_fork_generation, memory_order_relaxed);
     uint32_t seen = atomic_load_explicit(&seg->lock, memory_order_relaxed);
-    return (seen == 0 || seen != gen) &&
+    return seen != gen &&               /* free (0), or taken before a fork */
            atomic_compare_exchange_strong_explicit(&seg->lock, &seen, gen, memory_order_acquire,
                                                    memory_order_relaxed);
 }
