@@ -5,6 +5,7 @@
 #include "../../include/hakmem.h"
 #include "../ace/ace.h"
 #include "../diag/diag.h"
+#include "../hot/hot.h"
 #include "../refill/refill.h"
 #include "../segment/segment.h"
 
@@ -23,7 +24,7 @@ int hakmem_class_info(unsigned cls, struct hakmem_class_info *out)
     if (cls >= HM_NUM_CLASSES || !out)
         return -1;
     struct hm_class_counters c;
-    hm_class_counters(cls, &c);
+    hm_class_counters(cls, hm_tcache_self(), &c);
     struct hm_refill_bounds b = hm_refill_bounds(cls);
     memset(out, 0, sizeof *out);
     out->size_class = cls;

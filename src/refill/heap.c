@@ -148,7 +148,6 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
          * are then touched only by the classes that use them. */
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
-        h->tcache = tc;
         live_push(h);
         if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
@@ -861,7 +860,21 @@ void hm_thread_exit(struct hm_tcache *tc)
 
 /* ---- counters ---------------------------------------------------------- */
 
-void hm_class_counters(unsigned cls, struct hm_class_counters *out)
+/* Other threads' bins are read as noted at their last slow path, never
+ * in their TLS: a thread whose first allocation came in glibc's last round
+ * of key destructors keeps a heap that nothing exits (see
+ * hm_exited_tcache), and its TLS goes with its stack.  Only the caller's
+ * own bins, and the exited threads' (static), are read as they are. */
+static uint32_t bin_blocks(const struct hm_heap *h, const struct hm_tcache *self, unsigned cls)
+{
+    if (self && h == self->heap)
+        return hm_bin_count(&self->bins[cls]);
+    if (h == hm_exited_tcache.heap)
+        return hm_bin_count(&hm_exited_tcache.bins[cls]);
+    return __atomic_load_n(&h->stats[cls].bin_blocks, __ATOMIC_RELAXED);
+}
+
+void hm_class_counters(unsigned cls, const struct hm_tcache *self, struct hm_class_counters *out)
 {
     memset(out, 0, sizeof *out);
     pthread_mutex_lock(&heaps_lock);
@@ -881,8 +894,7 @@ void hm_class_counters(unsigned cls, struct hm_class_counters *out)
         out->remote_frees += __atomic_load_n(&s->remote_frees, __ATOMIC_RELAXED);
         out->ace_drops += __atomic_load_n(&s->ace_drops, __ATOMIC_RELAXED);
         out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
-        out->blocks_cached += hm_bin_count(&h->tcache->bins[cls]) +
-                              hm_stash_count(h, cls);
+        out->blocks_cached += bin_blocks(h, self, cls) + hm_stash_count(h, cls);
     }
     pthread_mutex_unlock(&heaps_lock);
 }

@@ -13,6 +13,10 @@ struct hm_heap_class_stats {
     uint32_t remote_since_refill;
     uint32_t flushes_since_refill;    /* overflows since the bin was last empty */
     uint32_t last_refill;             /* blocks the last refill put in the bin */
+    /* The bin's blocks after its last slow path, which other threads'
+     * reports read: never the bin itself, which is in its thread's TLS and
+     * may be unmapped once the thread is gone (see hm_class_counters). */
+    uint32_t bin_blocks;
     uint32_t drain_frees, drain_allocs;   /* a draining bin's current window */
     uint64_t blocks_drained;
 };
@@ -46,7 +50,6 @@ struct hm_compact_cursor {
 
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
-    struct hm_tcache *tcache;               /* its thread's, or hm_exited_tcache */
     /* Held by the owner through each slow path (hm_heap_lock), so that
      * another thread may tidy the heap while its thread idles (see
      * hm_heaps_tidy_idle); the fast paths never take it: they touch only
@@ -220,7 +223,8 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
 /* A bin's cap after a refill of `got` blocks for a batch of `want`. */
 int32_t hm_bin_cap(unsigned cls, uint32_t want, uint32_t got);
 /* Counts class cls's bin and stash into h->cache_bound again, after a
- * slow path changed the bin's cap or the stash (see enforce_cache_budget). */
+ * slow path changed the bin's cap or the stash (see enforce_cache_budget),
+ * and notes the bin's blocks for other threads' reports. */
 void hm_cache_bound_note(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
 /* Blocks of the class in h's stash (for reports; read without a lock). */
 uint32_t hm_stash_count(const struct hm_heap *h, unsigned cls);

@@ -548,6 +548,7 @@ void hm_cache_bound_note(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
     const struct hm_bin *bin = &tc->bins[cls];
     cache_bound_set(h, cls, (bin->cap >= 0 ? (uint32_t)bin->cap + 1 : h->stats[cls].last_refill) +
                                 h->stash[cls].count);
+    __atomic_store_n(&h->stats[cls].bin_blocks, hm_bin_count(bin), __ATOMIC_RELAXED);
 }
 
 /* Over budget: empty bins, largest classes first (they hold the most bytes

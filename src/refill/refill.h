@@ -146,12 +146,14 @@ uint32_t hm_refill_count_load(unsigned cls);
 void hm_refill_count_store(unsigned cls, uint32_t count);
 struct hm_refill_bounds hm_refill_bounds(unsigned cls);
 
-/* Per-class counters summed over all heaps (racy reads of live threads). */
+/* Per-class counters summed over all heaps (racy reads of live threads).
+ * blocks_cached counts `self`'s bin (the caller's thread cache, or NULL)
+ * as it is now, and other threads' bins as their last slow path left them. */
 struct hm_class_counters {
     uint64_t refills, blocks_refilled, flushes, blocks_flushed;
     uint64_t remote_frees, blocks_cached, ace_drops, blocks_drained;
 };
-void hm_class_counters(unsigned cls, struct hm_class_counters *out);
+void hm_class_counters(unsigned cls, const struct hm_tcache *self, struct hm_class_counters *out);
 
 struct hm_heap_counters {
     uint64_t threads_live, threads_exited;
