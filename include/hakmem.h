@@ -62,7 +62,9 @@ struct hakmem_class_info {
     uint64_t flushes;           /* thread cache overflows */
     uint64_t blocks_flushed;    /* blocks that left a bin by overflows (to spans or the stash) */
     uint64_t remote_frees;      /* blocks freed by a thread that does not own them */
-    uint64_t blocks_cached;     /* blocks sitting in thread caches (bins and stashes) now */
+    uint64_t blocks_cached;     /* blocks sitting in thread caches (bins and stashes):
+                                 * the caller's bins now, other threads' bins
+                                 * as their last refill or overflow left them */
     uint64_t ace_events;        /* refill events the ACE thread received */
     uint64_t ace_drops;         /* refill events dropped (queue full) */
     uint64_t blocks_drained;    /* frees handed straight to their spans while

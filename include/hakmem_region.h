@@ -129,7 +129,7 @@ struct hakmem_region_class {
     uint64_t flushes;
     uint64_t blocks_flushed;
     uint64_t remote_frees;
-    uint64_t blocks_cached;         /* in thread caches now */
+    uint64_t blocks_cached;         /* in thread caches (bins as last refilled or flushed) */
     uint64_t events;                /* refill events the ACE thread received */
     uint64_t drops;                 /* refill events dropped (queue full) */
 };

@@ -109,6 +109,8 @@ void hakmem_stats_print(int fd)
     struct hm_heap_counters h;
     hm_heap_counters(&h);
     field(&l, "heaps_tidied", h.heaps_tidied);
+    /* Heaps exited for threads gone without exiting them (see orphan_exit). */
+    field(&l, "orphaned", h.heaps_orphaned);
     /* Segments of exited threads emptied by others' frees, given back
      * without adoption (see hm_abandoned_sweep). */
     field(&l, "swept", h.segments_swept);

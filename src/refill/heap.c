@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "heap_internal.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -25,6 +26,7 @@ static struct hm_heap *heaps_free;
 static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
 static uint64_t heaps_tidied;             /* under heaps_lock */
+static uint64_t heaps_orphaned;           /* exited for a gone thread (orphan_exit) */
 static _Atomic uint64_t threads_live;
 
 uint64_t hm_heap_live_count(void)
@@ -139,6 +141,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         return NULL;
     if (tc->heap)                      /* set up by a re-entrant call */
         return tc->heap;
+    pid_t tid = tc != &hm_exited_tcache ? gettid() : 0;
     pthread_mutex_lock(&heaps_lock);
     struct hm_heap *h = heap_take();
     if (h) {
@@ -148,6 +151,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
          * are then touched only by the classes that use them. */
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
+        h->tid = tid;
         live_push(h);
         if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
@@ -470,6 +474,41 @@ void hm_heap_lock_wait(struct hm_heap *h)
         lock_backoff(spins);
 }
 
+static void give_up_all(struct hm_heap *h);
+static void heap_retire(struct hm_heap *h);
+
+/* Whether h's thread is gone, though it never exited the heap: its first
+ * allocation came in glibc's last round of key destructors, after which
+ * none of ours runs (see hm_exited_tcache), or it ended by a bare exit
+ * system call.  Asked once a heap has been idle for the purge delay, so
+ * at most once per idle spell of a live thread.  ESRCH only: a live
+ * thread keeps its id, and a gone one's id taken by a new thread only
+ * delays this until that one is gone too.  errno as it was: this runs in
+ * the application's malloc. */
+static bool thread_gone(const struct hm_heap *h)
+{
+    if (!h->tid)
+        return false;               /* the exited threads' heap */
+    int saved = errno;
+    bool gone = syscall(SYS_tgkill, getpid(), h->tid, 0) != 0 && errno == ESRCH;
+    errno = saved;
+    return gone;
+}
+
+/* Exits a gone thread's heap for it, holding its lock as a tidier, under
+ * heaps_lock.  As at a thread's exit, except its bins: they were in the
+ * thread's TLS, gone or another thread's by now, so their blocks (at most
+ * a cap a class) stay counted as live in their spans for good. */
+static void orphan_exit(struct hm_heap *h)
+{
+    hm_remote_flush(h);
+    hm_heap_tidy_caches(h);
+    give_up_all(h);
+    hm_heap_tidier_unlock(h);
+    heap_retire(h);
+    heaps_orphaned++;
+}
+
 /* One step of the ACE thread's tidying gives back at most 512 KiB, about
  * 2 ms of work (compaction walks the free lists of the spans it empties:
  * an idle heap of a million 100 B blocks, 1% live, took 240 ms whole),
@@ -493,7 +532,8 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
 {
     size_t done = 0;
     pthread_mutex_lock(&heaps_lock);
-    for (struct hm_heap *h = heaps_live; h && done < budget; h = h->next_live) {
+    for (struct hm_heap *h = heaps_live, *next; h && done < budget; h = next) {
+        next = h->next_live;
         if (h == self || !hm_heap_trylock(h))
             continue;
         /* Read under the heap's lock: every time its owner wrote is older. */
@@ -508,6 +548,10 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
             /* Once tidied, an idle heap changes only by frees of other
              * threads: a thousand idle threads' heaps are not walked again
              * every pass for nothing. */
+            if (!h->tidied && thread_gone(h)) {
+                orphan_exit(h);
+                continue;
+            }
             abandon_still_drained(h, now, delay_ns);
             size_t bytes = hm_heap_tidy(h, budget - done);
             heaps_tidied++;
@@ -807,9 +851,40 @@ static void retire_stats(struct hm_heap *h)
     }
 }
 
-/* Gives back what the thread holds: cached blocks to their spans, empty
- * spans and segments to the OS, and segments with live blocks to the
- * abandoned list for another thread to adopt. */
+/* Gives back the heap's segments (its caches already emptied): empty
+ * spans and segments to the OS, segments with live blocks to the
+ * abandoned list for another thread to adopt.  Under the heap's lock. */
+static void give_up_all(struct hm_heap *h)
+{
+    hm_heap_collect(h);
+    memset(h->partial, 0, sizeof h->partial);
+    for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
+        next = seg->next;
+        give_up_segment(seg);
+    }
+    h->segments = NULL;
+    hm_heap_release_reserve(h, false);
+}
+
+/* Off the registry and onto the free list, its counters kept (under
+ * heaps_lock). */
+static void heap_retire(struct hm_heap *h)
+{
+    retire_stats(h);
+    threads_exited++;
+    atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
+    if (h->prev_live)
+        h->prev_live->next_live = h->next_live;
+    else
+        heaps_live = h->next_live;
+    if (h->next_live)
+        h->next_live->prev_live = h->prev_live;
+    h->next_free = heaps_free;
+    heaps_free = h;
+}
+
+/* Gives back what the thread holds: cached blocks to their spans, then
+ * its segments (give_up_all). */
 void hm_thread_exit(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
@@ -825,15 +900,7 @@ void hm_thread_exit(struct hm_tcache *tc)
         __atomic_store_n(&tc->bins[c].cap, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&tc->bins[c].room, 0, __ATOMIC_RELEASE);
     }
-    hm_heap_collect(h);
-    memset(h->partial, 0, sizeof h->partial);
-
-    for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
-        next = seg->next;
-        give_up_segment(seg);
-    }
-    h->segments = NULL;
-    hm_heap_release_reserve(h, false);
+    give_up_all(h);
 
     /* From here a malloc on this thread (a later destructor) starts over;
      * a free does not (see remote_free). */
@@ -844,17 +911,7 @@ void hm_thread_exit(struct hm_tcache *tc)
     hm_heap_unlock(h);
 
     pthread_mutex_lock(&heaps_lock);
-    retire_stats(h);
-    threads_exited++;
-    atomic_fetch_sub_explicit(&threads_live, 1, memory_order_relaxed);
-    if (h->prev_live)
-        h->prev_live->next_live = h->next_live;
-    else
-        heaps_live = h->next_live;
-    if (h->next_live)
-        h->next_live->prev_live = h->prev_live;
-    h->next_free = heaps_free;
-    heaps_free = h;
+    heap_retire(h);
     pthread_mutex_unlock(&heaps_lock);
 }
 
@@ -906,6 +963,7 @@ void hm_heap_counters(struct hm_heap_counters *out)
     pthread_mutex_lock(&heaps_lock);
     out->threads_exited = threads_exited;
     out->heaps_tidied = heaps_tidied;
+    out->heaps_orphaned = heaps_orphaned;
     pthread_mutex_unlock(&heaps_lock);
     pthread_mutex_lock(&abandoned_lock);
     out->segments_abandoned = segments_abandoned;
@@ -944,6 +1002,8 @@ void hm_refill_fork_child(struct hm_tcache *self)
     /* The exited threads' heap stays: its cache is static, and no one was
      * using it (the prepare handler held its lock). */
     struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;
+    if (mine)
+        mine->tid = gettid();           /* or its parent's thread looks gone */
     uint64_t n = 0;
     struct hm_heap *all = heaps_live;
     heaps_live = NULL;

@@ -2,6 +2,8 @@
 #ifndef HM_HEAP_INTERNAL_H
 #define HM_HEAP_INTERNAL_H
 
+#include <sys/types.h>
+
 #include "refill.h"
 #include "../segment/segment.h"
 
@@ -50,6 +52,7 @@ struct hm_compact_cursor {
 
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
+    pid_t tid;                              /* its thread's (0: no thread's): see thread_gone */
     /* Held by the owner through each slow path (hm_heap_lock), so that
      * another thread may tidy the heap while its thread idles (see
      * hm_heaps_tidy_idle); the fast paths never take it: they touch only
@@ -196,6 +199,8 @@ bool hm_heap_has_remote_frees(const struct hm_heap *h);
  * thread's cache (the thread may be gone: a fork child's heaps of the
  * parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
+/* Collects h's remote frees and returns its stashes to their spans. */
+void hm_heap_tidy_caches(struct hm_heap *h);
 /* malloc_trim's share of one heap, under its lock (its owner's or a
  * tidier's): remote frees collected, stashes back to their spans, and the
  * free pages of its partial spans given back (not the bins: only its

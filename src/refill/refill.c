@@ -1290,8 +1290,7 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 /* Not its batches of remote frees (the owner's free path fills them
  * without the lock; they hold at most REMOTE_HELD_MAX) nor its bins (the
  * fast paths'). */
-/* Collects h's remote frees and returns its stashes to their spans. */
-static void heap_tidy_caches(struct hm_heap *h)
+void hm_heap_tidy_caches(struct hm_heap *h)
 {
     hm_heap_collect(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
@@ -1308,7 +1307,7 @@ static void heap_tidy_caches(struct hm_heap *h)
 
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
 {
-    heap_tidy_caches(h);
+    hm_heap_tidy_caches(h);
     /* Nothing changed since its owner went idle, the delay ago: its nearly
      * empty spans have been so that long. */
     return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);
@@ -1328,7 +1327,7 @@ static uint64_t trim_generation(void)
  * back.  A later trim's cursor is left for it (spans done are skipped). */
 static void trim_own(struct hm_heap *h, uint64_t gen)
 {
-    heap_tidy_caches(h);
+    hm_heap_tidy_caches(h);
     struct hm_compact_cursor at = { 0, 0 };
     compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX, &at);
     if (h->trim_gen < gen) {
@@ -1349,7 +1348,7 @@ bool hm_heap_trim(struct hm_heap *h, uint64_t gen, size_t budget, size_t *cost)
     if (h->trim_gen < gen) {
         h->trim_gen = gen;
         h->trim_at = (struct hm_compact_cursor){ 0, 0 };
-        heap_tidy_caches(h);
+        hm_heap_tidy_caches(h);
     }
     if (h->trim_at.cls < HM_NUM_CLASSES)
         *cost = compact_pass(h, hm_clock_ns(), 0, 0, 1, budget, &h->trim_at);

@@ -160,6 +160,7 @@ struct hm_heap_counters {
     uint64_t segments_abandoned, segments_adopted;
     uint64_t segments_swept;        /* abandoned ones emptied and given back by a sweep */
     uint64_t heaps_tidied;          /* tidies of idle threads' heaps, ever */
+    uint64_t heaps_orphaned;        /* heaps exited for a thread gone without exiting them */
 };
 void hm_heap_counters(struct hm_heap_counters *out);
 
