@@ -967,6 +967,34 @@ static void heaps_of_gone_threads(void **state)
     assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* A vfork child shares our memory, not our thread ids: a tidier that ran
+ * there (any malloc slow path of the child's) found every idle thread of
+ * ours gone and exited its heap under it. */
+static void idle_threads_stay_in_a_vfork_child(void **state)
+{
+    (void)state;
+    pthread_barrier_init(&idle_barrier, NULL, 2);
+    pthread_t idle;
+    pthread_create(&idle, NULL, allocate_and_idle, NULL);
+    pthread_barrier_wait(&idle_barrier);    /* it allocated; now it waits */
+    hm_heaps_tidy_idle(0);                  /* notes it idle */
+    struct hm_heap_counters h0, h1;
+    hm_heap_counters(&h0);
+    pid_t pid = vfork();
+    if (pid == 0) {
+        hm_heaps_tidy_idle(0);
+        hm_heaps_tidy_idle(0);
+        _exit(0);
+    }
+    waitpid(pid, NULL, 0);
+    hm_heap_counters(&h1);
+    assert_int_equal(h1.heaps_orphaned, h0.heaps_orphaned);
+    assert_int_equal(h1.threads_live, h0.threads_live);
+    pthread_barrier_wait(&idle_barrier);    /* its frees find its heap */
+    pthread_join(idle, NULL);
+    pthread_barrier_destroy(&idle_barrier);
+}
+
 /* A signal handler that allocates, on a thread that allocates after its
  * exit: each of those allocations takes the heap for exited threads,
  * which the handler must not find halfway through one (with signals not
@@ -1141,6 +1169,7 @@ int main(void)
         cmocka_unit_test(allocation_in_key_destructors_after_ours),
         cmocka_unit_test(signal_handler_allocates_after_thread_exit),
         cmocka_unit_test(heaps_of_gone_threads),
+        cmocka_unit_test(idle_threads_stay_in_a_vfork_child),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

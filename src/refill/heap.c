@@ -141,7 +141,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         return NULL;
     if (tc->heap)                      /* set up by a re-entrant call */
         return tc->heap;
-    pid_t tid = tc != &hm_exited_tcache ? gettid() : 0;
+    pid_t tid = tc != &hm_exited_tcache ? gettid() : 0, pid = getpid();
     pthread_mutex_lock(&heaps_lock);
     struct hm_heap *h = heap_take();
     if (h) {
@@ -152,6 +152,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         memset(h, 0, offsetof(struct hm_heap, stash));
         h->id = (uintptr_t)h;
         h->tid = tid;
+        h->pid = pid;
         live_push(h);
         if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
@@ -480,20 +481,41 @@ static void heap_retire(struct hm_heap *h);
 /* Whether h's thread is gone, though it never exited the heap: its first
  * allocation came in glibc's last round of key destructors, after which
  * none of ours runs (see hm_exited_tcache), or it ended by a bare exit
- * system call.  Asked once a heap has been idle for the purge delay, so
- * at most once per idle spell of a live thread.  ESRCH only: a live
- * thread keeps its id, and a gone one's id taken by a new thread only
- * delays this until that one is gone too.  errno as it was: this runs in
- * the application's malloc. */
+ * system call.  ESRCH only: a live thread keeps its id, and a gone one's
+ * id taken by a new thread only delays this until that one is gone too.
+ * Never in a process other than the heap's: a vfork child shares our
+ * memory but not our thread ids, and a child forked without our handlers
+ * keeps its parent's ids in its own heap.  Not a thread-group leader that
+ * ended before the others: a zombie until they end, it answers.  errno as
+ * it was: this runs in the application's malloc. */
 static bool thread_gone(const struct hm_heap *h)
 {
     if (!h->tid)
         return false;               /* the exited threads' heap */
     int saved = errno;
-    bool gone = syscall(SYS_tgkill, getpid(), h->tid, 0) != 0 && errno == ESRCH;
+    pid_t pid = getpid();
+    bool gone = h->pid == pid && syscall(SYS_tgkill, pid, h->tid, 0) != 0 && errno == ESRCH;
     errno = saved;
     return gone;
 }
+
+/* Asked of a heap found idle for the purge delay, until it is tidied, then
+ * at most every HM_GONE_RECHECK_NS (its thread may end later, tidied while
+ * it lived): a thousand idle threads cost a hundred calls a second. */
+#define HM_GONE_RECHECK_NS 10000000000ull
+
+static bool gone_check_due(struct hm_heap *h, uint64_t now)
+{
+    if (h->tidied && now - h->gone_checked_ns < HM_GONE_RECHECK_NS)
+        return false;
+    h->gone_checked_ns = now;
+    return true;
+}
+
+/* What exiting a gone thread's heap counts for in a tidying step's budget
+ * (it takes about 5 us; a step's 512 KiB of purging, about 2 ms): a step
+ * exits tens, not thousands under heaps_lock (2000 took 10 ms). */
+#define HM_ORPHAN_COST ((size_t)16 << 10)
 
 /* Exits a gone thread's heap for it, holding its lock as a tidier, under
  * heaps_lock.  As at a thread's exit, except its bins: they were in the
@@ -542,16 +564,17 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
             h->idle_entries = h->entries;
             h->idle_since_ns = now;
             h->tidied = false;
+        } else if (now - h->idle_since_ns >= delay_ns && gone_check_due(h, now) &&
+                   thread_gone(h)) {
+            orphan_exit(h);
+            done += HM_ORPHAN_COST;
+            continue;
         } else if (now - h->idle_since_ns >= delay_ns &&
                    now - h->compacted_ns >= delay_ns / 4 &&
                    (!h->tidied || hm_heap_has_remote_frees(h))) {
             /* Once tidied, an idle heap changes only by frees of other
              * threads: a thousand idle threads' heaps are not walked again
              * every pass for nothing. */
-            if (!h->tidied && thread_gone(h)) {
-                orphan_exit(h);
-                continue;
-            }
             abandon_still_drained(h, now, delay_ns);
             size_t bytes = hm_heap_tidy(h, budget - done);
             heaps_tidied++;
@@ -1002,8 +1025,10 @@ void hm_refill_fork_child(struct hm_tcache *self)
     /* The exited threads' heap stays: its cache is static, and no one was
      * using it (the prepare handler held its lock). */
     struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;
-    if (mine)
-        mine->tid = gettid();           /* or its parent's thread looks gone */
+    if (mine) {                         /* or its parent's thread looks gone */
+        mine->tid = gettid();
+        mine->pid = getpid();
+    }
     uint64_t n = 0;
     struct hm_heap *all = heaps_live;
     heaps_live = NULL;

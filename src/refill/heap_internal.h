@@ -53,6 +53,7 @@ struct hm_compact_cursor {
 struct hm_heap {
     uintptr_t id;                           /* == its address; spans' owner */
     pid_t tid;                              /* its thread's (0: no thread's): see thread_gone */
+    pid_t pid;                              /* the process that attached it (or forked it) */
     /* Held by the owner through each slow path (hm_heap_lock), so that
      * another thread may tidy the heap while its thread idles (see
      * hm_heaps_tidy_idle); the fast paths never take it: they touch only
@@ -66,6 +67,7 @@ struct hm_heap {
     uint32_t idle_entries;
     bool tidied;
     uint64_t idle_since_ns;
+    uint64_t gone_checked_ns;               /* when thread_gone was last asked */
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
     struct hm_segment *segments;            /* segments this heap owns */
     /* Empty segments kept for reuse (their pages decay like any free page),
