@@ -485,9 +485,12 @@ static void heap_retire(struct hm_heap *h);
  * id taken by a new thread only delays this until that one is gone too.
  * Never in a process other than the heap's: a vfork child shares our
  * memory but not our thread ids, and a child forked without our handlers
- * keeps its parent's ids in its own heap.  Not a thread-group leader that
- * ended before the others: a zombie until they end, it answers.  errno as
- * it was: this runs in the application's malloc. */
+ * keeps its parent's ids in its own heap.  Left, so never exited by us:
+ * a heap attached in a vfork child (the child's ids), a thread-group
+ * leader that ended before the others (a zombie until they end, it
+ * answers).  Not covered: a child forked twice without our handlers whose
+ * pid is its gone grandparent's, and whose thread id is not its own.
+ * errno as it was: this runs in the application's malloc. */
 static bool thread_gone(const struct hm_heap *h)
 {
     if (!h->tid)
@@ -501,14 +504,20 @@ static bool thread_gone(const struct hm_heap *h)
 
 /* Asked of a heap found idle for the purge delay, until it is tidied, then
  * at most every HM_GONE_RECHECK_NS (its thread may end later, tidied while
- * it lived): a thousand idle threads cost a hundred calls a second. */
+ * it lived): a thousand idle threads cost a hundred calls a second.  Each
+ * asking counts HM_GONE_CHECK_COST in the step's budget (two system calls,
+ * about 1.3 us here): heaps tidied in one pass come due together, and 1000
+ * asked in one step held heaps_lock 1.3 ms; the step stops, and the next
+ * goes on with those not yet asked. */
 #define HM_GONE_RECHECK_NS 10000000000ull
+#define HM_GONE_CHECK_COST ((size_t)2 << 10)
 
-static bool gone_check_due(struct hm_heap *h, uint64_t now)
+static bool gone_check_due(struct hm_heap *h, uint64_t now, size_t *done)
 {
     if (h->tidied && now - h->gone_checked_ns < HM_GONE_RECHECK_NS)
         return false;
     h->gone_checked_ns = now;
+    *done += HM_GONE_CHECK_COST;
     return true;
 }
 
@@ -564,17 +573,18 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
             h->idle_entries = h->entries;
             h->idle_since_ns = now;
             h->tidied = false;
-        } else if (now - h->idle_since_ns >= delay_ns && gone_check_due(h, now) &&
+        } else if (now - h->idle_since_ns >= delay_ns && gone_check_due(h, now, &done) &&
                    thread_gone(h)) {
             orphan_exit(h);
             done += HM_ORPHAN_COST;
             continue;
-        } else if (now - h->idle_since_ns >= delay_ns &&
+        } else if (now - h->idle_since_ns >= delay_ns && done < budget &&
                    now - h->compacted_ns >= delay_ns / 4 &&
                    (!h->tidied || hm_heap_has_remote_frees(h))) {
             /* Once tidied, an idle heap changes only by frees of other
              * threads: a thousand idle threads' heaps are not walked again
-             * every pass for nothing. */
+             * every pass for nothing.  Not with the budget spent (by the
+             * check above): the next step tidies it. */
             abandon_still_drained(h, now, delay_ns);
             size_t bytes = hm_heap_tidy(h, budget - done);
             heaps_tidied++;
