@@ -640,6 +640,56 @@ static void fork_while_busy(void **state)
         pthread_join(t[i], NULL);
 }
 
+/* Fork handlers registered before hakmem's (another library's, set up by
+ * its constructor before ours) run while our prepare handler holds every
+ * allocator lock: their prepare after ours, their parent and child before
+ * ours.  glibc's malloc works in them, and so must ours: these take every
+ * such lock (reports, a large block, the segment registry).  They hung
+ * the process (prepare, parent) or the child before the forking thread
+ * skipped locks it holds. */
+static atomic_int early_on, early_ran;
+
+static void early_handler(void)
+{
+    if (!atomic_load(&early_on))
+        return;
+    struct hakmem_stats s;
+    hakmem_stats(&s);                               /* heaps, abandoned */
+    void *small = hakmem_malloc(100), *large = hakmem_malloc(3 << 20);
+    memset(large, 1, 4096);
+    hakmem_free(large);                             /* the large-block cache */
+    hakmem_free(small);
+    struct hm_segment_usage u;
+    hm_segment_usage(&u);                           /* the registry */
+    atomic_fetch_add(&early_ran, 1);
+}
+
+__attribute__((constructor(101))) static void register_early_handlers(void)
+{
+    pthread_atfork(early_handler, early_handler, early_handler);
+}
+
+static void fork_handlers_registered_before_ours_allocate(void **state)
+{
+    (void)state;
+    hakmem_free(hakmem_malloc(3 << 20));            /* a block in the large cache */
+    atomic_store(&early_on, 1);
+    alarm(30);                                      /* a hang dies of SIGALRM */
+    pid_t pid = fork();
+    if (pid == 0) {
+        void *p = hakmem_malloc(5000);
+        hakmem_free(p);
+        _exit(atomic_load(&early_ran) == 2 ? 0 : 3);    /* prepare, child */
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    alarm(0);
+    atomic_store(&early_on, 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(atomic_load(&early_ran), 2);  /* prepare, parent */
+}
+
 /* A fork child has only the forking thread: the registry forgets the
  * other threads' heaps (their caches lived in threads the child does not
  * have), so reports count one live thread, and neither reports nor the
@@ -1164,6 +1214,7 @@ int main(void)
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(sweeps_race_exits_frees_and_adoption),
         cmocka_unit_test(fork_while_busy),
+        cmocka_unit_test(fork_handlers_registered_before_ours_allocate),
         cmocka_unit_test(fork_child_forgets_other_threads_heaps),
         cmocka_unit_test(allocation_after_the_last_destructor_round),
         cmocka_unit_test(allocation_in_key_destructors_after_ours),

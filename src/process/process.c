@@ -34,16 +34,20 @@ static bool env_flag(const char *name)
 
 /* Every lock of the allocator is held across fork(), so the child finds
  * none taken by a thread it does not have.  The registry lock also keeps
- * the purger (which holds it while it holds segment locks) out. */
+ * the purger (which holds it while it holds segment locks) out.  Other
+ * libraries' fork handlers that run while they are held may allocate (see
+ * hm_fork_hold_begin). */
 static void fork_prepare(void)
 {
     hm_refill_fork_prepare();
     hm_segment_fork_prepare();
     hm_large_fork_prepare();
+    hm_fork_hold_begin();
 }
 
 static void fork_parent(void)
 {
+    hm_fork_hold_end();
     hm_large_fork_parent();
     hm_segment_fork_parent();
     hm_refill_fork_parent();
@@ -51,6 +55,7 @@ static void fork_parent(void)
 
 static void fork_child(void)
 {
+    hm_fork_hold_end();
     hm_large_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());

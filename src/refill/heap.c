@@ -142,7 +142,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     if (tc->heap)                      /* set up by a re-entrant call */
         return tc->heap;
     pid_t tid = tc != &hm_exited_tcache ? gettid() : 0, pid = getpid();
-    pthread_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&heaps_lock);
     struct hm_heap *h = heap_take();
     if (h) {
         /* Not the stashes (the last member, half the heap): a new heap's
@@ -157,7 +157,7 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
         if (tc != &hm_exited_tcache)        /* no thread's */
             atomic_fetch_add_explicit(&threads_live, 1, memory_order_relaxed);
     }
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&heaps_lock);
     if (!h)
         return NULL;
     /* The bins are empty with no room (a new thread's are zero; an exited
@@ -250,7 +250,7 @@ static unsigned empty_count;
 
 static void empty_pool_put(struct hm_segment *seg)
 {
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     if (empty_count < EMPTY_POOL_MAX) {
         atomic_store_explicit(&seg->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
         seg->next = empty_pool;
@@ -258,7 +258,7 @@ static void empty_pool_put(struct hm_segment *seg)
         empty_count++;
         seg = NULL;
     }
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
     if (seg)
         hm_segment_free(seg);
 }
@@ -267,13 +267,13 @@ static struct hm_segment *empty_pool_take(void)
 {
     if (!__atomic_load_n(&empty_pool, __ATOMIC_RELAXED))
         return NULL;
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     struct hm_segment *seg = empty_pool;
     if (seg) {
         __atomic_store_n(&empty_pool, seg->next, __ATOMIC_RELAXED);
         empty_count--;
     }
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
     return seg;
 }
 
@@ -340,13 +340,13 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
 {
     if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
         return NULL;
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     struct hm_segment *seg = abandoned;
     if (seg) {
         abandoned_unlink(seg);
         segments_adopted++;
     }
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
     if (seg)
         adopt(h, seg, false);
     return seg;
@@ -375,7 +375,7 @@ void hm_abandoned_sweep(unsigned most, bool now)
     uint64_t collected[HM_NUM_CLASSES + 1] = { 0 };
     struct hm_segment *emptied = NULL, *seg, *next;
     unsigned swept = 0;
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     for (seg = abandoned; swept < most && seg; seg = next) {
         next = seg->next;
         if (atomic_load_explicit(&seg->pending, memory_order_relaxed)) {
@@ -389,17 +389,17 @@ void hm_abandoned_sweep(unsigned most, bool now)
             segments_swept++;
         }
     }
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
     while ((seg = emptied)) {
         emptied = seg->next;
         empty_pool_put(seg);
     }
     if (!swept)
         return;
-    pthread_mutex_lock(&heaps_lock);            /* not under abandoned_lock: fork's order */
+    hm_mutex_lock(&heaps_lock);            /* not under abandoned_lock: fork's order */
     for (unsigned c = 0; c <= HM_NUM_CLASSES; c++)
         retired[c].remote_frees += collected[c];
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&heaps_lock);
 }
 
 /* The most one call gives back: 64 OS pages, a few tens of microseconds
@@ -562,7 +562,7 @@ static void orphan_exit(struct hm_heap *h)
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget)
 {
     size_t done = 0;
-    pthread_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&heaps_lock);
     for (struct hm_heap *h = heaps_live, *next; h && done < budget; h = next) {
         next = h->next_live;
         if (h == self || !hm_heap_trylock(h))
@@ -596,7 +596,7 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
         }
         hm_heap_tidier_unlock(h);
     }
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&heaps_lock);
     return done;
 }
 
@@ -630,7 +630,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
         bool more = false, late = false, cut = false;
         size_t spent = 0;
-        pthread_mutex_lock(&heaps_lock);
+        hm_mutex_lock(&heaps_lock);
         /* From the head each round: a heap done for this trim costs a
          * trylock, so the round's cost goes to the first ones not done. */
         for (struct hm_heap *h = heaps_live; h; h = h->next_live) {
@@ -651,7 +651,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
             spent += cost;
             hm_heap_tidier_unlock(h);
         }
-        pthread_mutex_unlock(&heaps_lock);
+        hm_mutex_unlock(&heaps_lock);
         if (!more || late)
             return;
         laps += !cut;
@@ -670,10 +670,10 @@ void hm_heaps_tidy_idle(uint64_t delay_ns)
 static void abandon_segment(struct hm_segment *seg)
 {
     atomic_store_explicit(&seg->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     abandoned_push(seg);
     segments_abandoned++;
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
 }
 
 /* A segment its heap lets go of (at its thread's exit, or one that stopped
@@ -772,13 +772,13 @@ static bool is_big(const struct hm_heap *h)
  * exiting owner, or taken by another thread meanwhile: no). */
 static bool take_abandoned(struct hm_segment *seg)
 {
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&abandoned_lock);
     bool listed = seg->on_abandoned;
     if (listed) {
         abandoned_unlink(seg);
         segments_adopted++;
     }
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
     return listed;
 }
 
@@ -943,9 +943,9 @@ void hm_thread_exit(struct hm_tcache *tc)
      * registry below. */
     hm_heap_unlock(h);
 
-    pthread_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&heaps_lock);
     heap_retire(h);
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&heaps_lock);
 }
 
 /* ---- counters ---------------------------------------------------------- */
@@ -967,7 +967,7 @@ static uint32_t bin_blocks(const struct hm_heap *h, const struct hm_tcache *self
 void hm_class_counters(unsigned cls, const struct hm_tcache *self, struct hm_class_counters *out)
 {
     memset(out, 0, sizeof *out);
-    pthread_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&heaps_lock);
     out->refills = retired[cls].refills;
     out->blocks_refilled = retired[cls].blocks_refilled;
     out->flushes = retired[cls].flushes;
@@ -986,23 +986,23 @@ void hm_class_counters(unsigned cls, const struct hm_tcache *self, struct hm_cla
         out->blocks_drained += __atomic_load_n(&s->blocks_drained, __ATOMIC_RELAXED);
         out->blocks_cached += bin_blocks(h, self, cls) + hm_stash_count(h, cls);
     }
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&heaps_lock);
 }
 
 void hm_heap_counters(struct hm_heap_counters *out)
 {
     memset(out, 0, sizeof *out);
     out->threads_live = hm_heap_live_count();
-    pthread_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&heaps_lock);
     out->threads_exited = threads_exited;
     out->heaps_tidied = heaps_tidied;
     out->heaps_orphaned = heaps_orphaned;
-    pthread_mutex_unlock(&heaps_lock);
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_unlock(&heaps_lock);
+    hm_mutex_lock(&abandoned_lock);
     out->segments_abandoned = segments_abandoned;
     out->segments_adopted = segments_adopted;
     out->segments_swept = segments_swept;
-    pthread_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&abandoned_lock);
 }
 
 /* ---- fork -------------------------------------------------------------- */
@@ -1010,14 +1010,14 @@ void hm_heap_counters(struct hm_heap_counters *out)
 void hm_refill_fork_prepare(void)
 {
     hm_exited_lock();                       /* first: its holder takes the others */
-    pthread_mutex_lock(&heaps_lock);
-    pthread_mutex_lock(&abandoned_lock);
+    hm_mutex_lock(&heaps_lock);
+    hm_mutex_lock(&abandoned_lock);
 }
 
 void hm_refill_fork_parent(void)
 {
-    pthread_mutex_unlock(&abandoned_lock);
-    pthread_mutex_unlock(&heaps_lock);
+    hm_mutex_unlock(&abandoned_lock);
+    hm_mutex_unlock(&heaps_lock);
     hm_exited_unlock();
 }
 

@@ -66,7 +66,7 @@ static struct hm_segment *cache_take(size_t map_size)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return NULL;
-    pthread_mutex_lock(&cache_lock);
+    hm_mutex_lock(&cache_lock);
     int best = -1;
     for (unsigned i = 0; i < cache_count; i++) {
         size_t have = cache[i].seg->map_size;
@@ -79,7 +79,7 @@ static struct hm_segment *cache_take(size_t map_size)
         seg = cache[best].seg;
         cache_remove_at((unsigned)best);
     }
-    pthread_mutex_unlock(&cache_lock);
+    hm_mutex_unlock(&cache_lock);
     return seg;
 }
 
@@ -144,12 +144,12 @@ static bool cache_put(struct hm_segment *seg)
     struct cached_block in = { seg, hm_clock_ns() };
     renew(seg, in.freed_ns);
     struct hm_segment *victims[CACHE_SLOTS];
-    pthread_mutex_lock(&cache_lock);
+    hm_mutex_lock(&cache_lock);
     unsigned n = cache_evict(in.freed_ns, cache_delay_ns, HM_PURGE_ALL, in, victims);
     cache[cache_count] = in;
     __atomic_store_n(&cache_count, cache_count + 1, __ATOMIC_RELAXED);
     cache_mapped += in.seg->map_size;
-    pthread_mutex_unlock(&cache_lock);
+    hm_mutex_unlock(&cache_lock);
     for (unsigned i = 0; i < n; i++)
         large_unmap(victims[i]);
     return true;
@@ -165,9 +165,9 @@ size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget)
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return 0;
     struct hm_segment *victims[CACHE_SLOTS];
-    pthread_mutex_lock(&cache_lock);
+    hm_mutex_lock(&cache_lock);
     unsigned n = cache_evict(now_ns, delay_ns, budget, (struct cached_block){ 0 }, victims);
-    pthread_mutex_unlock(&cache_lock);
+    hm_mutex_unlock(&cache_lock);
     size_t bytes = 0;
     for (unsigned i = 0; i < n; i++) {
         bytes += victims[i]->map_size;
@@ -178,12 +178,12 @@ size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 
 void hm_large_fork_prepare(void)
 {
-    pthread_mutex_lock(&cache_lock);
+    hm_mutex_lock(&cache_lock);
 }
 
 void hm_large_fork_parent(void)
 {
-    pthread_mutex_unlock(&cache_lock);
+    hm_mutex_unlock(&cache_lock);
 }
 
 void hm_large_fork_child(void)

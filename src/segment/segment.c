@@ -17,6 +17,40 @@ struct hm_span hm_sentinel_span = { .owner = HM_OWNER_SENTINEL };
 _Static_assert(sizeof(struct hm_span) == 192, "span layout");
 _Static_assert(sizeof(struct hm_segment) <= HM_PAGE_SIZE, "header fits page 0");
 
+/* ---- mutexes held across fork ----------------------------------------- */
+
+/* pthread_self() of the thread between fork's prepare and parent or child
+ * handlers; 0 otherwise.  Only that thread reads its own id here. */
+static _Atomic uintptr_t fork_holder;
+
+static bool fork_holds(void)
+{
+    uintptr_t holder = atomic_load_explicit(&fork_holder, memory_order_relaxed);
+    return holder && holder == (uintptr_t)pthread_self();
+}
+
+void hm_mutex_lock(pthread_mutex_t *m)
+{
+    if (!fork_holds())
+        pthread_mutex_lock(m);
+}
+
+void hm_mutex_unlock(pthread_mutex_t *m)
+{
+    if (!fork_holds())
+        pthread_mutex_unlock(m);
+}
+
+void hm_fork_hold_begin(void)
+{
+    atomic_store_explicit(&fork_holder, (uintptr_t)pthread_self(), memory_order_relaxed);
+}
+
+void hm_fork_hold_end(void)
+{
+    atomic_store_explicit(&fork_holder, 0, memory_order_relaxed);
+}
+
 /* ---- registry of span segments ----------------------------------------- */
 
 /* Every span segment, so a purger can reach segments of any thread. */
@@ -25,35 +59,35 @@ static struct hm_segment *registry;
 
 static void registry_add(struct hm_segment *seg)
 {
-    pthread_mutex_lock(&registry_lock);
+    hm_mutex_lock(&registry_lock);
     seg->all_prev = NULL;
     seg->all_next = registry;
     if (registry)
         registry->all_prev = seg;
     registry = seg;
-    pthread_mutex_unlock(&registry_lock);
+    hm_mutex_unlock(&registry_lock);
 }
 
 static void registry_remove(struct hm_segment *seg)
 {
-    pthread_mutex_lock(&registry_lock);
+    hm_mutex_lock(&registry_lock);
     if (seg->all_prev)
         seg->all_prev->all_next = seg->all_next;
     else
         registry = seg->all_next;
     if (seg->all_next)
         seg->all_next->all_prev = seg->all_prev;
-    pthread_mutex_unlock(&registry_lock);
+    hm_mutex_unlock(&registry_lock);
 }
 
 void hm_segment_fork_prepare(void)
 {
-    pthread_mutex_lock(&registry_lock);
+    hm_mutex_lock(&registry_lock);
 }
 
 void hm_segment_fork_parent(void)
 {
-    pthread_mutex_unlock(&registry_lock);
+    hm_mutex_unlock(&registry_lock);
 }
 
 /* The page-state lock: held for a few bit operations by the owner, or for
@@ -345,7 +379,7 @@ size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
     size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
-    pthread_mutex_lock(&registry_lock);
+    hm_mutex_lock(&registry_lock);
     for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next) {
         if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
             continue;
@@ -355,7 +389,7 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
             seg_unlock(seg);
         }
     }
-    pthread_mutex_unlock(&registry_lock);
+    hm_mutex_unlock(&registry_lock);
     return bytes;
 }
 
@@ -364,7 +398,7 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 void hm_segment_usage(struct hm_segment_usage *out)
 {
     uint64_t used = 0, free_pages = 0, resident = 0;
-    pthread_mutex_lock(&registry_lock);
+    hm_mutex_lock(&registry_lock);
     for (struct hm_segment *seg = registry; seg; seg = seg->all_next) {
         seg_lock(seg);
         used += seg->pages_used;
@@ -372,7 +406,7 @@ void hm_segment_usage(struct hm_segment_usage *out)
         resident += (uint64_t)__builtin_popcountll(seg->free_pages & seg->dirty_pages);
         seg_unlock(seg);
     }
-    pthread_mutex_unlock(&registry_lock);
+    hm_mutex_unlock(&registry_lock);
     out->span_bytes = used * HM_PAGE_SIZE;
     out->free_bytes = free_pages * HM_PAGE_SIZE;
     out->resident_free_bytes = resident * HM_PAGE_SIZE;

@@ -14,6 +14,7 @@
 #ifndef HM_SEGMENT_H
 #define HM_SEGMENT_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -292,6 +293,19 @@ extern _Atomic uint32_t hm_fork_generation;
 void hm_large_fork_prepare(void);
 void hm_large_fork_parent(void);
 void hm_large_fork_child(void);
+
+/* The allocator's mutexes that fork's prepare handlers take, locked and
+ * unlocked through these.  From the end of the prepare handlers to the
+ * start of the parent's or child's (hm_fork_hold_begin / _end), the
+ * forking thread holds them all, and other libraries' fork handlers run on
+ * it: those registered before ours run after our prepare handler and
+ * before our parent and child handlers.  A malloc in one must not wait
+ * for locks its own thread holds (glibc's malloc works there), so for that
+ * thread, then, these do nothing; every other thread waits as usual. */
+void hm_mutex_lock(pthread_mutex_t *m);
+void hm_mutex_unlock(pthread_mutex_t *m);
+void hm_fork_hold_begin(void);
+void hm_fork_hold_end(void);
 
 /* Large blocks: one mapping each.  *zeroed says whether the memory is
  * fresh from the OS (a block reused from the cache is not). */
