@@ -690,6 +690,56 @@ static void fork_handlers_registered_before_ours_allocate(void **state)
     assert_int_equal(atomic_load(&early_ran), 2);  /* prepare, parent */
 }
 
+/* A fork child gives up the segments of its parent's other threads (at
+ * a tidying step or a trim): its frees into them are then collected, and
+ * their emptied segments reused or given back.  Before, those frees went
+ * to spans that no thread of the child ever collected. */
+enum { FORKED_BLOCKS = 32768, FORKED_SIZE = 256 };     /* 8 MiB: two segments at least */
+static void **forked_blocks;
+static pthread_barrier_t forked_ready, forked_done;
+
+static void *hold_blocks(void *arg)
+{
+    for (int i = 0; i < FORKED_BLOCKS; i++)
+        forked_blocks[i] = hakmem_malloc(FORKED_SIZE);
+    pthread_barrier_wait(&forked_ready);
+    pthread_barrier_wait(&forked_done);
+    for (int i = 0; i < FORKED_BLOCKS; i++)
+        hakmem_free(forked_blocks[i]);
+    return arg;
+}
+
+static void free_parent_threads_blocks(void)
+{
+    struct hakmem_stats s0, s1;
+    hakmem_stats(&s0);
+    for (int i = 0; i < FORKED_BLOCKS; i++)
+        hakmem_free(forked_blocks[i]);
+    hakmem_trim();
+    hakmem_stats(&s1);
+    fprintf(stderr, "segments %llu -> %llu\n", (unsigned long long)s0.segments,
+            (unsigned long long)s1.segments);
+    _exit(s1.segments + 2 <= s0.segments ? 0 : 3);
+}
+
+static void fork_child_gives_up_other_threads_segments(void **state)
+{
+    (void)state;
+    forked_blocks = hakmem_malloc(FORKED_BLOCKS * sizeof *forked_blocks);
+    pthread_barrier_init(&forked_ready, NULL, 2);
+    pthread_barrier_init(&forked_done, NULL, 2);
+    pthread_t t;
+    pthread_create(&t, NULL, hold_blocks, NULL);
+    pthread_barrier_wait(&forked_ready);
+    char buf[256];
+    int status = run_child(free_parent_threads_blocks, buf, sizeof buf);
+    pthread_barrier_wait(&forked_done);
+    pthread_join(t, NULL);
+    hakmem_free(forked_blocks);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("child: status %d: %s", status, buf);
+}
+
 /* A fork child has only the forking thread: the registry forgets the
  * other threads' heaps (their caches lived in threads the child does not
  * have), so reports count one live thread, and neither reports nor the
@@ -1215,6 +1265,7 @@ int main(void)
         cmocka_unit_test(sweeps_race_exits_frees_and_adoption),
         cmocka_unit_test(fork_while_busy),
         cmocka_unit_test(fork_handlers_registered_before_ours_allocate),
+        cmocka_unit_test(fork_child_gives_up_other_threads_segments),
         cmocka_unit_test(fork_child_forgets_other_threads_heaps),
         cmocka_unit_test(allocation_after_the_last_destructor_round),
         cmocka_unit_test(allocation_in_key_destructors_after_ours),

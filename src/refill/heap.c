@@ -27,6 +27,10 @@ static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
 static uint64_t heaps_tidied;             /* under heaps_lock */
 static uint64_t heaps_orphaned;           /* exited for a gone thread (orphan_exit) */
+/* In a fork child, the heaps of the parent's other threads that no slow
+ * path held at the fork, whose segments the child has not given up yet
+ * (see hm_refill_fork_child), linked through next_free (under heaps_lock). */
+static struct hm_heap *heaps_forked;
 static _Atomic uint64_t threads_live;
 
 uint64_t hm_heap_live_count(void)
@@ -526,6 +530,28 @@ static bool gone_check_due(struct hm_heap *h, uint64_t now, size_t *done)
  * exits tens, not thousands under heaps_lock (2000 took 10 ms). */
 #define HM_ORPHAN_COST ((size_t)16 << 10)
 
+/* A fork child's heaps of its parent's other threads (heaps_forked),
+ * within `budget` as orphan_exit counts them: their stashes and the frees
+ * other threads made into them go back, and their segments are given up
+ * as at an exit, for the child to reuse (the frees it made into them went
+ * to spans no thread collected: a child that freed a parent thread's 64
+ * MiB and allocated as much again held both).  Not their batches of
+ * remote frees, which their threads filled without the lock (their blocks
+ * stay allocated).  Never reused: their ids may be in blocks of their
+ * bins, which nobody returns.  Under heaps_lock. */
+static size_t give_up_forked(size_t budget)
+{
+    size_t done = 0;
+    while (heaps_forked && done < budget) {
+        struct hm_heap *h = heaps_forked;
+        heaps_forked = h->next_free;
+        hm_heap_tidy_caches(h);
+        give_up_all(h);
+        done += HM_ORPHAN_COST;
+    }
+    return done;
+}
+
 /* Exits a gone thread's heap for it, holding its lock as a tidier, under
  * heaps_lock.  As at a thread's exit, except its bins: they were in the
  * thread's TLS, gone or another thread's by now, so their blocks (at most
@@ -561,8 +587,8 @@ static void orphan_exit(struct hm_heap *h)
  * a heap held by a tidier. */
 size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t budget)
 {
-    size_t done = 0;
     hm_mutex_lock(&heaps_lock);
+    size_t done = give_up_forked(budget);
     for (struct hm_heap *h = heaps_live, *next; h && done < budget; h = next) {
         next = h->next_live;
         if (h == self || !hm_heap_trylock(h))
@@ -626,6 +652,9 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
 void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 {
     uint64_t start = hm_clock_ns();
+    hm_mutex_lock(&heaps_lock);
+    give_up_forked(SIZE_MAX);
+    hm_mutex_unlock(&heaps_lock);
     int laps = 0;           /* rounds that went all the way down the list */
     for (int round = 0; round < HM_TRIM_ROUNDS; round++) {
         bool more = false, late = false, cut = false;
@@ -1024,8 +1053,11 @@ void hm_refill_fork_parent(void)
 /* Only the forking thread lives on in the child.  The other threads'
  * heaps leave the registry: their caches were in threads the child does
  * not have (reports and the tidier would read them), and their state may
- * be halfway through a slow path.  Their blocks stay allocated; their
- * counters join the retired ones. */
+ * be halfway through a slow path.  Their counters join the retired ones.
+ * Those whose lock was free (no slow path under way) give up their
+ * segments later (give_up_forked), not here: a child that execs at once
+ * would pay a copy of each segment's header for nothing.  Their bins'
+ * blocks stay allocated, as do all of a heap caught in a slow path. */
 void hm_refill_fork_child(struct hm_tcache *self)
 {
     pthread_mutex_init(&abandoned_lock, NULL);
@@ -1051,6 +1083,10 @@ void hm_refill_fork_child(struct hm_tcache *self)
         retire_stats(h);
         threads_exited++;
         n++;
+        if (atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_FREE) {
+            h->next_free = heaps_forked;
+            heaps_forked = h;
+        }
     }
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
 }
