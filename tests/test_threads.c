@@ -664,9 +664,37 @@ static void early_handler(void)
     atomic_fetch_add(&early_ran, 1);
 }
 
+/* A thread the child handler starts allocates (heaps_lock, the large
+ * cache) at once, while our child handler has yet to run: it waited for
+ * ever on the locks the child handler re-initialised without waking it.
+ * Not under the sanitizers, which cannot start threads in a fork child
+ * (see fork_while_busy). */
+static pthread_t early_thread;
+static bool early_thread_made;
+
+static void *early_thread_body(void *arg)
+{
+    hakmem_free(hakmem_malloc(100));
+    hakmem_free(hakmem_malloc(3 << 20));
+    return arg;
+}
+
+static void early_child(void)
+{
+    if (atomic_load(&early_on))
+        alarm(30);              /* the child's own: a hang there dies of SIGALRM */
+    early_handler();
+#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
+    if (atomic_load(&early_on)) {
+        early_thread_made = pthread_create(&early_thread, NULL, early_thread_body, NULL) == 0;
+        usleep(20000);          /* it waits on the locks before our handler runs */
+    }
+#endif
+}
+
 __attribute__((constructor(101))) static void register_early_handlers(void)
 {
-    pthread_atfork(early_handler, early_handler, early_handler);
+    pthread_atfork(early_handler, early_handler, early_child);
 }
 
 static void fork_handlers_registered_before_ours_allocate(void **state)
@@ -679,6 +707,8 @@ static void fork_handlers_registered_before_ours_allocate(void **state)
     if (pid == 0) {
         void *p = hakmem_malloc(5000);
         hakmem_free(p);
+        if (early_thread_made)
+            pthread_join(early_thread, NULL);
         _exit(atomic_load(&early_ran) == 2 ? 0 : 3);    /* prepare, child */
     }
     int status;

@@ -1060,8 +1060,6 @@ void hm_refill_fork_parent(void)
  * blocks stay allocated, as do all of a heap caught in a slow path. */
 void hm_refill_fork_child(struct hm_tcache *self)
 {
-    pthread_mutex_init(&abandoned_lock, NULL);
-    pthread_mutex_init(&heaps_lock, NULL);
     atomic_store_explicit(&exited_holder, 0, memory_order_relaxed);
     exited_depth = 0;
     /* The exited threads' heap stays: its cache is static, and no one was
@@ -1089,4 +1087,6 @@ void hm_refill_fork_child(struct hm_tcache *self)
         }
     }
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
+    pthread_mutex_unlock(&abandoned_lock);      /* last: wakes threads a child handler started */
+    pthread_mutex_unlock(&heaps_lock);
 }

@@ -188,7 +188,7 @@ void hm_large_fork_parent(void)
 
 void hm_large_fork_child(void)
 {
-    pthread_mutex_init(&cache_lock, NULL);
+    pthread_mutex_unlock(&cache_lock);   /* wakes a thread a child handler started */
 }
 
 /* A large block's header sits at the start of the granule that holds its

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../trace/trace.h"
 
@@ -22,6 +23,7 @@ _Static_assert(sizeof(struct hm_segment) <= HM_PAGE_SIZE, "header fits page 0");
 /* pthread_self() of the thread between fork's prepare and parent or child
  * handlers; 0 otherwise.  Only that thread reads its own id here. */
 static _Atomic uintptr_t fork_holder;
+static pid_t fork_pid;                  /* the forking process: a child differs */
 
 static bool fork_holds(void)
 {
@@ -43,6 +45,7 @@ void hm_mutex_unlock(pthread_mutex_t *m)
 
 void hm_fork_hold_begin(void)
 {
+    fork_pid = getpid();
     atomic_store_explicit(&fork_holder, (uintptr_t)pthread_self(), memory_order_relaxed);
 }
 
@@ -104,8 +107,8 @@ _Atomic uint32_t hm_fork_generation = 1;
 
 void hm_segment_fork_child(void)
 {
-    pthread_mutex_init(&registry_lock, NULL);
     atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
+    pthread_mutex_unlock(&registry_lock);
 }
 
 static bool seg_trylock(struct hm_segment *seg)
@@ -119,8 +122,13 @@ static bool seg_trylock(struct hm_segment *seg)
 
 static void seg_lock(struct hm_segment *seg)
 {
-    while (!seg_trylock(seg))
+    for (unsigned spins = 0; !seg_trylock(seg); spins++) {
+        /* A fork child's handler that runs before ours: a lock of a thread
+         * the child does not have is free, as after our handler. */
+        if (spins == 1024 && fork_holds() && getpid() != fork_pid)
+            atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
         __builtin_ia32_pause();
+    }
 }
 
 static void seg_unlock(struct hm_segment *seg)

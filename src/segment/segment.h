@@ -301,7 +301,10 @@ void hm_large_fork_child(void);
  * it: those registered before ours run after our prepare handler and
  * before our parent and child handlers.  A malloc in one must not wait
  * for locks its own thread holds (glibc's malloc works there), so for that
- * thread, then, these do nothing; every other thread waits as usual. */
+ * thread, then, these do nothing; every other thread waits as usual.  A
+ * signal handler on that thread that allocates in the window may find the
+ * state a handler's allocation left halfway (as one that interrupts any
+ * malloc may). */
 void hm_mutex_lock(pthread_mutex_t *m);
 void hm_mutex_unlock(pthread_mutex_t *m);
 void hm_fork_hold_begin(void);
