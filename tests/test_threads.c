@@ -672,23 +672,39 @@ static void early_handler(void)
 static pthread_t early_thread;
 static bool early_thread_made;
 
+static atomic_int early_go;
+
 static void *early_thread_body(void *arg)
 {
-    hakmem_free(hakmem_malloc(100));
+    void *p = hakmem_malloc(100);
     hakmem_free(hakmem_malloc(3 << 20));
+    while (!atomic_load(&early_go))     /* alive through our child handler */
+        usleep(1000);
+    hakmem_free(p);
     return arg;
 }
 
+/* A child handler may itself fork (glibc lets it): that fork's handlers
+ * must leave the locks to ours of the outer fork, or the outer child's
+ * thread started below would take heaps_lock early and our child handler
+ * would count its live heap among the parent's. */
+static int early_depth;     /* 1 in the nested fork's child */
+
 static void early_child(void)
 {
-    if (atomic_load(&early_on))
-        alarm(30);              /* the child's own: a hang there dies of SIGALRM */
+    if (!atomic_load(&early_on) || early_depth++)
+        return;
+    alarm(30);                  /* the child's own: a hang there dies of SIGALRM */
     early_handler();
-#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
-    if (atomic_load(&early_on)) {
-        early_thread_made = pthread_create(&early_thread, NULL, early_thread_body, NULL) == 0;
-        usleep(20000);          /* it waits on the locks before our handler runs */
+    pid_t nested = fork();      /* runs early_handler as prepare and parent too */
+    if (nested == 0) {
+        hakmem_free(hakmem_malloc(100));
+        _exit(0);
     }
+    waitpid(nested, NULL, 0);
+#if !defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__)
+    early_thread_made = pthread_create(&early_thread, NULL, early_thread_body, NULL) == 0;
+    usleep(20000);              /* it waits on the locks before our handler runs */
 #endif
 }
 
@@ -707,9 +723,15 @@ static void fork_handlers_registered_before_ours_allocate(void **state)
     if (pid == 0) {
         void *p = hakmem_malloc(5000);
         hakmem_free(p);
+        atomic_store(&early_go, 1);
         if (early_thread_made)
             pthread_join(early_thread, NULL);
-        _exit(atomic_load(&early_ran) == 2 ? 0 : 3);    /* prepare, child */
+        struct hakmem_stats s;
+        hakmem_stats(&s);
+        if (s.threads_live != 1)    /* this thread's heap, and none of the one joined */
+            _exit(4);
+        /* prepare, child, and the nested fork's prepare and parent */
+        _exit(atomic_load(&early_ran) == 4 ? 0 : 3);
     }
     int status;
     assert_int_equal(waitpid(pid, &status, 0), pid);

@@ -39,6 +39,8 @@ static bool env_flag(const char *name)
  * hm_fork_hold_begin). */
 static void fork_prepare(void)
 {
+    if (hm_fork_hold_nested())
+        return;
     hm_refill_fork_prepare();
     hm_segment_fork_prepare();
     hm_large_fork_prepare();
@@ -47,19 +49,26 @@ static void fork_prepare(void)
 
 static void fork_parent(void)
 {
-    hm_fork_hold_end();
+    if (!hm_fork_hold_end())
+        return;
     hm_large_fork_parent();
     hm_segment_fork_parent();
     hm_refill_fork_parent();
 }
 
+/* The ACE state first: the locks the others let go wake threads that an
+ * earlier child handler started, whose refills push ACE events (a push
+ * into the queue while it was reset left a slot that stopped every later
+ * push).  The refill box's last: it lets go heaps_lock, which those
+ * threads' first malloc waits on. */
 static void fork_child(void)
 {
-    hm_fork_hold_end();
+    if (!hm_fork_hold_end())
+        return;
+    hm_ace_fork_child();
     hm_large_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
-    hm_ace_fork_child();
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */

@@ -43,15 +43,33 @@ void hm_mutex_unlock(pthread_mutex_t *m)
         pthread_mutex_unlock(m);
 }
 
+/* A fork from inside the window (another library's handler may fork:
+ * glibc lets it) counts here: its handlers leave everything to ours of
+ * the fork that opened the window. */
+static unsigned fork_depth;
+
+bool hm_fork_hold_nested(void)
+{
+    if (!fork_holds())
+        return false;
+    fork_depth++;
+    return true;
+}
+
 void hm_fork_hold_begin(void)
 {
     fork_pid = getpid();
     atomic_store_explicit(&fork_holder, (uintptr_t)pthread_self(), memory_order_relaxed);
 }
 
-void hm_fork_hold_end(void)
+bool hm_fork_hold_end(void)
 {
+    if (fork_depth) {
+        fork_depth--;
+        return false;
+    }
     atomic_store_explicit(&fork_holder, 0, memory_order_relaxed);
+    return true;
 }
 
 /* ---- registry of span segments ----------------------------------------- */

@@ -308,7 +308,10 @@ void hm_large_fork_child(void);
 void hm_mutex_lock(pthread_mutex_t *m);
 void hm_mutex_unlock(pthread_mutex_t *m);
 void hm_fork_hold_begin(void);
-void hm_fork_hold_end(void);
+/* False for the handlers of a fork made inside the window (nested_ counts
+ * its prepare): they leave all to ours of the outer fork. */
+bool hm_fork_hold_nested(void);
+bool hm_fork_hold_end(void);
 
 /* Large blocks: one mapping each.  *zeroed says whether the memory is
  * fresh from the OS (a block reused from the cache is not). */
