@@ -60,15 +60,17 @@ static void fork_parent(void)
  * earlier child handler started, whose refills push ACE events (a push
  * into the queue while it was reset left a slot that stopped every later
  * push).  The refill box's last: it lets go heaps_lock, which those
- * threads' first malloc waits on. */
+ * threads' first malloc waits on.  The child of a fork made inside the
+ * window (from another library's handler) is a process of one thread too,
+ * so it is reset as well, but keeps the locks: the outer fork's handlers
+ * let them go, in each process that gets there. */
 static void fork_child(void)
 {
-    if (!hm_fork_hold_end())
-        return;
+    bool release = hm_fork_hold_end();
     hm_ace_fork_child();
-    hm_large_fork_child();
-    hm_segment_fork_child();
-    hm_refill_fork_child(hm_tcache_self());
+    hm_large_fork_child(release);
+    hm_segment_fork_child(release);
+    hm_refill_fork_child(hm_tcache_self(), release);
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */

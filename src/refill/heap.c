@@ -1058,10 +1058,12 @@ void hm_refill_fork_parent(void)
  * segments later (give_up_forked), not here: a child that execs at once
  * would pay a copy of each segment's header for nothing.  Their bins'
  * blocks stay allocated, as do all of a heap caught in a slow path. */
-void hm_refill_fork_child(struct hm_tcache *self)
+void hm_refill_fork_child(struct hm_tcache *self, bool release)
 {
-    atomic_store_explicit(&exited_holder, 0, memory_order_relaxed);
-    exited_depth = 0;
+    if (release) {
+        atomic_store_explicit(&exited_holder, 0, memory_order_relaxed);
+        exited_depth = 0;
+    }
     /* The exited threads' heap stays: its cache is static, and no one was
      * using it (the prepare handler held its lock). */
     struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;
@@ -1087,6 +1089,8 @@ void hm_refill_fork_child(struct hm_tcache *self)
         }
     }
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
-    pthread_mutex_unlock(&abandoned_lock);      /* last: wakes threads a child handler started */
-    pthread_mutex_unlock(&heaps_lock);
+    if (release) {
+        pthread_mutex_unlock(&abandoned_lock);  /* last: wakes threads a child handler started */
+        pthread_mutex_unlock(&heaps_lock);
+    }
 }

@@ -169,7 +169,7 @@ void hm_heap_counters(struct hm_heap_counters *out);
  * forking thread's cache (see hm_refill_fork_child). */
 void hm_refill_fork_prepare(void);
 void hm_refill_fork_parent(void);
-void hm_refill_fork_child(struct hm_tcache *self);
+void hm_refill_fork_child(struct hm_tcache *self, bool release);
 
 /* Process set-up hooks the init box calls. */
 void hm_refill_module_init(void);

@@ -186,9 +186,10 @@ void hm_large_fork_parent(void)
     hm_mutex_unlock(&cache_lock);
 }
 
-void hm_large_fork_child(void)
+void hm_large_fork_child(bool release)
 {
-    pthread_mutex_unlock(&cache_lock);   /* wakes a thread a child handler started */
+    if (release)
+        pthread_mutex_unlock(&cache_lock);   /* wakes a thread a child handler started */
 }
 
 /* A large block's header sits at the start of the granule that holds its

@@ -44,8 +44,8 @@ void hm_mutex_unlock(pthread_mutex_t *m)
 }
 
 /* A fork from inside the window (another library's handler may fork:
- * glibc lets it) counts here: its handlers leave everything to ours of
- * the fork that opened the window. */
+ * glibc lets it) counts here: its handlers keep the locks for ours of the
+ * fork that opened the window. */
 static unsigned fork_depth;
 
 bool hm_fork_hold_nested(void)
@@ -123,10 +123,11 @@ void hm_segment_fork_parent(void)
  * block; nothing has to visit every segment at the fork. */
 _Atomic uint32_t hm_fork_generation = 1;
 
-void hm_segment_fork_child(void)
+void hm_segment_fork_child(bool release)
 {
     atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
-    pthread_mutex_unlock(&registry_lock);
+    if (release)
+        pthread_mutex_unlock(&registry_lock);
 }
 
 static bool seg_trylock(struct hm_segment *seg)

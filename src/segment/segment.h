@@ -283,16 +283,18 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 void hm_large_cache_config(uint64_t delay_ns);
 size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 
-/* Fork: the registry and cache locks are held across fork(). */
+/* Fork: the registry and cache locks are held across fork(); a child
+ * handler lets them go only if `release` (not in the child of a fork made
+ * inside the window: see hm_fork_hold_nested). */
 void hm_segment_fork_prepare(void);
 void hm_segment_fork_parent(void);
-void hm_segment_fork_child(void);
+void hm_segment_fork_child(bool release);
 /* Counts forks down the process's line: a segment's lock taken in an
  * older generation is free (see seg_lock in segment.c). */
 extern _Atomic uint32_t hm_fork_generation;
 void hm_large_fork_prepare(void);
 void hm_large_fork_parent(void);
-void hm_large_fork_child(void);
+void hm_large_fork_child(bool release);
 
 /* The allocator's mutexes that fork's prepare handlers take, locked and
  * unlocked through these.  From the end of the prepare handlers to the
@@ -308,8 +310,10 @@ void hm_large_fork_child(void);
 void hm_mutex_lock(pthread_mutex_t *m);
 void hm_mutex_unlock(pthread_mutex_t *m);
 void hm_fork_hold_begin(void);
-/* False for the handlers of a fork made inside the window (nested_ counts
- * its prepare): they leave all to ours of the outer fork. */
+/* A fork made inside the window (another library's handler may fork):
+ * hm_fork_hold_nested counts its prepare (true: nothing to take), and
+ * hm_fork_hold_end is false at its parent and child handlers, which keep
+ * the locks for ours of the outer fork. */
 bool hm_fork_hold_nested(void);
 bool hm_fork_hold_end(void);
 
