@@ -47,30 +47,37 @@ static void fork_prepare(void)
     hm_fork_hold_begin();
 }
 
-static void fork_parent(void)
+/* The same in parent and child: the forking thread holds the locks in
+ * both.  The refill box's last: heaps_lock is what the first malloc of a
+ * thread that an earlier child handler started waits on. */
+static void release_locks(void)
 {
-    if (!hm_fork_hold_end())
-        return;
-    hm_large_fork_parent();
-    hm_segment_fork_parent();
-    hm_refill_fork_parent();
+    hm_large_fork_release();
+    hm_segment_fork_release();
+    hm_refill_fork_release();
 }
 
-/* The ACE state first: the locks the others let go wake threads that an
- * earlier child handler started, whose refills push ACE events (a push
- * into the queue while it was reset left a slot that stopped every later
- * push).  The refill box's last: it lets go heaps_lock, which those
- * threads' first malloc waits on.  The child of a fork made inside the
- * window (from another library's handler) is a process of one thread too,
- * so it is reset as well, but keeps the locks: the outer fork's handlers
- * let them go, in each process that gets there. */
+static void fork_parent(void)
+{
+    if (hm_fork_hold_end())
+        release_locks();
+}
+
+/* Every reset before the locks go: they wake threads that an earlier
+ * child handler started, whose refills push ACE events (a push into the
+ * queue while it was reset left a slot that stopped every later push).
+ * The child of a fork made inside the window (from another library's
+ * handler) is a process of one thread too, so it is reset as well, but
+ * keeps the locks: the outer fork's handlers let them go, in each process
+ * that gets there. */
 static void fork_child(void)
 {
-    bool release = hm_fork_hold_end();
+    bool outer = hm_fork_hold_end();
     hm_ace_fork_child();
-    hm_large_fork_child(release);
-    hm_segment_fork_child(release);
-    hm_refill_fork_child(hm_tcache_self(), release);
+    hm_segment_fork_child();
+    hm_refill_fork_child(hm_tcache_self());
+    if (outer)
+        release_locks();
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */

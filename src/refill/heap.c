@@ -545,7 +545,6 @@ static size_t give_up_forked(size_t budget)
     while (heaps_forked && done < budget) {
         struct hm_heap *h = heaps_forked;
         heaps_forked = h->next_free;
-        hm_heap_tidy_caches(h);
         give_up_all(h);
         done += HM_ORPHAN_COST;
     }
@@ -559,7 +558,6 @@ static size_t give_up_forked(size_t budget)
 static void orphan_exit(struct hm_heap *h)
 {
     hm_remote_flush(h);
-    hm_heap_tidy_caches(h);
     give_up_all(h);
     hm_heap_tidier_unlock(h);
     heap_retire(h);
@@ -913,12 +911,13 @@ static void retire_stats(struct hm_heap *h)
     }
 }
 
-/* Gives back the heap's segments (its caches already emptied): empty
- * spans and segments to the OS, segments with live blocks to the
- * abandoned list for another thread to adopt.  Under the heap's lock. */
+/* Gives back what the heap holds outside its thread's bins: the frees
+ * other threads made into it and its stashes to their spans, empty spans
+ * and segments to the OS, segments with live blocks to the abandoned list
+ * for another thread to adopt.  Under the heap's lock. */
 static void give_up_all(struct hm_heap *h)
 {
-    hm_heap_collect(h);
+    hm_heap_tidy_caches(h);
     memset(h->partial, 0, sizeof h->partial);
     for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
         next = seg->next;
@@ -945,8 +944,8 @@ static void heap_retire(struct hm_heap *h)
     heaps_free = h;
 }
 
-/* Gives back what the thread holds: cached blocks to their spans, then
- * its segments (give_up_all). */
+/* Gives back what the thread holds: its bins' blocks to their spans, then
+ * the rest (give_up_all). */
 void hm_thread_exit(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
@@ -1043,7 +1042,7 @@ void hm_refill_fork_prepare(void)
     hm_mutex_lock(&abandoned_lock);
 }
 
-void hm_refill_fork_parent(void)
+void hm_refill_fork_release(void)
 {
     hm_mutex_unlock(&abandoned_lock);
     hm_mutex_unlock(&heaps_lock);
@@ -1058,12 +1057,8 @@ void hm_refill_fork_parent(void)
  * segments later (give_up_forked), not here: a child that execs at once
  * would pay a copy of each segment's header for nothing.  Their bins'
  * blocks stay allocated, as do all of a heap caught in a slow path. */
-void hm_refill_fork_child(struct hm_tcache *self, bool release)
+void hm_refill_fork_child(struct hm_tcache *self)
 {
-    if (release) {
-        atomic_store_explicit(&exited_holder, 0, memory_order_relaxed);
-        exited_depth = 0;
-    }
     /* The exited threads' heap stays: its cache is static, and no one was
      * using it (the prepare handler held its lock). */
     struct hm_heap *mine = self ? self->heap : NULL, *exited = hm_exited_tcache.heap;
@@ -1089,8 +1084,4 @@ void hm_refill_fork_child(struct hm_tcache *self, bool release)
         }
     }
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
-    if (release) {
-        pthread_mutex_unlock(&abandoned_lock);  /* last: wakes threads a child handler started */
-        pthread_mutex_unlock(&heaps_lock);
-    }
 }

@@ -165,11 +165,11 @@ struct hm_heap_counters {
 void hm_heap_counters(struct hm_heap_counters *out);
 
 /* Fork: the prepare handler takes every lock of the box; parent and child
- * release them.  The child's registry keeps only the heap of `self`, the
- * forking thread's cache (see hm_refill_fork_child). */
+ * release them, the child after its reset: its registry keeps only the
+ * heap of `self`, the forking thread's cache (see hm_refill_fork_child). */
 void hm_refill_fork_prepare(void);
-void hm_refill_fork_parent(void);
-void hm_refill_fork_child(struct hm_tcache *self, bool release);
+void hm_refill_fork_release(void);
+void hm_refill_fork_child(struct hm_tcache *self);
 
 /* Process set-up hooks the init box calls. */
 void hm_refill_module_init(void);

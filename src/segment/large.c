@@ -181,15 +181,9 @@ void hm_large_fork_prepare(void)
     hm_mutex_lock(&cache_lock);
 }
 
-void hm_large_fork_parent(void)
+void hm_large_fork_release(void)
 {
     hm_mutex_unlock(&cache_lock);
-}
-
-void hm_large_fork_child(bool release)
-{
-    if (release)
-        pthread_mutex_unlock(&cache_lock);   /* wakes a thread a child handler started */
 }
 
 /* A large block's header sits at the start of the granule that holds its

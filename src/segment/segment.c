@@ -106,7 +106,7 @@ void hm_segment_fork_prepare(void)
     hm_mutex_lock(&registry_lock);
 }
 
-void hm_segment_fork_parent(void)
+void hm_segment_fork_release(void)
 {
     hm_mutex_unlock(&registry_lock);
 }
@@ -123,11 +123,9 @@ void hm_segment_fork_parent(void)
  * block; nothing has to visit every segment at the fork. */
 _Atomic uint32_t hm_fork_generation = 1;
 
-void hm_segment_fork_child(bool release)
+void hm_segment_fork_child(void)
 {
     atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
-    if (release)
-        pthread_mutex_unlock(&registry_lock);
 }
 
 static bool seg_trylock(struct hm_segment *seg)

@@ -283,18 +283,17 @@ size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 void hm_large_cache_config(uint64_t delay_ns);
 size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 
-/* Fork: the registry and cache locks are held across fork(); a child
- * handler lets them go only if `release` (not in the child of a fork made
- * inside the window: see hm_fork_hold_nested). */
+/* Fork: the registry and cache locks are held across fork(), and let go
+ * (release) by the parent's and the child's handlers alike; the child's
+ * reset (hm_segment_fork_child) comes first. */
 void hm_segment_fork_prepare(void);
-void hm_segment_fork_parent(void);
-void hm_segment_fork_child(bool release);
+void hm_segment_fork_release(void);
+void hm_segment_fork_child(void);
 /* Counts forks down the process's line: a segment's lock taken in an
  * older generation is free (see seg_lock in segment.c). */
 extern _Atomic uint32_t hm_fork_generation;
 void hm_large_fork_prepare(void);
-void hm_large_fork_parent(void);
-void hm_large_fork_child(bool release);
+void hm_large_fork_release(void);
 
 /* The allocator's mutexes that fork's prepare handlers take, locked and
  * unlocked through these.  From the end of the prepare handlers to the
