@@ -584,6 +584,84 @@ static void thread_churn_keeps_rss_bounded(void **state)
     assert_true(s.segments <= 8 + 4);       /* the empty pool, and what runs */
 }
 
+/* Threads that each allocate a few hundred blocks, hand half of them on
+ * to later threads through a pool (whose old blocks they free) and exit:
+ * a server's short-lived workers.  Their segments, abandoned with live
+ * blocks, are emptied mostly by other threads' frees, which only a sweep
+ * or an adopter collects.  The later threads must reuse that room before
+ * they map fresh segments: collected too slowly (a couple of segments a
+ * quarter of the purge delay), the segments the pool's frees emptied sat
+ * deep in the abandoned stack, behind those just abandoned, and the
+ * process mapped half a megabyte more a thread, for good. */
+enum { HANDOFF_POOL = 4096, HANDOFF_BATCH = 8 };
+static struct slot handoff_pool[HANDOFF_POOL];
+static pthread_mutex_t handoff_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int handoff_errors;
+
+static void *allocate_hand_half_on_and_exit(void *arg)
+{
+    uint64_t seed = (uintptr_t)arg;
+    struct slot mine[256];
+    int n = 64 + (int)(next_rand(&seed) % 192);
+    for (int i = 0; i < n; i++) {
+        uint64_t r = next_rand(&seed);
+        mine[i].n = r % 8 == 0 ? 16384 + (r >> 8) % 100000 : 16 + (r >> 8) % 2000;
+        mine[i].tag = (unsigned)r;
+        mine[i].p = hakmem_malloc(mine[i].n);
+        stamp(&mine[i]);
+    }
+    for (int i = 0; i < n; i++) {
+        struct slot old = mine[i];
+        if (i & 1) {
+            pthread_mutex_lock(&handoff_lock);
+            struct slot *s = &handoff_pool[next_rand(&seed) % HANDOFF_POOL];
+            old = *s;
+            *s = mine[i];
+            pthread_mutex_unlock(&handoff_lock);
+        }
+        if (old.p) {
+            if (!verify(&old))
+                atomic_fetch_add(&handoff_errors, 1);
+            hakmem_free(old.p);
+        }
+    }
+    return NULL;
+}
+
+static void handoff_threads(int first, int count)
+{
+    for (int t = first; t < first + count; t += HANDOFF_BATCH) {
+        pthread_t th[HANDOFF_BATCH];
+        for (uintptr_t i = 0; i < HANDOFF_BATCH; i++)
+            pthread_create(&th[i], NULL, allocate_hand_half_on_and_exit,
+                           (void *)(t + i + 1));
+        for (int i = 0; i < HANDOFF_BATCH; i++)
+            pthread_join(th[i], NULL);
+    }
+}
+
+static void handed_on_blocks_leave_reusable_segments(void **state)
+{
+    (void)state;
+    struct hakmem_stats warm, end;
+    int threads = scaled(2000);
+    handoff_threads(0, threads / 4);
+    hakmem_stats(&warm);
+    handoff_threads(threads / 4, threads - threads / 4);
+    hakmem_stats(&end);
+    for (int i = 0; i < HANDOFF_POOL; i++) {
+        if (handoff_pool[i].p && !verify(&handoff_pool[i]))
+            atomic_fetch_add(&handoff_errors, 1);
+        hakmem_free(handoff_pool[i].p);
+        handoff_pool[i].p = NULL;
+    }
+    print_message("segments after %d threads: %llu, after %d: %llu\n", threads / 4,
+                  (unsigned long long)warm.segments, threads, (unsigned long long)end.segments);
+    assert_int_equal(atomic_load(&handoff_errors), 0);
+    /* The pool's live set is steady after the first quarter. */
+    assert_true(end.segments <= warm.segments + warm.segments / 4 + 4);
+}
+
 static atomic_int busy_stop;
 
 static void *busy(void *arg)
@@ -1315,6 +1393,7 @@ int main(void)
         cmocka_unit_test(double_frees_across_threads_abort),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(sweeps_race_exits_frees_and_adoption),
+        cmocka_unit_test(handed_on_blocks_leave_reusable_segments),
         cmocka_unit_test(fork_while_busy),
         cmocka_unit_test(fork_handlers_registered_before_ours_allocate),
         cmocka_unit_test(fork_child_gives_up_other_threads_segments),
