@@ -377,7 +377,8 @@ static void adopt(struct hm_heap *h, struct hm_segment *seg, bool drain)
 
 static bool mostly_free(const struct hm_segment *seg)
 {
-    return (unsigned)__builtin_popcountll(seg->free_pages) >= HM_SEGMENT_PAGES / 2;
+    uint64_t free_pages = __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED);
+    return (unsigned)__builtin_popcountll(free_pages) >= HM_SEGMENT_PAGES / 2;
 }
 
 /* The top abandoned segment, for a heap out of room, after a sweep step. */
