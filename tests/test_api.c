@@ -144,6 +144,44 @@ static void realloc_growth_moves_by_half_again(void **state)
     hakmem_free(p);
 }
 
+/* A buffer built past 2 MiB by appends: each step that fits what the
+ * block has keeps it (a step grown by half again was cut back to the next
+ * step's size, and grown again: two system calls a step), and the next
+ * build reuses the last one's block from the cache instead of mapping a
+ * fresh one at its first large step (40 builds of 6 MiB held 114 MB). */
+static void realloc_appends_past_2_mib_reuse_one_block(void **state)
+{
+    (void)state;
+    struct hakmem_stats s;
+    size_t mapped[3];
+    for (int round = 0; round < 3; round++) {
+        char *p = NULL;
+        size_t n = 0, steps_kept = 0, large_steps = 0;
+        while (n < (6u << 20)) {
+            size_t add = 3000 + n % 1000;
+            size_t before = p ? hakmem_malloc_usable_size(p) : 0;
+            char *q = hakmem_realloc(p, n + add);
+            assert_non_null(q);
+            if (n && q[n - 1] != (char)(n - 1))
+                fail_msg("content lost at %zu", n - 1);
+            if (n + add > (3u << 20)) {
+                large_steps++;
+                steps_kept += q == p && hakmem_malloc_usable_size(q) == before;
+            }
+            for (size_t i = n; i < n + add; i++)
+                q[i] = (char)i;
+            p = q;
+            n += add;
+        }
+        hakmem_free(p);
+        hakmem_stats(&s);
+        mapped[round] = s.bytes_mapped;
+        /* Only a step past what the block has grows it (by half again). */
+        assert_true(large_steps - steps_kept <= 4);
+    }
+    assert_int_equal(mapped[2], mapped[1]);
+}
+
 static void realloc_edge_cases(void **state)
 {
     (void)state;
@@ -429,6 +467,7 @@ int main(void)
         cmocka_unit_test(realloc_keeps_content),
         cmocka_unit_test(realloc_growth_moves_by_half_again),
         cmocka_unit_test(realloc_edge_cases),
+        cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),
         cmocka_unit_test(usable_size_and_sized_free),

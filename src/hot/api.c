@@ -256,16 +256,29 @@ void *hakmem_realloc(void *p, size_t size)
     size_t old_size = hm_usable_size(p, "realloc");
     if (hm_bootstrap_owns(p))
         return realloc_move(p, old_size, size);
+    /* Keep the block when the new size still uses at least half of it
+     * (a page block shrinks in place: its pages go back without a system
+     * call).  A large block grown by half again would otherwise be cut
+     * back to the next step's size and grown again: two system calls a
+     * step of a buffer built up by appends. */
+    bool keep = size <= old_size && size >= old_size / 2;
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
     if (seg->kind == HM_SEGMENT_LARGE && size > HM_MAX_CLASS_SIZE) {
-        void *q = hm_large_resize(seg, size);
+        void *q = keep ? p : hm_large_resize(seg, size);
         return q ? q : realloc_move(p, old_size, size);
     }
     if (old_size > HM_MAX_CLASS_SIZE && hm_realloc_pages(&hm_tc, p, size))
         return p;                           /* a page block, resized in place */
-    /* Keep the block when the new size still uses at least half of it. */
-    if (size <= old_size && size >= old_size / 2)
+    if (keep)
         return p;
+    if (size > HM_PAGES_MAX && size > old_size) {
+        void *q = hm_large_alloc_growing(size);     /* sets ENOMEM itself */
+        if (!q)
+            return NULL;
+        memcpy(q, p, old_size);
+        hakmem_free(p);
+        return q;
+    }
     size_t grown = realloc_grown(old_size, size);
     if (grown != size) {
         int saved = errno;

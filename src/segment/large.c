@@ -59,10 +59,10 @@ static void cache_remove_at(unsigned i)
     __atomic_store_n(&cache_count, cache_count - 1, __ATOMIC_RELAXED);
 }
 
-/* The smallest cached block that fits, if it is at most twice the size:
- * its pages are already faulted in, which is most of what a fresh mapping
- * costs; the untouched rest only costs address space. */
-static struct hm_segment *cache_take(size_t map_size)
+/* The smallest cached block that fits, if it is at most `most` times the
+ * size: its pages are already faulted in, which is most of what a fresh
+ * mapping costs; the untouched rest only costs address space. */
+static struct hm_segment *cache_take(size_t map_size, size_t most)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return NULL;
@@ -70,7 +70,7 @@ static struct hm_segment *cache_take(size_t map_size)
     int best = -1;
     for (unsigned i = 0; i < cache_count; i++) {
         size_t have = cache[i].seg->map_size;
-        if (have >= map_size && have - map_size <= map_size &&
+        if (have >= map_size && have / most <= map_size &&
             (best < 0 || have < cache[best].seg->map_size))
             best = (int)i;
     }
@@ -137,9 +137,13 @@ static void renew(struct hm_segment *seg, uint64_t now_ns)
     hm_count_purged(seg->map_size);
 }
 
+static bool header_in_granule(size_t alignment);
+
+/* Any block whose header starts its mapping: a cached one serves any
+ * alignment that puts the header there (see large_revive). */
 static bool cache_put(struct hm_segment *seg)
 {
-    if (seg->user != seg->map_base + HM_LARGE_HEADER_SIZE || seg->map_size > CACHE_MAX_BLOCK)
+    if (!header_in_granule(seg->alignment) || seg->map_size > CACHE_MAX_BLOCK)
         return false;
     struct cached_block in = { seg, hm_clock_ns() };
     renew(seg, in.freed_ns);
@@ -237,9 +241,12 @@ static void large_init(struct hm_segment *seg, size_t map_size, size_t offset, s
     hm_segmap_set((uintptr_t)seg->user, seg);
 }
 
-/* A cached block goes live again at its old place. */
-static void *large_revive(struct hm_segment *seg)
+/* A cached block goes live again at its old place, its user pointer
+ * where the new alignment puts it (in the same granule as the header). */
+static void *large_revive(struct hm_segment *seg, size_t offset, size_t alignment)
 {
+    seg->user = seg->map_base + offset;
+    seg->alignment = alignment;
     hm_segmap_set((uintptr_t)seg->user, seg);
     atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, seg->map_size,
@@ -254,11 +261,11 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
         errno = ENOMEM;
         return NULL;
     }
-    if (offset == HM_LARGE_HEADER_SIZE) {
-        struct hm_segment *seg = cache_take(map_size);
+    if (header_in_granule(alignment)) {
+        struct hm_segment *seg = cache_take(map_size, 2);
         if (seg) {
             *zeroed = false;
-            return large_revive(seg);
+            return large_revive(seg, offset, alignment);
         }
     }
     *zeroed = true;
@@ -273,6 +280,25 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
     atomic_fetch_add_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&hm_segment_counters.large_bytes, map_size, memory_order_relaxed);
     return seg->user;
+}
+
+/* A block that a realloc grows into a large one takes a cached block of
+ * up to eight times its size: the next steps of its growth then fit
+ * without a remap, and a buffer built up by appends, freed and built
+ * again reuses one block.  Under the plain rule (at most twice) the
+ * first large step of each round (just past 2 MiB) found no cached
+ * block it could take, mapped a fresh one and left the last round's
+ * (6 MiB) cached: 40 rounds held 114 MB (glibc 7.5). */
+void *hm_large_alloc_growing(size_t size)
+{
+    size_t offset, map_size, map_align;
+    if (large_layout(size, 0, &offset, &map_size, &map_align)) {
+        struct hm_segment *seg = cache_take(map_size, 8);
+        if (seg)
+            return large_revive(seg, offset, 0);
+    }
+    bool zeroed;
+    return hm_large_alloc(size, 0, &zeroed);
 }
 
 void hm_large_free(struct hm_segment *seg)

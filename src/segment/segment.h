@@ -319,6 +319,8 @@ bool hm_fork_hold_end(void);
 /* Large blocks: one mapping each.  *zeroed says whether the memory is
  * fresh from the OS (a block reused from the cache is not). */
 void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed);
+/* For a block that realloc grows past HM_PAGES_MAX: may take a bigger cached block. */
+void *hm_large_alloc_growing(size_t size);
 void hm_large_free(struct hm_segment *seg);
 size_t hm_large_usable_size(const struct hm_segment *seg);
 /* Resizes in place or by moving the pages (mremap): the new user pointer,
