@@ -381,12 +381,17 @@ static bool mostly_free(const struct hm_segment *seg)
     return (unsigned)__builtin_popcountll(free_pages) >= HM_SEGMENT_PAGES / 2;
 }
 
-/* The top abandoned segment, for a heap out of room, after a sweep step. */
+/* The top abandoned segment, for a heap out of room; then a sweep step,
+ * which readies the top for the next adopter.  Not before: the adopter
+ * collects its segment's frees itself, and goes on to the next one if
+ * they empty it (the empty segment goes to its reserve), where a sweep
+ * first left that segment empty at the top, to be adopted as such, and
+ * the empty segments below it stayed there until purged: short-lived
+ * threads that each handed one block on held 17 segments instead of 5. */
 static struct hm_segment *adopt_segment(struct hm_heap *h)
 {
     if (!__atomic_load_n(&abandoned, __ATOMIC_RELAXED))
         return NULL;
-    hm_abandoned_sweep(HM_SWEEP_STEP, false);
     hm_mutex_lock(&abandoned_lock);
     struct hm_segment *seg = abandoned;
     if (seg) {
@@ -396,6 +401,7 @@ static struct hm_segment *adopt_segment(struct hm_heap *h)
     hm_mutex_unlock(&abandoned_lock);
     if (seg)
         adopt(h, seg, false);
+    hm_abandoned_sweep(HM_SWEEP_STEP, false);
     return seg;
 }
 
