@@ -256,20 +256,20 @@ void *hakmem_realloc(void *p, size_t size)
     size_t old_size = hm_usable_size(p, "realloc");
     if (hm_bootstrap_owns(p))
         return realloc_move(p, old_size, size);
-    /* Keep the block when the new size still uses at least half of it
-     * (a page block shrinks in place: its pages go back without a system
-     * call).  A large block grown by half again would otherwise be cut
-     * back to the next step's size and grown again: two system calls a
-     * step of a buffer built up by appends. */
-    bool keep = size <= old_size && size >= old_size / 2;
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
     if (seg->kind == HM_SEGMENT_LARGE && size > HM_MAX_CLASS_SIZE) {
-        void *q = keep ? p : hm_large_resize(seg, size);
+        /* Within the slack its last growth left (half again): a buffer
+         * built up by appends would otherwise be cut back to each step's
+         * size and grown again, two system calls a step.  A real shrink
+         * gives the tail back. */
+        bool slack = size <= old_size && size >= old_size - old_size / 3;
+        void *q = slack ? p : hm_large_resize(seg, size);
         return q ? q : realloc_move(p, old_size, size);
     }
     if (old_size > HM_MAX_CLASS_SIZE && hm_realloc_pages(&hm_tc, p, size))
         return p;                           /* a page block, resized in place */
-    if (keep)
+    /* Keep the block when the new size still uses at least half of it. */
+    if (size <= old_size && size >= old_size / 2)
         return p;
     if (size > HM_PAGES_MAX && size > old_size) {
         void *q = hm_large_alloc_growing(size);     /* sets ENOMEM itself */
