@@ -179,6 +179,21 @@ static void realloc_appends_past_2_mib_reuse_one_block(void **state)
         assert_true(large_steps - steps_kept <= 4);
     }
     assert_ptr_equal(last[2], last[1]);     /* the same block, from the cache */
+    /* Steps of a byte past a growth, and past a cached block's take, keep
+     * the block too (a rule in bytes, not pages, cut it back each page). */
+    for (int taken = 0; taken < 2; taken++) {
+        char *p = hakmem_malloc(taken ? 100000 : 3u << 20);
+        size_t start = taken ? 3u << 20 : hakmem_malloc_usable_size(p) + 1;
+        p = hakmem_realloc(p, start);
+        size_t usable = hakmem_malloc_usable_size(p);
+        assert_true(usable >= (4u << 20));      /* half again, or a taken block cut so */
+        for (size_t n = start + 1; n < start + 20000; n++) {
+            char *q = hakmem_realloc(p, n);
+            assert_ptr_equal(q, p);
+            assert_int_equal(hakmem_malloc_usable_size(q), usable);
+        }
+        hakmem_free(p);
+    }
     char *big = hakmem_malloc(12u << 20);
     memset(big, 1, 12u << 20);
     big = hakmem_realloc(big, 7u << 20);

@@ -258,11 +258,14 @@ void *hakmem_realloc(void *p, size_t size)
         return realloc_move(p, old_size, size);
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
     if (seg->kind == HM_SEGMENT_LARGE && size > HM_MAX_CLASS_SIZE) {
-        /* Within the slack its last growth left (half again): a buffer
+        /* Within the slack a growth leaves (half again, in whole pages of
+         * the mapping: the inverse of hm_large_resize's rule): a buffer
          * built up by appends would otherwise be cut back to each step's
          * size and grown again, two system calls a step.  A real shrink
          * gives the tail back. */
-        bool slack = size <= old_size && size >= old_size - old_size / 3;
+        size_t want = hm_round_up((size_t)((char *)p - seg->map_base) + size, HM_OS_PAGE);
+        bool slack = size <= old_size &&
+                     hm_round_up(want + want / 2, HM_OS_PAGE) >= seg->map_size;
         void *q = slack ? p : hm_large_resize(seg, size);
         return q ? q : realloc_move(p, old_size, size);
     }

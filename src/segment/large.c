@@ -288,20 +288,22 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
  * again reuses one block.  Under the plain rule (at most twice) the
  * first large step of each round (just past 2 MiB) found no cached
  * block it could take, mapped a fresh one and left the last round's
- * (6 MiB) cached: 40 rounds held 114 MB (glibc 7.5).  What lies past
- * twice the size goes back first, so that the block holds no more
- * resident than one a plain request may take: a 20 MiB cached block
- * taken for 3 MiB held all 20 live, beyond any purge or trim. */
+ * (6 MiB) cached: 40 rounds held 114 MB (glibc 7.5).  The block is cut
+ * to half again the size, as if it had just grown (so realloc's next
+ * steps keep it), and the rest goes back: a 20 MiB cached block taken
+ * for 3 MiB held all 20 live, beyond any purge or trim. */
 void *hm_large_alloc_growing(size_t size)
 {
     size_t offset, map_size, map_align;
     if (large_layout(size, 0, &offset, &map_size, &map_align)) {
         struct hm_segment *seg = cache_take(map_size, 8);
         if (seg) {
-            size_t keep = 2 * map_size;
-            if (seg->map_size > keep && madvise(seg->map_base + keep, seg->map_size - keep,
-                                                MADV_DONTNEED) == 0)
-                hm_count_purged(seg->map_size - keep);
+            size_t keep = hm_round_up(map_size + map_size / 2, HM_OS_PAGE);
+            if (seg->map_size > keep) {
+                hm_os_unmap(seg->map_base + keep, seg->map_size - keep);
+                hm_count_mapped(-(int64_t)(seg->map_size - keep));
+                seg->map_size = keep;
+            }
             return large_revive(seg, offset, 0);
         }
     }
