@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <malloc.h>
 #include <stdbool.h>
+#include <stdio.h>
+#include <sys/resource.h>
 
 #include "hakmem.h"
 
@@ -199,6 +201,42 @@ static void realloc_appends_past_2_mib_reuse_one_block(void **state)
     big = hakmem_realloc(big, 7u << 20);
     assert_true(hakmem_malloc_usable_size(big) < (8u << 20));
     hakmem_free(big);
+}
+
+static size_t address_space_used(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    size_t pages = 0;
+    if (!f || fscanf(f, "%zu", &pages) != 1)
+        fail_msg("no /proc/self/statm");
+    fclose(f);
+    return pages * 4096;
+}
+
+/* A large block grows by half again, but where the address space left
+ * (RLIMIT_AS) holds only what was asked for, it grows by that: the
+ * growth by half again failed, and a copy needed a second mapping. */
+static void large_realloc_grows_by_the_size_asked_when_short_of_room(void **state)
+{
+    (void)state;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    skip();                     /* their shadow memory takes address space too */
+#endif
+    char *p = hakmem_malloc(8u << 20);
+    memset(p, 5, 8u << 20);
+    size_t usable = hakmem_malloc_usable_size(p);
+    struct rlimit old, tight;
+    getrlimit(RLIMIT_AS, &old);
+    tight.rlim_cur = address_space_used() + (3u << 20);
+    tight.rlim_max = old.rlim_max;
+    setrlimit(RLIMIT_AS, &tight);
+    char *q = hakmem_realloc(p, usable + (2u << 20));
+    setrlimit(RLIMIT_AS, &old);
+    assert_non_null(q);
+    for (size_t i = 0; i < (8u << 20); i += 4096)
+        assert_int_equal(q[i], 5);
+    assert_true(hakmem_malloc_usable_size(q) >= usable + (2u << 20));
+    hakmem_free(q);
 }
 
 static void realloc_edge_cases(void **state)
@@ -486,6 +524,7 @@ int main(void)
         cmocka_unit_test(realloc_keeps_content),
         cmocka_unit_test(realloc_growth_moves_by_half_again),
         cmocka_unit_test(realloc_edge_cases),
+        cmocka_unit_test(large_realloc_grows_by_the_size_asked_when_short_of_room),
         cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),

@@ -334,27 +334,10 @@ static void large_resized(int64_t delta)
                               memory_order_relaxed);
 }
 
-void *hm_large_resize(struct hm_segment *seg, size_t size)
+/* The block's mapping grown to new_map, in place or moved. */
+static void *large_grow(struct hm_segment *seg, size_t offset, size_t new_map)
 {
-    size_t offset = (size_t)(seg->user - seg->map_base);
     size_t old_map = seg->map_size;
-    if (size > (size_t)PTRDIFF_MAX - offset - HM_SEGMENT_SIZE)
-        return NULL;
-    size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
-    if (new_map == old_map)
-        return seg->user;
-    /* Growing: by half again at least, so a buffer grown step by step
-     * costs a logarithmic number of remaps, not one per step.  The extra
-     * pages are not touched, so they cost address space, not memory. */
-    if (new_map > old_map && new_map < old_map + old_map / 2 &&
-        old_map + old_map / 2 <= (size_t)PTRDIFF_MAX - HM_SEGMENT_SIZE)
-        new_map = hm_round_up(old_map + old_map / 2, HM_OS_PAGE);
-    if (new_map < old_map) {
-        hm_os_unmap(seg->map_base + new_map, old_map - new_map);
-        seg->map_size = new_map;
-        large_resized(-(int64_t)(old_map - new_map));
-        return seg->user;
-    }
     /* Grow in place when the address space after the block is free. */
     if (mremap(seg->map_base, old_map, new_map, 0) != MAP_FAILED) {
         seg->map_size = new_map;
@@ -391,4 +374,32 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     hm_segmap_set((uintptr_t)nseg->user, nseg);
     large_resized((int64_t)(new_map - old_map));
     return nseg->user;
+}
+
+void *hm_large_resize(struct hm_segment *seg, size_t size)
+{
+    size_t offset = (size_t)(seg->user - seg->map_base);
+    size_t old_map = seg->map_size;
+    if (size > (size_t)PTRDIFF_MAX - offset - HM_SEGMENT_SIZE)
+        return NULL;
+    size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
+    if (new_map == old_map)
+        return seg->user;
+    if (new_map < old_map) {
+        hm_os_unmap(seg->map_base + new_map, old_map - new_map);
+        seg->map_size = new_map;
+        large_resized(-(int64_t)(old_map - new_map));
+        return seg->user;
+    }
+    /* Growing: by half again at least, so a buffer grown step by step
+     * costs a logarithmic number of remaps, not one per step.  The extra
+     * pages are not touched, so they cost address space, not memory; where
+     * that is short (RLIMIT_AS), the size asked for may still fit. */
+    if (new_map < old_map + old_map / 2 &&
+        old_map + old_map / 2 <= (size_t)PTRDIFF_MAX - HM_SEGMENT_SIZE) {
+        void *p = large_grow(seg, offset, hm_round_up(old_map + old_map / 2, HM_OS_PAGE));
+        if (p)
+            return p;
+    }
+    return large_grow(seg, offset, new_map);
 }
