@@ -487,9 +487,8 @@ static void large_cache_reuses_then_decays(void **state)
     assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL), 0);
 }
 
-/* An aligned block (its header in its first granule) is cached like a
- * plain one, and serves another alignment, or none, from the same
- * mapping: aligned_alloc(128 KiB) in a loop mapped and unmapped 4 MiB
+/* An aligned block is cached like a plain one; one whose header starts
+ * its granule serves another alignment, or none, from the same mapping: aligned_alloc(128 KiB) in a loop mapped and unmapped 4 MiB
  * each round (36x slower than the peers).  A block that realloc grows
  * into a large one may take a cached block up to eight times its size;
  * a plain request, at most twice; the rest of it goes back. */
@@ -517,6 +516,23 @@ static void large_cache_serves_any_alignment_and_growth(void **state)
     assert_ptr_equal(hm_segment_of((uintptr_t)r)->map_base, base);
     assert_ptr_equal(r, base + ((offsetof(struct hm_segment, spans) + 63) & ~(size_t)63));
     hm_large_free(hm_segment_of((uintptr_t)r));
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+
+    /* A block aligned to half a segment or more (its user pointer starts
+     * a granule, its header on the page before) serves the alignments
+     * its user pointer has, not a plain request. */
+    char *a = hm_large_alloc(3u << 20, 2u << 20, &zeroed);
+    assert_int_equal((uintptr_t)a % HM_SEGMENT_SIZE, 0);
+    hm_large_free(hm_segment_of((uintptr_t)a));
+    char *b = hm_large_alloc((3u << 20) - 5000, HM_SEGMENT_SIZE, &zeroed);
+    assert_ptr_equal(b, a);
+    assert_false(zeroed);
+    assert_int_equal(hm_segment_of((uintptr_t)b)->alignment, HM_SEGMENT_SIZE);
+    hm_large_free(hm_segment_of((uintptr_t)b));
+    char *c = hm_large_alloc(3u << 20, 16, &zeroed);
+    assert_true(zeroed);
+    assert_true(c != a);
+    hm_large_free(hm_segment_of((uintptr_t)c));
     hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
 
     char *big = hm_large_alloc(6u << 20, 16, &zeroed);

@@ -59,10 +59,26 @@ static void cache_remove_at(unsigned i)
     __atomic_store_n(&cache_count, cache_count - 1, __ATOMIC_RELAXED);
 }
 
+static bool header_in_granule(size_t alignment);
+
+/* Whether a cached block can take a request's layout: a block whose
+ * header starts its granule serves any alignment below half a segment
+ * (the user pointer moves within that granule: see large_revive); one
+ * whose user pointer starts a granule, with its header on the page
+ * before, serves the alignments its user pointer has, and only those:
+ * its first page is in the granule before, which may hold another
+ * block's user pointer. */
+static bool cache_serves(const struct hm_segment *seg, size_t alignment)
+{
+    if (header_in_granule(alignment))
+        return header_in_granule(seg->alignment);
+    return !header_in_granule(seg->alignment) && (uintptr_t)seg->user % alignment == 0;
+}
+
 /* The smallest cached block that fits, if it is at most `most` times the
  * size: its pages are already faulted in, which is most of what a fresh
  * mapping costs; the untouched rest only costs address space. */
-static struct hm_segment *cache_take(size_t map_size, size_t most)
+static struct hm_segment *cache_take(size_t map_size, size_t alignment, size_t most)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return NULL;
@@ -70,7 +86,7 @@ static struct hm_segment *cache_take(size_t map_size, size_t most)
     int best = -1;
     for (unsigned i = 0; i < cache_count; i++) {
         size_t have = cache[i].seg->map_size;
-        if (have >= map_size && have / most <= map_size &&
+        if (have >= map_size && have / most <= map_size && cache_serves(cache[i].seg, alignment) &&
             (best < 0 || have < cache[best].seg->map_size))
             best = (int)i;
     }
@@ -137,13 +153,10 @@ static void renew(struct hm_segment *seg, uint64_t now_ns)
     hm_count_purged(seg->map_size);
 }
 
-static bool header_in_granule(size_t alignment);
-
-/* Any block whose header starts its mapping: a cached one serves any
- * alignment that puts the header there (see large_revive). */
+/* Any block of either layout (see cache_serves). */
 static bool cache_put(struct hm_segment *seg)
 {
-    if (!header_in_granule(seg->alignment) || seg->map_size > CACHE_MAX_BLOCK)
+    if (seg->map_size > CACHE_MAX_BLOCK)
         return false;
     struct cached_block in = { seg, hm_clock_ns() };
     renew(seg, in.freed_ns);
@@ -261,12 +274,10 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
         errno = ENOMEM;
         return NULL;
     }
-    if (header_in_granule(alignment)) {
-        struct hm_segment *seg = cache_take(map_size, 2);
-        if (seg) {
-            *zeroed = false;
-            return large_revive(seg, offset, alignment);
-        }
+    struct hm_segment *cached = cache_take(map_size, alignment, 2);
+    if (cached) {
+        *zeroed = false;
+        return large_revive(cached, offset, alignment);
     }
     *zeroed = true;
     char *base = hm_os_map(map_size, map_align, header_in_granule(alignment) ? 0 : offset);
@@ -296,7 +307,7 @@ void *hm_large_alloc_growing(size_t size)
 {
     size_t offset, map_size, map_align;
     if (large_layout(size, 0, &offset, &map_size, &map_align)) {
-        struct hm_segment *seg = cache_take(map_size, 8);
+        struct hm_segment *seg = cache_take(map_size, 0, 8);
         if (seg) {
             size_t keep = hm_round_up(map_size + map_size / 2, HM_OS_PAGE);
             if (seg->map_size > keep) {
