@@ -488,10 +488,11 @@ static void large_cache_reuses_then_decays(void **state)
 }
 
 /* An aligned block is cached like a plain one; one whose header starts
- * its granule serves another alignment, or none, from the same mapping: aligned_alloc(128 KiB) in a loop mapped and unmapped 4 MiB
- * each round (36x slower than the peers).  A block that realloc grows
- * into a large one may take a cached block up to eight times its size;
- * a plain request, at most twice; the rest of it goes back. */
+ * its granule serves another alignment, or none, from the same mapping:
+ * aligned_alloc(128 KiB) in a loop mapped and unmapped 4 MiB each round
+ * (36x slower than the peers).  A block that realloc grows into a large
+ * one may take a cached block up to eight times its size, the rest of it
+ * going back; a plain request, at most twice. */
 static void large_cache_serves_any_alignment_and_growth(void **state)
 {
     (void)state;

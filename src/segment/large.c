@@ -1,10 +1,10 @@
 /* Large blocks: above the largest size class, each its own mapping.
  *
- * Freed large blocks of the plain layout wait a while in a small cache, so
- * a program that frees and allocates big buffers in turn does not pay an
- * mmap, a page-fault storm and an munmap each time.  The cache is bounded
- * (slots and bytes) and decays like free pages: a block unused for the
- * purge delay is unmapped. */
+ * Freed large blocks, of either layout (see cache_serves), wait a while in
+ * a small cache, so a program that frees and allocates big buffers in turn
+ * does not pay an mmap, a page-fault storm and an munmap each time.  The
+ * cache is bounded (slots and bytes) and decays like free pages: a block
+ * unused for the purge delay is unmapped. */
 #define _GNU_SOURCE
 #include "os_internal.h"
 
