@@ -405,7 +405,8 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     /* Growing: by half again at least, so a buffer grown step by step
      * costs a logarithmic number of remaps, not one per step.  The extra
      * pages are not touched, so they cost address space, not memory; where
-     * that is short (RLIMIT_AS), the size asked for may still fit. */
+     * that is short (RLIMIT_AS), the size asked for may still fit in place
+     * (a move needs a reservation of the new size and its alignment). */
     if (new_map < old_map + old_map / 2 &&
         old_map + old_map / 2 <= (size_t)PTRDIFF_MAX - HM_SEGMENT_SIZE) {
         void *p = large_grow(seg, offset, hm_round_up(old_map + old_map / 2, HM_OS_PAGE));
