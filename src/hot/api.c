@@ -222,14 +222,19 @@ void *hakmem_calloc(size_t n, size_t size)
     return p;
 }
 
-static void *realloc_move(void *p, size_t old_size, size_t size)
+/* p's first n bytes into q, which replaces it (NULL: p stays valid). */
+static void *move_to(void *q, void *p, size_t n)
 {
-    void *q = hakmem_malloc(size);
     if (!q)
-        return NULL;                        /* p stays valid */
-    memcpy(q, p, old_size < size ? old_size : size);
+        return NULL;
+    memcpy(q, p, n);
     hakmem_free(p);
     return q;
+}
+
+static void *realloc_move(void *p, size_t old_size, size_t size)
+{
+    return move_to(hakmem_malloc(size), p, old_size < size ? old_size : size);
 }
 
 /* A block that grows and must move moves to at least half again its size
@@ -258,15 +263,7 @@ void *hakmem_realloc(void *p, size_t size)
         return realloc_move(p, old_size, size);
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
     if (seg->kind == HM_SEGMENT_LARGE && size > HM_MAX_CLASS_SIZE) {
-        /* Within the slack a growth leaves (half again, in whole pages of
-         * the mapping: the inverse of hm_large_resize's rule): a buffer
-         * built up by appends would otherwise be cut back to each step's
-         * size and grown again, two system calls a step.  A real shrink
-         * gives the tail back. */
-        size_t want = hm_round_up((size_t)((char *)p - seg->map_base) + size, HM_OS_PAGE);
-        bool slack = size <= old_size &&
-                     hm_round_up(want + want / 2, HM_OS_PAGE) >= seg->map_size;
-        void *q = slack ? p : hm_large_resize(seg, size);
+        void *q = hm_large_resize(seg, size);
         return q ? q : realloc_move(p, old_size, size);
     }
     if (old_size > HM_MAX_CLASS_SIZE && hm_realloc_pages(&hm_tc, p, size))
@@ -274,14 +271,8 @@ void *hakmem_realloc(void *p, size_t size)
     /* Keep the block when the new size still uses at least half of it. */
     if (size <= old_size && size >= old_size / 2)
         return p;
-    if (size > HM_PAGES_MAX && size > old_size) {
-        void *q = hm_large_alloc_growing(size);     /* sets ENOMEM itself */
-        if (!q)
-            return NULL;
-        memcpy(q, p, old_size);
-        hakmem_free(p);
-        return q;
-    }
+    if (size > HM_PAGES_MAX && size > old_size)     /* sets ENOMEM itself */
+        return move_to(hm_large_alloc_growing(size), p, old_size);
     size_t grown = realloc_grown(old_size, size);
     if (grown != size) {
         int saved = errno;

@@ -299,23 +299,19 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
  * again reuses one block.  Under the plain rule (at most twice) the
  * first large step of each round (just past 2 MiB) found no cached
  * block it could take, mapped a fresh one and left the last round's
- * (6 MiB) cached: 40 rounds held 114 MB (glibc 7.5).  The block is cut
- * to half again the size, as if it had just grown (so realloc's next
- * steps keep it), and the rest goes back: a 20 MiB cached block taken
- * for 3 MiB held all 20 live, beyond any purge or trim. */
+ * (6 MiB) cached: 40 rounds held 114 MB (glibc 7.5).  The block is
+ * resized to half again the size, as if it had just grown (so realloc's
+ * next steps keep it), which gives back what lies past that growth's
+ * slack: a 20 MiB cached block taken for 3 MiB held all 20 live, beyond
+ * any purge or trim. */
 void *hm_large_alloc_growing(size_t size)
 {
     size_t offset, map_size, map_align;
     if (large_layout(size, 0, &offset, &map_size, &map_align)) {
         struct hm_segment *seg = cache_take(map_size, 0, 8);
         if (seg) {
-            size_t keep = hm_round_up(map_size + map_size / 2, HM_OS_PAGE);
-            if (seg->map_size > keep) {
-                hm_os_unmap(seg->map_base + keep, seg->map_size - keep);
-                hm_count_mapped(-(int64_t)(seg->map_size - keep));
-                seg->map_size = keep;
-            }
-            return large_revive(seg, offset, 0);
+            large_revive(seg, offset, 0);
+            return hm_large_resize(seg, hm_round_up(map_size + map_size / 2, HM_OS_PAGE) - offset);
         }
     }
     bool zeroed;
@@ -395,6 +391,11 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
         return NULL;
     size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
     if (new_map == old_map)
+        return seg->user;
+    /* Within the slack a growth leaves (below), the block stays as it is:
+     * a buffer built up by appends would otherwise be cut back to each
+     * step's size and grown again, two system calls a step. */
+    if (new_map < old_map && hm_round_up(new_map + new_map / 2, HM_OS_PAGE) >= old_map)
         return seg->user;
     if (new_map < old_map) {
         hm_os_unmap(seg->map_base + new_map, old_map - new_map);
