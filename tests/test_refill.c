@@ -800,6 +800,113 @@ static void page_blocks_reuse_their_pages(void **state)
     hakmem_free(g);
 }
 
+/* A heap's segments with room come before its full ones: a walk for room
+ * or for pages to purge stops at the first full one.  A segment moves to
+ * the tail when a span fills it and to the head when one of its spans is
+ * released. */
+static bool room_first(const struct hm_heap *h)
+{
+    bool full_seen = false;
+    const struct hm_segment *last = NULL;
+    for (const struct hm_segment *seg = h->segments; seg; last = seg, seg = seg->next) {
+        if (full_seen && !hm_segment_is_full(seg))
+            return false;
+        full_seen |= hm_segment_is_full(seg);
+    }
+    return last == h->segments_last;
+}
+
+static void *fill_segments(void *arg)
+{
+    (void)arg;
+    enum { SIZE = 16384, N = 6 * 63 * 4 };  /* 4 blocks a span of one page: 6 segments */
+    static void *blocks[N];
+    struct hm_heap *h = NULL;
+    for (int i = 0; i < N; i++) {
+        blocks[i] = hakmem_malloc(SIZE);
+        h = hm_tcache_self()->heap;
+        assert_true(room_first(h));
+    }
+    /* A span in the middle of the full ones: its blocks go back (through
+     * the bin and the stash, then a trim to the spans). */
+    struct hm_segment *seg = hm_segment_of((uintptr_t)blocks[N / 2]);
+    assert_true(hm_segment_is_full(seg));
+    assert_ptr_not_equal(h->segments, seg);
+    struct hm_span *sp = span_at(blocks[N / 2]);
+    for (int i = 0; i < N; i++)
+        if (blocks[i] && span_at(blocks[i]) == sp) {
+            hakmem_free(blocks[i]);
+            blocks[i] = NULL;
+        }
+    hakmem_trim();
+    assert_false(hm_segment_is_full(seg));
+    assert_ptr_equal(h->segments, seg);
+    assert_true(room_first(h));
+    /* The next new span fills it again: to the tail. */
+    void *more[4];
+    for (int i = 0; i < 4; i++)
+        more[i] = hakmem_malloc(SIZE);
+    assert_ptr_equal(hm_segment_of((uintptr_t)more[3]), seg);
+    assert_true(hm_segment_is_full(seg));
+    assert_ptr_equal(h->segments_last, seg);
+    assert_true(room_first(h));
+    for (int i = 0; i < 4; i++)
+        hakmem_free(more[i]);
+    for (int i = 0; i < N; i++)
+        hakmem_free(blocks[i]);
+    return NULL;
+}
+
+static void segments_with_room_come_first(void **state)
+{
+    (void)state;
+    run_thread(fill_segments, NULL);
+}
+
+/* A heap walks its segments for remote frees only when hinted: a free by
+ * another thread that announces a span sets the owner's hint, a collect
+ * clears it (and takes the frees). */
+struct hinted {
+    void *blocks[64];
+    struct hm_heap *owner;
+};
+
+static void *free_hinted(void *arg)
+{
+    struct hinted *x = arg;
+    for (int i = 0; i < 64; i++)
+        hakmem_free(x->blocks[i]);      /* two batches of 32 */
+    return NULL;
+}
+
+static void *hint_owner_thread(void *arg)
+{
+    (void)arg;
+    static struct hinted x;
+    for (int i = 0; i < 64; i++)
+        x.blocks[i] = hakmem_malloc(64);
+    struct hm_heap *h = hm_tcache_self()->heap;
+    hm_heap_lock(h);
+    hm_heap_collect(h);                 /* a segment joined: hinted */
+    assert_false(atomic_load(&h->remote_hint));
+    hm_heap_unlock(h);
+    uint64_t collected = h->stats[CLS].remote_frees;
+    run_thread(free_hinted, &x);
+    assert_true(atomic_load(&h->remote_hint));
+    hm_heap_lock(h);
+    hm_heap_collect(h);
+    hm_heap_unlock(h);
+    assert_false(atomic_load(&h->remote_hint));
+    assert_int_equal(h->stats[CLS].remote_frees - collected, 64);
+    return NULL;
+}
+
+static void remote_frees_hint_their_owner(void **state)
+{
+    (void)state;
+    run_thread(hint_owner_thread, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -818,6 +925,8 @@ int main(void)
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
         cmocka_unit_test(cache_bound_covers_the_caches),
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
+        cmocka_unit_test(segments_with_room_come_first),
+        cmocka_unit_test(remote_frees_hint_their_owner),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -154,11 +154,12 @@ struct hm_heap *hm_heap_attach(struct hm_tcache *tc)
     hm_mutex_lock(&heaps_lock);
     struct hm_heap *h = heap_take();
     if (h) {
-        /* Not the stashes (the last member, half the heap): a new heap's
-         * memory is fresh and zero, and a heap goes back to the free list
-         * only after its thread's exit emptied every stash.  Their pages
-         * are then touched only by the classes that use them. */
-        memset(h, 0, offsetof(struct hm_heap, stash));
+        /* Not remote_hint (see there), nor the stashes (the last member,
+         * half the heap): a new heap's memory is fresh and zero, and a
+         * heap goes back to the free list only after its thread's exit
+         * emptied every stash.  Their pages are then touched only by the
+         * classes that use them. */
+        memset(h, 0, offsetof(struct hm_heap, remote_hint));
         h->id = (uintptr_t)h;
         h->tid = tid;
         h->pid = pid;
@@ -229,16 +230,36 @@ void hm_exited_unlock(void)
 
 /* ---- segments ---------------------------------------------------------- */
 
-static void segment_link(struct hm_heap *h, struct hm_segment *seg)
+/* A heap's segments with free pages come before its full ones, so that a
+ * walk for room (new_span) or for free pages to purge (hm_heap_purge)
+ * stops at the first full segment: a big heap is mostly full segments of
+ * long-lived blocks, and reading each one's header is a cache and TLB
+ * miss (a 2 GiB heap: 512 of them at every new span and purge step).  A
+ * segment joins at the tail when full, at the head otherwise; it moves to
+ * the tail when a span fills it and to the head when a span of it is
+ * released.  Only the heap's owner allocates spans in its segments, and
+ * releases go through span_release under the heap's lock, so the order
+ * holds; were it off, a segment with room behind a full one would only be
+ * passed over until its next release. */
+static void list_insert(struct hm_heap *h, struct hm_segment *seg)
 {
+    if (hm_segment_is_full(seg) && h->segments) {
+        seg->next = NULL;
+        seg->prev = h->segments_last;
+        h->segments_last->next = seg;
+        h->segments_last = seg;
+        return;
+    }
     seg->prev = NULL;
     seg->next = h->segments;
     if (h->segments)
         h->segments->prev = seg;
+    else
+        h->segments_last = seg;
     h->segments = seg;
 }
 
-static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
+static void list_remove(struct hm_heap *h, struct hm_segment *seg)
 {
     if (seg->prev)
         seg->prev->next = seg->next;
@@ -246,7 +267,37 @@ static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
         h->segments = seg->next;
     if (seg->next)
         seg->next->prev = seg->prev;
+    else
+        h->segments_last = seg->prev;
     seg->next = seg->prev = NULL;
+}
+
+static bool is_drained(const struct hm_segment *seg)
+{
+    return atomic_load_explicit(&seg->owner, memory_order_relaxed) & HM_OWNER_DRAIN;
+}
+
+/* A segment that joins the heap may hold remote frees announced while it
+ * had another owner, or none (see remote_hint). */
+static void segment_link(struct hm_heap *h, struct hm_segment *seg)
+{
+    atomic_store_explicit(&h->remote_hint, 1, memory_order_relaxed);
+    h->segments_drained += is_drained(seg);
+    list_insert(h, seg);
+}
+
+static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
+{
+    h->segments_drained -= is_drained(seg);
+    list_remove(h, seg);
+}
+
+void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, bool was_full)
+{
+    if (hm_segment_is_full(seg) != was_full) {
+        list_remove(h, seg);
+        list_insert(h, seg);
+    }
 }
 
 /* Empty segments kept process-wide for the next thread that needs one: a
@@ -462,7 +513,8 @@ static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t dela
  * `next`) purged until the step is done; returns the bytes done so far. */
 static size_t purge_list(struct hm_segment *seg, uint64_t now, uint64_t delay_ns, size_t done)
 {
-    for (; seg && done < HM_PURGE_STEP; seg = seg->next)
+    /* Full segments have no free page: the heap's list ends with them. */
+    for (; seg && !hm_segment_is_full(seg) && done < HM_PURGE_STEP; seg = seg->next)
         done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
     return done;
 }
@@ -781,8 +833,11 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct
      * (only this thread takes pages from its segments). */
     if ((unsigned)__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
         return NULL;
-    return hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id,
-                         (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
+    struct hm_span *sp = hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id,
+                                       (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
+    if (sp)
+        hm_heap_segment_changed(h, seg, false);
+    return sp;
 }
 
 /* A heap that holds HM_HUGE_AFTER segments (16 MiB) is big: the segments
@@ -872,6 +927,8 @@ bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg)
  * and by the tidier for an idle heap. */
 static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t delay_ns)
 {
+    if (!h->segments_drained)
+        return;
     for (struct hm_segment *seg = h->segments, *next; seg; seg = next) {
         next = seg->next;
         if (atomic_load_explicit(&seg->owner, memory_order_relaxed) == h->id ||
@@ -890,12 +947,14 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
         /* Pages still resident first, in whichever segment they are: a
          * live set that moves from one size to another then reuses the
          * memory the last one left, without page faults. */
-        for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
+        for (struct hm_segment *seg = h->segments; seg && !hm_segment_is_full(seg);
+             seg = seg->next) {
             struct hm_span *sp = hm_segment_has_dirty_run(seg, s.pages) ? span_in(h, seg, s) : NULL;
             if (sp)
                 return sp;
         }
-        for (struct hm_segment *seg = h->segments; seg; seg = seg->next) {
+        for (struct hm_segment *seg = h->segments; seg && !hm_segment_is_full(seg);
+             seg = seg->next) {
             struct hm_span *sp = span_in(h, seg, s);
             if (sp)
                 return sp;
@@ -963,7 +1022,8 @@ static void give_up_all(struct hm_heap *h)
         next = seg->next;
         give_up_segment(seg);
     }
-    h->segments = NULL;
+    h->segments = h->segments_last = NULL;
+    h->segments_drained = 0;
     hm_heap_release_reserve(h, false);
 }
 

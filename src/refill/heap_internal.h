@@ -69,7 +69,11 @@ struct hm_heap {
     uint64_t idle_since_ns;
     uint64_t gone_checked_ns;               /* when thread_gone was last asked */
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
-    struct hm_segment *segments;            /* segments this heap owns */
+    /* Segments this heap owns, those with free pages first (see
+     * segment_link), and how many of them it drains (see
+     * hm_heap_reclaim). */
+    struct hm_segment *segments, *segments_last;
+    unsigned segments_drained;
     /* Empty segments kept for reuse (their pages decay like any free page),
      * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped. */
     struct hm_segment *reserve;
@@ -96,6 +100,17 @@ struct hm_heap {
      * class (blocks) and in all (bytes): see hm_cache_bound_note. */
     uint32_t cache_bound_blocks[HM_NUM_CLASSES];
     uint64_t cache_bound;
+    /* Set when other threads' frees may wait in the heap's segments: by a
+     * remote free that announced a span on a segment's empty pending
+     * stack, and when a segment joins the heap.  hm_heap_collect clears it
+     * and only then walks the segments, so a refill that finds no partial
+     * span does not read every segment's header when nobody freed into
+     * them (a heap of 2 GiB: 512 headers, each a cache and TLB miss, at
+     * every such refill).  On its own line: other threads write it.  Not
+     * cleared when the heap is reused (hm_heap_attach): a thread that read
+     * the owner of a segment just before it moved may still set it, which
+     * costs one walk. */
+    _Alignas(64) _Atomic uint32_t remote_hint;
     struct hm_stash stash[HM_NUM_CLASSES];  /* last: see hm_heap_attach */
 };
 
@@ -183,6 +198,15 @@ uint64_t hm_heap_live_count(void);
 void hm_heap_release_reserve(struct hm_heap *h, bool unmap);
 void hm_heap_release_empty_pool(void);
 
+/* A span of h's segment seg came, went or changed size: it keeps its
+ * place among the segments with room, or the full ones (see list_insert). */
+void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, bool was_full);
+/* Whether seg has no free page. */
+static inline bool hm_segment_is_full(const struct hm_segment *seg)
+{
+    return __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED) == 0;
+}
+
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
@@ -191,8 +215,8 @@ void hm_heap_collect(struct hm_heap *h);
 bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg);
 void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected);
 void hm_abandoned_sweep(unsigned most, bool now);
-/* Whether other threads freed blocks of h's segments that it has not
- * collected yet.  Under h's lock (its segment list may change otherwise). */
+/* Whether other threads may have freed blocks of h's segments that it has
+ * not collected yet (its remote_hint). */
 bool hm_heap_has_remote_frees(const struct hm_heap *h);
 /* An idle heap's tidying, by another thread holding its lock: remote
  * frees to it are collected, its stashes go back to their spans, and its

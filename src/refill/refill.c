@@ -90,9 +90,12 @@ static void span_release(struct hm_heap *h, struct hm_span *sp)
         hm_partial_remove(h, sp);
     if (hm_span_owner(sp) != h->id)             /* drained: still draining */
         seg->drained_ns = hm_clock_ns();
+    bool was_full = hm_segment_is_full(seg);
     hm_span_release(seg, sp);
     if (hm_segment_is_empty(seg))
         hm_heap_segment_emptied(h, seg);
+    else
+        hm_heap_segment_changed(h, seg, was_full);
 }
 
 /* After blocks came back: list the span again if it was full, and give it
@@ -128,6 +131,24 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 
 /* ---- remote frees ------------------------------------------------------ */
 
+/* A segment's pending stack turned non-empty: its owner's next collect
+ * walks its segments (see remote_hint).  The fence orders the push before
+ * the read of the owner, as hm_heap_collect's orders a new owner's store
+ * before its reads of the stacks: a segment that changes hands meanwhile
+ * is then either hinted to its new owner or collected by it.  Heaps are
+ * never unmapped, so an owner read just before the segment moved points
+ * at a heap still: the hint there costs one walk.  A segment of an exited
+ * thread has no heap: whoever takes it off the abandoned stack collects. */
+static void hint_owner(struct hm_segment *seg)
+{
+    atomic_thread_fence(memory_order_seq_cst);
+    uintptr_t owner = atomic_load_explicit(&seg->owner, memory_order_relaxed);
+    if (owner == HM_OWNER_ABANDONED || owner == HM_OWNER_SENTINEL)
+        return;
+    struct hm_heap *h = (struct hm_heap *)(owner & ~HM_OWNER_DRAIN);
+    atomic_store_explicit(&h->remote_hint, 1, memory_order_relaxed);
+}
+
 /* A block of a span this thread does not own goes on the span's remote
  * list.  Whoever makes that list non-empty also announces the span on its
  * segment's pending stack, so the owner finds it without scanning; it
@@ -152,6 +173,8 @@ static void remote_push(struct hm_span *sp, void *head, void *tail, uint32_t n)
     } while (!atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp,
                                                     memory_order_release,
                                                     memory_order_relaxed));
+    if (!top)
+        hint_owner(seg);
 }
 
 /* A batch goes when it holds REMOTE_BATCH blocks or all its span's (a
@@ -282,14 +305,17 @@ void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected)
 
 bool hm_heap_has_remote_frees(const struct hm_heap *h)
 {
-    for (const struct hm_segment *seg = h->segments; seg; seg = seg->next)
-        if (atomic_load_explicit(&seg->pending, memory_order_relaxed))
-            return true;
-    return false;
+    return atomic_load_explicit(&h->remote_hint, memory_order_relaxed);
 }
 
+/* Cleared before the walk: a free announced after its segment was passed
+ * sets it again, for the next collect. */
 void hm_heap_collect(struct hm_heap *h)
 {
+    if (!atomic_load_explicit(&h->remote_hint, memory_order_relaxed) ||
+        !atomic_exchange_explicit(&h->remote_hint, 0, memory_order_relaxed))
+        return;
+    atomic_thread_fence(memory_order_seq_cst);      /* see hint_owner */
     struct hm_segment *seg = h->segments;
     while (seg) {
         /* Collecting may empty and free this segment: step first. */
@@ -785,7 +811,9 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
     if (sp->size_class != HM_PAGES_CLASS || hm_span_owner(sp) != tc->owner || sp->start != p)
         return false;
     hm_heap_lock(tc->heap);     /* the owner's: its thread has a heap */
+    bool was_full = hm_segment_is_full(seg);
     bool done = hm_span_resize(seg, sp, (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT));
+    hm_heap_segment_changed(tc->heap, seg, was_full);
     hm_heap_unlock(tc->heap);
     return done;
 }
