@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include <x86intrin.h>
 
 static const char *g_bench = "?"; /* program name, for messages */
 
@@ -461,4 +462,76 @@ void thread_join(pthread_t t)
     int err = pthread_join(t, NULL);
     if (err)
         bench_fail("pthread_join: %s", strerror(err));
+}
+
+/* ---- call times ---------------------------------------------------------- */
+
+static unsigned lat_bucket(uint64_t t)
+{
+    if (t < LAT_SUB)
+        return (unsigned)t;
+    unsigned top = 63u - (unsigned)__builtin_clzll(t);           /* >= 4 */
+    unsigned sub = (unsigned)(t >> (top - 4)) & (LAT_SUB - 1);
+    unsigned b = (top - 3) * LAT_SUB + sub;
+    return b < LAT_POWERS * LAT_SUB ? b : LAT_POWERS * LAT_SUB - 1;
+}
+
+/* The largest value a bucket holds. */
+static uint64_t lat_bucket_top(unsigned b)
+{
+    if (b < LAT_SUB)
+        return b;
+    unsigned top = b / LAT_SUB + 3, sub = b % LAT_SUB;
+    return ((uint64_t)(LAT_SUB + sub + 1) << (top - 4)) - 1;
+}
+
+void lat_init(struct lat_hist *h)
+{
+    memset(h, 0, sizeof *h);
+    uint64_t best = UINT64_MAX;
+    for (int i = 0; i < 100000; i++) {
+        uint64_t a = __rdtsc();
+        uint64_t b = __rdtsc();
+        if (b - a < best)
+            best = b - a;
+    }
+    h->overhead = best;
+}
+
+void lat_record(struct lat_hist *h, uint64_t from, uint64_t to)
+{
+    uint64_t t = to - from;
+    t = t > h->overhead ? t - h->overhead : 0;
+    h->count[lat_bucket(t)]++;
+    h->samples++;
+    if (t > h->slowest)
+        h->slowest = t;
+}
+
+uint64_t lat_percentile(const struct lat_hist *h, double q)
+{
+    uint64_t want = (uint64_t)(q * (double)h->samples), seen = 0;
+    for (unsigned b = 0; b < LAT_POWERS * LAT_SUB; b++) {
+        seen += h->count[b];
+        if (seen > want)
+            return lat_bucket_top(b) < h->slowest ? lat_bucket_top(b) : h->slowest;
+    }
+    return h->slowest;
+}
+
+void lat_replace(struct lat_hist *h, struct lat_slot *s, size_t size, uint64_t tag,
+                 const char *what)
+{
+    if (s->p) {
+        pat_check(s->p, s->size, s->tag, what);
+        uint64_t a = __rdtsc();
+        free(s->p);
+        lat_record(h, a, __rdtsc());
+    }
+    s->size = size;
+    s->tag = tag;
+    uint64_t a = __rdtsc();
+    s->p = bmalloc(size);
+    lat_record(h, a, __rdtsc());
+    pat_fill(s->p, size, tag);
 }

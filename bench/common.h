@@ -217,6 +217,37 @@ struct bench_result {
 __attribute__((format(printf, 2, 3))) void result_print(const struct bench_result *r,
                                                         const char *extra_fmt, ...);
 
+/* ---- call times ---------------------------------------------------------- */
+
+/* Times of single calls, read with the TSC around each, in a histogram of
+ * 16 buckets per power of two (at most 6% above the true value). */
+#define LAT_SUB 16
+#define LAT_POWERS 48
+struct lat_hist {
+    uint64_t count[LAT_POWERS * LAT_SUB];
+    uint64_t samples, slowest;
+    uint64_t overhead;          /* ticks of two back-to-back TSC reads */
+};
+
+/* Zeroes h and measures the cost of reading the TSC twice. */
+void lat_init(struct lat_hist *h);
+/* Records one call that ran from TSC `from` to `to`, less the overhead. */
+void lat_record(struct lat_hist *h, uint64_t from, uint64_t to);
+/* The q-quantile (0..1) of the recorded times, in ticks. */
+uint64_t lat_percentile(const struct lat_hist *h, double q);
+
+/* A slot of a ring whose blocks are replaced at random, each call timed. */
+struct lat_slot {
+    void *p;
+    size_t size;
+    uint64_t tag;
+};
+
+/* Verifies and frees the slot's block (if any), then puts a new block of
+ * `size` there, filled with `tag`'s pattern; both calls go into h. */
+void lat_replace(struct lat_hist *h, struct lat_slot *s, size_t size, uint64_t tag,
+                 const char *what);
+
 /* ---- threads ------------------------------------------------------------ */
 
 /* Starts fn on each of nt workers (an array with `stride` bytes a worker),

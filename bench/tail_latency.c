@@ -21,101 +21,19 @@
 #include <string.h>
 #include <x86intrin.h>
 
-struct slot {
-    void *p;
-    size_t size;
-    uint64_t tag;
-};
-
 static size_t g_max = 64 * 1024;
 static long g_slots = 4096;
 static long g_cycle = 200000;
 
-/* ---- histogram ----------------------------------------------------------- */
+static struct lat_hist hist;
 
-#define SUB 16                      /* buckets per power of two */
-#define POWERS 48
-static uint64_t hist[POWERS * SUB];
-static uint64_t samples, slowest;
-
-static unsigned bucket_of(uint64_t t)
+static void replace(struct lat_slot *s, rng_t *rng, uint64_t tag)
 {
-    if (t < SUB)
-        return (unsigned)t;
-    unsigned top = 63u - (unsigned)__builtin_clzll(t);           /* >= 4 */
-    unsigned sub = (unsigned)(t >> (top - 4)) & (SUB - 1);
-    unsigned b = (top - 3) * SUB + sub;
-    return b < POWERS * SUB ? b : POWERS * SUB - 1;
-}
-
-/* The largest value a bucket holds. */
-static uint64_t bucket_top(unsigned b)
-{
-    if (b < SUB)
-        return b;
-    unsigned top = b / SUB + 3, sub = b % SUB;
-    return ((uint64_t)(SUB + sub + 1) << (top - 4)) - 1;
-}
-
-static void record(uint64_t t)
-{
-    hist[bucket_of(t)]++;
-    samples++;
-    if (t > slowest)
-        slowest = t;
-}
-
-static uint64_t percentile(double q)
-{
-    uint64_t want = (uint64_t)(q * (double)samples), seen = 0;
-    for (unsigned b = 0; b < POWERS * SUB; b++) {
-        seen += hist[b];
-        if (seen > want)
-            return bucket_top(b) < slowest ? bucket_top(b) : slowest;
-    }
-    return slowest;
-}
-
-/* ---- timing ---------------------------------------------------------------- */
-
-static uint64_t tsc_overhead;       /* ticks of two back-to-back reads */
-
-static uint64_t measure_overhead(void)
-{
-    uint64_t best = UINT64_MAX;
-    for (int i = 0; i < 100000; i++) {
-        uint64_t a = __rdtsc();
-        uint64_t b = __rdtsc();
-        if (b - a < best)
-            best = b - a;
-    }
-    return best;
-}
-
-static void record_span(uint64_t from, uint64_t to)
-{
-    uint64_t t = to - from;
-    record(t > tsc_overhead ? t - tsc_overhead : 0);
-}
-
-static void replace(struct slot *s, rng_t *rng, uint64_t tag)
-{
-    if (s->p) {
-        pat_check(s->p, s->size, s->tag, "tail_latency");
-        uint64_t a = __rdtsc();
-        free(s->p);
-        record_span(a, __rdtsc());
-    }
-    s->size = (size_t)rng_log_range(rng, 16, g_max);
-    s->tag = tag;
-    uint64_t a = __rdtsc();
-    s->p = bmalloc(s->size);
-    record_span(a, __rdtsc());
-    pat_fill(s->p, s->size, tag);
+    lat_replace(&hist, s, (size_t)rng_log_range(rng, 16, g_max), tag, "tail_latency");
 }
 
 /* Three slots in four let go at once: the live set falls to a quarter. */
-static void shrink(struct slot *ring, size_t n)
+static void shrink(struct lat_slot *ring, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         if (i % 4 != 0 && ring[i].p) {
@@ -144,10 +62,10 @@ int main(int argc, char **argv)
         bench_fail("need --max >= 16, --slots >= 4 and --cycle >= 1");
 
     size_t nslots = (size_t)g_slots;
-    struct slot *ring = harness_alloc(nslots * sizeof *ring);
+    struct lat_slot *ring = harness_alloc(nslots * sizeof *ring);
     rng_t rng;
     rng_seed(&rng, a.seed, 0);
-    tsc_overhead = measure_overhead();
+    lat_init(&hist);
 
     double t0 = now_sec();
     uint64_t tsc0 = __rdtsc();
@@ -172,8 +90,8 @@ int main(int argc, char **argv)
                  " max=%zu slots=%zu cycle=%ld calls=%" PRIu64
                  " p50_ns=%.0f p99_ns=%.0f p999_ns=%.0f p9999_ns=%.0f max_ns=%.0f"
                  " tsc_overhead_ns=%.1f",
-                 g_max, nslots, g_cycle, samples, NS(percentile(0.5)), NS(percentile(0.99)),
-                 NS(percentile(0.999)), NS(percentile(0.9999)), NS(slowest),
-                 NS(tsc_overhead));
+                 g_max, nslots, g_cycle, hist.samples, NS(lat_percentile(&hist, 0.5)),
+                 NS(lat_percentile(&hist, 0.99)), NS(lat_percentile(&hist, 0.999)),
+                 NS(lat_percentile(&hist, 0.9999)), NS(hist.slowest), NS(hist.overhead));
     return 0;
 }
