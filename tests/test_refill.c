@@ -3,7 +3,10 @@
 #include "test_util.h"
 
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdbool.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 
 #include "hakmem.h"
 #include "hot/hot.h"
@@ -907,6 +910,100 @@ static void remote_frees_hint_their_owner(void **state)
     run_thread(hint_owner_thread, NULL);
 }
 
+/* A remote free that announced a span may still read its segment when
+ * the owner has collected the span and freed the segment (a trim): the
+ * segment stays mapped until the announcer is done.  The hook stands for
+ * the announcer's thread being preempted right after its push. */
+static sem_t pushed, resume;
+static void *announced;
+
+static void pause_after_push(struct hm_segment *seg)
+{
+    (void)seg;
+    hm_remote_push_test_hook = NULL;
+    sem_post(&pushed);
+    sem_wait(&resume);
+}
+
+static void *announce_and_pause(void *arg)
+{
+    (void)arg;
+    void *own = hakmem_malloc(64);          /* a heap of its own: remote frees batch */
+    hm_remote_push_test_hook = pause_after_push;
+    hakmem_free(announced);                 /* a page block: its batch goes at once */
+    hakmem_free(own);
+    return NULL;
+}
+
+static bool mapped(const void *p)
+{
+    return msync((void *)((uintptr_t)p & ~(uintptr_t)4095), 4096, MS_ASYNC) == 0;
+}
+
+static void *owner_trims_meanwhile(void *arg)
+{
+    (void)arg;
+    announced = hakmem_malloc(200 << 10);
+    struct hm_segment *seg = hm_segment_of((uintptr_t)announced);
+    pthread_t t;
+    pthread_create(&t, NULL, announce_and_pause, NULL);
+    sem_wait(&pushed);
+    hakmem_trim();                          /* collects the block: the segment empties */
+    assert_null(hm_segment_of((uintptr_t)announced));      /* freed, */
+    assert_true(mapped(seg));                               /* not unmapped */
+    sem_post(&resume);
+    pthread_join(t, NULL);
+    hakmem_trim();
+    assert_false(mapped(seg));
+    return NULL;
+}
+
+static void segments_stay_mapped_while_announced(void **state)
+{
+    (void)state;
+    sem_init(&pushed, 0, 0);
+    sem_init(&resume, 0, 0);
+    run_thread(owner_trims_meanwhile, NULL);
+}
+
+/* A fork while another thread is between its push and its hint: the
+ * child, which does not have that thread, still collects the frees. */
+static void *owner_forks_meanwhile(void *arg)
+{
+    (void)arg;
+    announced = hakmem_malloc(200 << 10);
+    void *other = hakmem_malloc(200 << 10);     /* keeps the segment */
+    struct hm_heap *h = hm_tcache_self()->heap;
+    struct hm_segment *seg = hm_segment_of((uintptr_t)announced);
+    hm_heap_lock(h);
+    hm_heap_collect(h);                         /* the hint cleared, as after a refill */
+    hm_heap_unlock(h);
+    pthread_t t;
+    pthread_create(&t, NULL, announce_and_pause, NULL);
+    sem_wait(&pushed);
+    pid_t pid = fork();
+    if (pid == 0) {
+        hakmem_trim();
+        _exit(atomic_load(&seg->pending) ? 1 : 0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    sem_post(&resume);
+    pthread_join(t, NULL);
+    hakmem_free(other);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    return NULL;
+}
+
+static void fork_child_collects_frees_announced_at_fork(void **state)
+{
+    (void)state;
+    sem_init(&pushed, 0, 0);
+    sem_init(&resume, 0, 0);
+    run_thread(owner_forks_meanwhile, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -927,6 +1024,8 @@ int main(void)
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
         cmocka_unit_test(segments_with_room_come_first),
         cmocka_unit_test(remote_frees_hint_their_owner),
+        cmocka_unit_test(segments_stay_mapped_while_announced),
+        cmocka_unit_test(fork_child_collects_frees_announced_at_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1165,7 +1165,12 @@ void hm_refill_fork_child(struct hm_tcache *self)
     if (mine) {                         /* or its parent's thread looks gone */
         mine->tid = gettid();
         mine->pid = getpid();
+        /* A remote free of a thread the child does not have may have
+         * pushed without hinting yet: look once. */
+        atomic_store_explicit(&mine->remote_hint, 1, memory_order_relaxed);
     }
+    if (exited)
+        atomic_store_explicit(&exited->remote_hint, 1, memory_order_relaxed);
     uint64_t n = 0;
     struct hm_heap *all = heaps_live;
     heaps_live = NULL;

@@ -111,7 +111,7 @@ struct hm_heap {
      * the owner of a segment just before it moved may still set it, which
      * costs one walk. */
     _Alignas(64) _Atomic uint32_t remote_hint;
-    struct hm_stash stash[HM_NUM_CLASSES];  /* last: see hm_heap_attach */
+    _Alignas(64) struct hm_stash stash[HM_NUM_CLASSES];  /* last: see hm_heap_attach */
 };
 
 #define HM_HEAP_RESERVE 4

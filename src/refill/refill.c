@@ -132,13 +132,17 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 /* ---- remote frees ------------------------------------------------------ */
 
 /* A segment's pending stack turned non-empty: its owner's next collect
- * walks its segments (see remote_hint).  The fence orders the push before
+ * walks its segments (see remote_hint).  The segment may be free by now
+ * (its owner collected the push, and the span emptied it), but not yet
+ * unmapped (see `announcing`).  The fence orders the push before
  * the read of the owner, as hm_heap_collect's orders a new owner's store
  * before its reads of the stacks: a segment that changes hands meanwhile
  * is then either hinted to its new owner or collected by it.  Heaps are
  * never unmapped, so an owner read just before the segment moved points
  * at a heap still: the hint there costs one walk.  A segment of an exited
  * thread has no heap: whoever takes it off the abandoned stack collects. */
+void (*hm_remote_push_test_hook)(struct hm_segment *seg);
+
 static void hint_owner(struct hm_segment *seg)
 {
     atomic_thread_fence(memory_order_seq_cst);
@@ -167,14 +171,20 @@ static void remote_push(struct hm_span *sp, void *head, void *tail, uint32_t n)
         return;
     sp->remote_tail = tail;
     struct hm_segment *seg = hm_segment_of_span(sp);
+    /* Counted before the push (which releases it to the collector) and
+     * until the last read of the segment: see `announcing`. */
+    atomic_fetch_add_explicit(&seg->announcing, 1, memory_order_relaxed);
     struct hm_span *top = atomic_load_explicit(&seg->pending, memory_order_relaxed);
     do {
         sp->pending_next = top;
     } while (!atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp,
                                                     memory_order_release,
                                                     memory_order_relaxed));
+    if (__builtin_expect(hm_remote_push_test_hook != NULL, 0))
+        hm_remote_push_test_hook(seg);
     if (!top)
         hint_owner(seg);
+    atomic_fetch_sub_explicit(&seg->announcing, 1, memory_order_release);
 }
 
 /* A batch goes when it holds REMOTE_BATCH blocks or all its span's (a

@@ -171,6 +171,10 @@ void hm_refill_fork_prepare(void);
 void hm_refill_fork_release(void);
 void hm_refill_fork_child(struct hm_tcache *self);
 
+/* Tests only: called by a remote free between its push onto a segment's
+ * pending stack and its hint to the segment's owner (see remote_push). */
+extern void (*hm_remote_push_test_hook)(struct hm_segment *seg);
+
 /* Process set-up hooks the init box calls. */
 void hm_refill_module_init(void);
 

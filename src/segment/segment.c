@@ -401,10 +401,13 @@ size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_
     return bytes;
 }
 
+static void unmap_waiting(void);
+
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
     size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
     hm_mutex_lock(&registry_lock);
+    unmap_waiting();
     for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next) {
         if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
             continue;
@@ -461,6 +464,37 @@ struct hm_segment *hm_segment_alloc(uintptr_t owner, bool huge)
     return seg;
 }
 
+/* Segments freed while a remote free was still announcing a span in them,
+ * linked through `next`, under registry_lock: unmapped once it is done.
+ * (A fork child keeps any whose announcer was a thread of the parent:
+ * their count never falls there.) */
+static struct hm_segment *unmap_later;
+
+static void unmap_segment(struct hm_segment *seg)
+{
+    hm_os_unmap(seg, HM_SEGMENT_SIZE);
+    hm_count_mapped(-(int64_t)HM_SEGMENT_SIZE);
+    atomic_fetch_sub_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
+}
+
+static bool announced_to(struct hm_segment *seg)
+{
+    return atomic_load_explicit(&seg->announcing, memory_order_acquire) != 0;
+}
+
+/* Under registry_lock. */
+static void unmap_waiting(void)
+{
+    for (struct hm_segment **link = &unmap_later, *seg; (seg = *link);) {
+        if (announced_to(seg)) {
+            link = &seg->next;
+            continue;
+        }
+        *link = seg->next;
+        unmap_segment(seg);
+    }
+}
+
 void hm_segment_free(struct hm_segment *seg)
 {
     registry_remove(seg);           /* after any purge_all working on it */
@@ -469,9 +503,16 @@ void hm_segment_free(struct hm_segment *seg)
     /* Released spans left their pages 0; make sure before the address
      * range can go to someone else. */
     hm_pagemap_set((uintptr_t)seg, HM_SEGMENT_PAGES, 0);
-    hm_os_unmap(seg, HM_SEGMENT_SIZE);
-    hm_count_mapped(-(int64_t)HM_SEGMENT_SIZE);
-    atomic_fetch_sub_explicit(&hm_segment_counters.segments, 1, memory_order_relaxed);
+    hm_mutex_lock(&registry_lock);
+    unmap_waiting();
+    if (announced_to(seg)) {
+        seg->next = unmap_later;
+        unmap_later = seg;
+        seg = NULL;
+    }
+    hm_mutex_unlock(&registry_lock);
+    if (seg)
+        unmap_segment(seg);
 }
 
 bool hm_segment_is_empty(const struct hm_segment *seg)

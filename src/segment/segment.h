@@ -117,6 +117,11 @@ struct hm_segment {
     struct hm_segment *all_next, *all_prev;   /* every span segment (registry) */
     struct hm_segment *next, *prev; /* the heap's list, or the abandoned stack */
     _Atomic(struct hm_span *) pending; /* spans whose remote list became non-empty */
+    /* Remote frees between their push onto `pending` and their last read
+     * of the segment (the owner, to hint it): once the push lands, the
+     * owner may collect the span and free the segment, whose unmapping
+     * then waits for them (see hm_segment_free). */
+    _Atomic uint32_t announcing;
     _Atomic unsigned huge_halves;   /* bit per 2 MiB half asking for huge pages */
     bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
     bool on_abandoned;              /* on the abandoned stack (under its lock) */
