@@ -171,19 +171,27 @@ static void remote_push(struct hm_span *sp, void *head, void *tail, uint32_t n)
         return;
     sp->remote_tail = tail;
     struct hm_segment *seg = hm_segment_of_span(sp);
-    /* Counted before the push (which releases it to the collector) and
-     * until the last read of the segment: see `announcing`. */
-    atomic_fetch_add_explicit(&seg->announcing, 1, memory_order_relaxed);
     struct hm_span *top = atomic_load_explicit(&seg->pending, memory_order_relaxed);
-    do {
+    bool first;
+    for (;;) {
+        /* The first span on the stack hints the owner, reading the segment
+         * after the push: counted before it (the push releases the count
+         * to the collector) and until that read, see `announcing`. */
+        first = !top;
+        if (first)
+            atomic_fetch_add_explicit(&seg->announcing, 1, memory_order_relaxed);
         sp->pending_next = top;
-    } while (!atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp,
-                                                    memory_order_release,
-                                                    memory_order_relaxed));
+        if (atomic_compare_exchange_weak_explicit(&seg->pending, &top, sp, memory_order_release,
+                                                  memory_order_relaxed))
+            break;
+        if (first)
+            atomic_fetch_sub_explicit(&seg->announcing, 1, memory_order_relaxed);
+    }
+    if (!first)
+        return;
     if (__builtin_expect(hm_remote_push_test_hook != NULL, 0))
         hm_remote_push_test_hook(seg);
-    if (!top)
-        hint_owner(seg);
+    hint_owner(seg);
     atomic_fetch_sub_explicit(&seg->announcing, 1, memory_order_release);
 }
 
