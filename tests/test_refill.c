@@ -944,13 +944,17 @@ static void *owner_trims_meanwhile(void *arg)
 {
     (void)arg;
     announced = hakmem_malloc(200 << 10);
+    memset(announced, 1, 200 << 10);
     struct hm_segment *seg = hm_segment_of((uintptr_t)announced);
     pthread_t t;
     pthread_create(&t, NULL, announce_and_pause, NULL);
     sem_wait(&pushed);
     hakmem_trim();                          /* collects the block: the segment empties */
     assert_null(hm_segment_of((uintptr_t)announced));      /* freed, */
-    assert_true(mapped(seg));                               /* not unmapped */
+    assert_true(mapped(seg));                               /* not unmapped, */
+    unsigned char in_core = 1;                              /* its pages given back */
+    assert_int_equal(mincore(announced, 4096, &in_core), 0);
+    assert_int_equal(in_core & 1, 0);
     sem_post(&resume);
     pthread_join(t, NULL);
     hakmem_trim();

@@ -503,6 +503,10 @@ void hm_segment_free(struct hm_segment *seg)
     /* Released spans left their pages 0; make sure before the address
      * range can go to someone else. */
     hm_pagemap_set((uintptr_t)seg, HM_SEGMENT_PAGES, 0);
+    /* An announcer reads only the header: the rest goes back now, so a
+     * segment that waits on the list holds no free pages resident. */
+    if (announced_to(seg))
+        madvise((char *)seg + HM_PAGE_SIZE, HM_SEGMENT_SIZE - HM_PAGE_SIZE, MADV_DONTNEED);
     hm_mutex_lock(&registry_lock);
     unmap_waiting();
     if (announced_to(seg)) {
