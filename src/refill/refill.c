@@ -131,6 +131,8 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
 
 /* ---- remote frees ------------------------------------------------------ */
 
+void (*hm_remote_push_test_hook)(struct hm_segment *seg);
+
 /* A segment's pending stack turned non-empty: its owner's next collect
  * walks its segments (see remote_hint).  The segment may be free by now
  * (its owner collected the push, and the span emptied it), but not yet
@@ -141,8 +143,6 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
  * never unmapped, so an owner read just before the segment moved points
  * at a heap still: the hint there costs one walk.  A segment of an exited
  * thread has no heap: whoever takes it off the abandoned stack collects. */
-void (*hm_remote_push_test_hook)(struct hm_segment *seg);
-
 static void hint_owner(struct hm_segment *seg)
 {
     atomic_thread_fence(memory_order_seq_cst);
