@@ -1008,6 +1008,47 @@ static void fork_child_collects_frees_announced_at_fork(void **state)
     run_thread(owner_forks_meanwhile, NULL);
 }
 
+/* A heap's own purge step reads at most 16 of its segments with free
+ * pages, going on from where the last one stopped: segments of 31 spans
+ * of two pages each keep a page free, and a step that read them all cost
+ * a miss a segment every 64 slow paths in a big heap. */
+static void *purge_steps_resume(void *arg)
+{
+    (void)arg;
+    enum { SEGMENTS = 20, N = SEGMENTS * 31 * 4 };  /* 32 KiB blocks, four a span */
+    static void *blocks[N];
+    for (int i = 0; i < N; i++)
+        blocks[i] = hakmem_malloc(32768);
+    struct hm_heap *h = hm_tcache_self()->heap;
+    unsigned with_room = 0;
+    for (struct hm_segment *seg = h->segments; seg && !hm_segment_is_full(seg); seg = seg->next)
+        with_room++;
+    assert_true(with_room >= SEGMENTS);
+    hm_heap_lock(h);
+    h->purge_at = NULL;
+    hm_heap_purge(h, UINT64_MAX / 2);           /* nothing old enough: reads only */
+    struct hm_segment *at = h->segments;
+    for (int i = 0; i < 16; i++)
+        at = at->next;
+    assert_ptr_equal(h->purge_at, at);          /* the 17th: where the next step starts */
+    unsigned steps = 1;
+    while (h->purge_at && steps < 100) {
+        hm_heap_purge(h, UINT64_MAX / 2);
+        steps++;
+    }
+    assert_int_equal(steps, (with_room + 15) / 16);
+    hm_heap_unlock(h);
+    for (int i = 0; i < N; i++)
+        hakmem_free(blocks[i]);
+    return NULL;
+}
+
+static void purge_steps_read_a_few_segments_each(void **state)
+{
+    (void)state;
+    run_thread(purge_steps_resume, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1030,6 +1071,7 @@ int main(void)
         cmocka_unit_test(remote_frees_hint_their_owner),
         cmocka_unit_test(segments_stay_mapped_while_announced),
         cmocka_unit_test(fork_child_collects_frees_announced_at_fork),
+        cmocka_unit_test(purge_steps_read_a_few_segments_each),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

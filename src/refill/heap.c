@@ -261,6 +261,8 @@ static void list_insert(struct hm_heap *h, struct hm_segment *seg)
 
 static void list_remove(struct hm_heap *h, struct hm_segment *seg)
 {
+    if (h->purge_at == seg)
+        h->purge_at = seg->next;
     if (seg->prev)
         seg->prev->next = seg->next;
     else
@@ -509,13 +511,30 @@ static _Atomic bool global_unfinished;      /* purge_all's last step ran out */
 
 static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t delay_ns);
 
-/* The segments of a list (the heap's, or its reserve: both linked through
- * `next`) purged until the step is done; returns the bytes done so far. */
+/* The segments of a list (the heap's reserve, linked through `next`)
+ * purged until the step is done; returns the bytes done so far. */
 static size_t purge_list(struct hm_segment *seg, uint64_t now, uint64_t delay_ns, size_t done)
 {
-    /* Full segments have no free page: the heap's list ends with them. */
-    for (; seg && !hm_segment_is_full(seg) && done < HM_PURGE_STEP; seg = seg->next)
+    for (; seg && done < HM_PURGE_STEP; seg = seg->next)
         done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    return done;
+}
+
+/* The heap's own segments with free pages, from where the last step
+ * stopped, at most HM_PURGE_VISITS a step: a step's cost does not grow
+ * with the heap (a heap of 512 segments that each keep a page free read
+ * all their headers every 64 slow paths).  Past the last of them, the
+ * next step starts over. */
+#define HM_PURGE_VISITS 16
+
+static size_t purge_own(struct hm_heap *h, uint64_t now, uint64_t delay_ns, size_t done)
+{
+    struct hm_segment *seg = h->purge_at ? h->purge_at : h->segments;
+    for (unsigned visits = 0; seg && !hm_segment_is_full(seg) && done < HM_PURGE_STEP &&
+                              visits < HM_PURGE_VISITS;
+         seg = seg->next, visits++)
+        done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+    h->purge_at = seg && !hm_segment_is_full(seg) ? seg : NULL;
     return done;
 }
 
@@ -542,7 +561,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
         h->compact_unfinished = done >= HM_PURGE_STEP;
     }
     abandon_still_drained(h, now, delay_ns);
-    done = purge_list(h->segments, now, delay_ns, done);
+    done = purge_own(h, now, delay_ns, done);
     done = purge_list(h->reserve, now, delay_ns, done);
     h->purge_behind = done >= HM_PURGE_STEP;
     if (h->purge_behind)
@@ -1022,7 +1041,7 @@ static void give_up_all(struct hm_heap *h)
         next = seg->next;
         give_up_segment(seg);
     }
-    h->segments = h->segments_last = NULL;
+    h->segments = h->segments_last = h->purge_at = NULL;
     h->segments_drained = 0;
     hm_heap_release_reserve(h, false);
 }

@@ -74,6 +74,7 @@ struct hm_heap {
      * hm_heap_reclaim). */
     struct hm_segment *segments, *segments_last;
     unsigned segments_drained;
+    struct hm_segment *purge_at;            /* where the next purge step goes on */
     /* Empty segments kept for reuse (their pages decay like any free page),
      * linked through seg->next; beyond HM_HEAP_RESERVE they are unmapped. */
     struct hm_segment *reserve;
