@@ -1043,6 +1043,39 @@ static void *purge_steps_resume(void *arg)
     return NULL;
 }
 
+/* A step that runs out of its bytes inside a segment goes on there next
+ * time, not at the segment after it. */
+static void *purge_step_runs_out_in_a_segment(void *arg)
+{
+    (void)arg;
+    enum { SEGMENTS = 4, PER = 15, N = SEGMENTS * PER };  /* 4-page blocks, 15 a segment */
+    static void *blocks[N];
+    for (int i = 0; i < N; i++) {
+        blocks[i] = hakmem_malloc(200 << 10);
+        memset(blocks[i], 1, 200 << 10);
+    }
+    for (int i = 0; i < N; i++)
+        if (i % PER)
+            hakmem_free(blocks[i]);         /* 14 of 15: 3.5 MiB of free pages a segment */
+    struct hm_heap *h = hm_tcache_self()->heap;
+    hm_heap_lock(h);
+    h->purge_at = NULL;
+    struct hm_segment *first = h->segments;
+    hm_heap_purge(h, 0);                    /* everything old enough: 256 KiB a step */
+    assert_ptr_equal(h->purge_at, first);
+    assert_true(hm_segment_has_dirty_run(first, 1));
+    hm_heap_unlock(h);
+    for (int i = 0; i < N; i += PER)
+        hakmem_free(blocks[i]);
+    return NULL;
+}
+
+static void purge_steps_go_on_where_they_ran_out(void **state)
+{
+    (void)state;
+    run_thread(purge_step_runs_out_in_a_segment, NULL);
+}
+
 static void purge_steps_read_a_few_segments_each(void **state)
 {
     (void)state;
@@ -1072,6 +1105,7 @@ int main(void)
         cmocka_unit_test(segments_stay_mapped_while_announced),
         cmocka_unit_test(fork_child_collects_frees_announced_at_fork),
         cmocka_unit_test(purge_steps_read_a_few_segments_each),
+        cmocka_unit_test(purge_steps_go_on_where_they_ran_out),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -529,11 +529,16 @@ static size_t purge_list(struct hm_segment *seg, uint64_t now, uint64_t delay_ns
 
 static size_t purge_own(struct hm_heap *h, uint64_t now, uint64_t delay_ns, size_t done)
 {
+    if (done >= HM_PURGE_STEP)
+        return done;
     struct hm_segment *seg = h->purge_at ? h->purge_at : h->segments;
-    for (unsigned visits = 0; seg && !hm_segment_is_full(seg) && done < HM_PURGE_STEP &&
-                              visits < HM_PURGE_VISITS;
-         seg = seg->next, visits++)
+    for (unsigned visits = 0; seg && !hm_segment_is_full(seg) && visits < HM_PURGE_VISITS;
+         visits++) {
         done += hm_segment_purge(seg, now, delay_ns, HM_PURGE_STEP - done);
+        if (done >= HM_PURGE_STEP)
+            break;                  /* the step ran out in seg: the next one goes on there */
+        seg = seg->next;
+    }
     h->purge_at = seg && !hm_segment_is_full(seg) ? seg : NULL;
     return done;
 }
