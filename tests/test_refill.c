@@ -803,38 +803,43 @@ static void page_blocks_reuse_their_pages(void **state)
     hakmem_free(g);
 }
 
-/* A heap's segments with room come before its full ones: a walk for room
- * or for pages to purge stops at the first full one.  A segment moves to
- * the tail when a span fills it and to the head when one of its spans is
- * released. */
-static bool room_first(const struct hm_heap *h)
+/* A heap's segments are listed by room: two free pages or more, then one,
+ * then full.  A walk for room stops at the first segment with too little,
+ * one for pages to purge at the first full one.  A segment moves when a
+ * span alloc or release changes its room. */
+static bool listed_by_room(const struct hm_heap *h)
 {
-    bool full_seen = false;
-    const struct hm_segment *last = NULL;
+    unsigned last_room = 2;
+    const struct hm_segment *last = NULL, *first_full = NULL;
     for (const struct hm_segment *seg = h->segments; seg; last = seg, seg = seg->next) {
-        if (full_seen && !hm_segment_is_full(seg))
+        unsigned room = hm_segment_room(seg);
+        if (room > last_room)
             return false;
-        full_seen |= hm_segment_is_full(seg);
+        if (room == 0 && !first_full)
+            first_full = seg;
+        last_room = room;
     }
-    return last == h->segments_last;
+    return last == h->segments_last && first_full == h->segments_full;
 }
 
 static void *fill_segments(void *arg)
 {
     (void)arg;
-    enum { SIZE = 16384, N = 6 * 63 * 4 };  /* 4 blocks a span of one page: 6 segments */
-    static void *blocks[N];
+    /* 4 blocks a span of one page: 6 segments full, and a seventh begun */
+    enum { SIZE = 16384, N = 6 * 63 * 4 + 8 };
+    static void *blocks[N], *more[256];
     struct hm_heap *h = NULL;
     for (int i = 0; i < N; i++) {
         blocks[i] = hakmem_malloc(SIZE);
         h = hm_tcache_self()->heap;
-        assert_true(room_first(h));
+        assert_true(listed_by_room(h));
     }
     /* A span in the middle of the full ones: its blocks go back (through
-     * the bin and the stash, then a trim to the spans). */
+     * the bin and the stash, then a trim to the spans).  One free page:
+     * it moves to the segments with one. */
     struct hm_segment *seg = hm_segment_of((uintptr_t)blocks[N / 2]);
     assert_true(hm_segment_is_full(seg));
-    assert_ptr_not_equal(h->segments, seg);
+    assert_int_equal(hm_segment_room(h->segments), 2);
     struct hm_span *sp = span_at(blocks[N / 2]);
     for (int i = 0; i < N; i++)
         if (blocks[i] && span_at(blocks[i]) == sp) {
@@ -842,18 +847,20 @@ static void *fill_segments(void *arg)
             blocks[i] = NULL;
         }
     hakmem_trim();
-    assert_false(hm_segment_is_full(seg));
-    assert_ptr_equal(h->segments, seg);
-    assert_true(room_first(h));
-    /* The next new span fills it again: to the tail. */
-    void *more[4];
-    for (int i = 0; i < 4; i++)
-        more[i] = hakmem_malloc(SIZE);
-    assert_ptr_equal(hm_segment_of((uintptr_t)more[3]), seg);
+    assert_int_equal(hm_segment_room(seg), 1);
+    assert_ptr_equal(seg->next, h->segments_full);
+    assert_true(listed_by_room(h));
+    /* Spans of two pages never look at it (it has one); spans of one page
+     * fill it again, after the segments with more room: back to the full. */
+    void *two_pages = hakmem_malloc(32768);
+    assert_ptr_not_equal(hm_segment_of((uintptr_t)two_pages), seg);
+    int n = 0;
+    while (!hm_segment_is_full(seg) && n < 256)
+        more[n++] = hakmem_malloc(SIZE);
     assert_true(hm_segment_is_full(seg));
-    assert_ptr_equal(h->segments_last, seg);
-    assert_true(room_first(h));
-    for (int i = 0; i < 4; i++)
+    assert_true(listed_by_room(h));
+    hakmem_free(two_pages);
+    for (int i = 0; i < n; i++)
         hakmem_free(more[i]);
     for (int i = 0; i < N; i++)
         hakmem_free(blocks[i]);

@@ -230,39 +230,44 @@ void hm_exited_unlock(void)
 
 /* ---- segments ---------------------------------------------------------- */
 
-/* A heap's segments with free pages come before its full ones, so that a
- * walk for room (new_span) or for free pages to purge (hm_heap_purge)
- * stops at the first full segment: a big heap is mostly full segments of
- * long-lived blocks, and reading each one's header is a cache and TLB
- * miss (a 2 GiB heap: 512 of them at every new span and purge step).  A
- * segment joins at the tail when full, at the head otherwise; it moves to
- * the tail when a span fills it and to the head when a span of it is
- * released.  Only the heap's owner allocates spans in its segments, and
- * releases go through span_release under the heap's lock, so the order
- * holds; were it off, a segment with room behind a full one would only be
- * passed over until its next release. */
+/* A heap's segments are listed by room: those with two free pages or more
+ * first, then those with one, then the full ones.  A walk for room
+ * (new_span) stops at the first segment with too little, and one for free
+ * pages to purge (hm_heap_purge) at the first full one: a big heap is
+ * mostly segments full of long-lived blocks, and reading each one's header
+ * is a cache and TLB miss (a 2 GiB heap: 512 of them at every new span and
+ * purge step).  Segments of two-page spans never fill: 31 spans leave one
+ * of 63 pages, which only a one-page span can use.  A segment joins at the
+ * head of its part of the list, and moves when a span alloc, release or
+ * resize changes its room.  Only the heap's owner allocates spans in its
+ * segments, and releases go through span_release under the heap's lock,
+ * so the order holds; were it off, a segment with room behind one with
+ * less would only be passed over until its room next changed. */
 static void list_insert(struct hm_heap *h, struct hm_segment *seg)
 {
-    if (hm_segment_is_full(seg) && h->segments) {
-        seg->next = NULL;
-        seg->prev = h->segments_last;
-        h->segments_last->next = seg;
-        h->segments_last = seg;
-        return;
-    }
-    seg->prev = NULL;
-    seg->next = h->segments;
-    if (h->segments)
-        h->segments->prev = seg;
+    unsigned room = hm_segment_room(seg);
+    struct hm_segment *at = room == 2 ? h->segments : room == 1 ? h->segments_full : NULL;
+    /* Before `at`, or at the tail. */
+    seg->next = at;
+    seg->prev = at ? at->prev : h->segments_last;
+    if (seg->prev)
+        seg->prev->next = seg;
+    else
+        h->segments = seg;
+    if (at)
+        at->prev = seg;
     else
         h->segments_last = seg;
-    h->segments = seg;
+    if (room == 0 && !h->segments_full)
+        h->segments_full = seg;
 }
 
 static void list_remove(struct hm_heap *h, struct hm_segment *seg)
 {
     if (h->purge_at == seg)
         h->purge_at = seg->next;
+    if (h->segments_full == seg)
+        h->segments_full = seg->next;
     if (seg->prev)
         seg->prev->next = seg->next;
     else
@@ -294,9 +299,9 @@ static void segment_unlink(struct hm_heap *h, struct hm_segment *seg)
     list_remove(h, seg);
 }
 
-void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, bool was_full)
+void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, unsigned old_room)
 {
-    if (hm_segment_is_full(seg) != was_full) {
+    if (hm_segment_room(seg) != old_room) {
         list_remove(h, seg);
         list_insert(h, seg);
     }
@@ -857,10 +862,11 @@ static struct hm_span *span_in(struct hm_heap *h, struct hm_segment *seg, struct
      * (only this thread takes pages from its segments). */
     if ((unsigned)__builtin_popcountll(__atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED)) < s.pages)
         return NULL;
+    unsigned room = hm_segment_room(seg);
     struct hm_span *sp = hm_span_alloc(seg, s.pages, s.cls, s.block_size, h->id,
                                        (uint32_t)offsetof(struct hm_tcache, bins[s.cls]));
     if (sp)
-        hm_heap_segment_changed(h, seg, false);
+        hm_heap_segment_changed(h, seg, room);
     return sp;
 }
 
@@ -967,17 +973,18 @@ static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t dela
  * then the reserve, then a new segment. */
 static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
 {
+    unsigned need = s.pages > 1 ? 2 : 1;        /* the room a segment must have */
     for (int adopted = 0;; adopted++) {
         /* Pages still resident first, in whichever segment they are: a
          * live set that moves from one size to another then reuses the
          * memory the last one left, without page faults. */
-        for (struct hm_segment *seg = h->segments; seg && !hm_segment_is_full(seg);
+        for (struct hm_segment *seg = h->segments; seg && hm_segment_room(seg) >= need;
              seg = seg->next) {
             struct hm_span *sp = hm_segment_has_dirty_run(seg, s.pages) ? span_in(h, seg, s) : NULL;
             if (sp)
                 return sp;
         }
-        for (struct hm_segment *seg = h->segments; seg && !hm_segment_is_full(seg);
+        for (struct hm_segment *seg = h->segments; seg && hm_segment_room(seg) >= need;
              seg = seg->next) {
             struct hm_span *sp = span_in(h, seg, s);
             if (sp)
@@ -1046,7 +1053,7 @@ static void give_up_all(struct hm_heap *h)
         next = seg->next;
         give_up_segment(seg);
     }
-    h->segments = h->segments_last = h->purge_at = NULL;
+    h->segments = h->segments_last = h->segments_full = h->purge_at = NULL;
     h->segments_drained = 0;
     hm_heap_release_reserve(h, false);
 }

@@ -73,6 +73,7 @@ struct hm_heap {
      * segment_link), and how many of them it drains (see
      * hm_heap_reclaim). */
     struct hm_segment *segments, *segments_last;
+    struct hm_segment *segments_full;       /* the first full one (NULL: none) */
     unsigned segments_drained;
     struct hm_segment *purge_at;            /* where the next purge step goes on */
     /* Empty segments kept for reuse (their pages decay like any free page),
@@ -199,14 +200,22 @@ uint64_t hm_heap_live_count(void);
 void hm_heap_release_reserve(struct hm_heap *h, bool unmap);
 void hm_heap_release_empty_pool(void);
 
-/* A span of h's segment seg came, went or changed size: it keeps its
- * place among the segments with room, or the full ones (see list_insert). */
-void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, bool was_full);
-/* Whether seg has no free page. */
+/* A segment's room, which orders its heap's list (see list_insert): 2
+ * with two free pages or more, 1 with one, 0 full. */
+static inline unsigned hm_segment_room(const struct hm_segment *seg)
+{
+    uint64_t free_pages = __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED);
+    return !free_pages ? 0 : !(free_pages & (free_pages - 1)) ? 1 : 2;
+}
+
 static inline bool hm_segment_is_full(const struct hm_segment *seg)
 {
-    return __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED) == 0;
+    return hm_segment_room(seg) == 0;
 }
+
+/* A span of h's segment seg came, went or changed size (its room was
+ * old_room before): it keeps its place in the list (see list_insert). */
+void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, unsigned old_room);
 
 /* refill.c */
 void hm_free_key_init(void);

@@ -90,12 +90,12 @@ static void span_release(struct hm_heap *h, struct hm_span *sp)
         hm_partial_remove(h, sp);
     if (hm_span_owner(sp) != h->id)             /* drained: still draining */
         seg->drained_ns = hm_clock_ns();
-    bool was_full = hm_segment_is_full(seg);
+    unsigned room = hm_segment_room(seg);
     hm_span_release(seg, sp);
     if (hm_segment_is_empty(seg))
         hm_heap_segment_emptied(h, seg);
     else
-        hm_heap_segment_changed(h, seg, was_full);
+        hm_heap_segment_changed(h, seg, room);
 }
 
 /* After blocks came back: list the span again if it was full, and give it
@@ -829,9 +829,9 @@ bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size)
     if (sp->size_class != HM_PAGES_CLASS || hm_span_owner(sp) != tc->owner || sp->start != p)
         return false;
     hm_heap_lock(tc->heap);     /* the owner's: its thread has a heap */
-    bool was_full = hm_segment_is_full(seg);
+    unsigned room = hm_segment_room(seg);
     bool done = hm_span_resize(seg, sp, (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT));
-    hm_heap_segment_changed(tc->heap, seg, was_full);
+    hm_heap_segment_changed(tc->heap, seg, room);
     hm_heap_unlock(tc->heap);
     return done;
 }
