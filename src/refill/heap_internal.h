@@ -69,9 +69,8 @@ struct hm_heap {
     uint64_t idle_since_ns;
     uint64_t gone_checked_ns;               /* when thread_gone was last asked */
     struct hm_span *partial[HM_NUM_CLASSES];  /* spans with blocks to hand out */
-    /* Segments this heap owns, those with free pages first (see
-     * segment_link), and how many of them it drains (see
-     * hm_heap_reclaim). */
+    /* Segments this heap owns, listed by room (see list_insert), and how
+     * many of them it drains (see hm_heap_reclaim). */
     struct hm_segment *segments, *segments_last;
     struct hm_segment *segments_full;       /* the first full one (NULL: none) */
     unsigned segments_drained;
