@@ -969,12 +969,18 @@ static void *owner_trims_meanwhile(void *arg)
     return NULL;
 }
 
+/* Runs an owner thread whose announcer pauses after its push. */
+static void run_with_paused_announcer(void *(*owner)(void *))
+{
+    sem_init(&pushed, 0, 0);
+    sem_init(&resume, 0, 0);
+    run_thread(owner, NULL);
+}
+
 static void segments_stay_mapped_while_announced(void **state)
 {
     (void)state;
-    sem_init(&pushed, 0, 0);
-    sem_init(&resume, 0, 0);
-    run_thread(owner_trims_meanwhile, NULL);
+    run_with_paused_announcer(owner_trims_meanwhile);
 }
 
 /* A fork while another thread is between its push and its hint: the
@@ -1010,9 +1016,7 @@ static void *owner_forks_meanwhile(void *arg)
 static void fork_child_collects_frees_announced_at_fork(void **state)
 {
     (void)state;
-    sem_init(&pushed, 0, 0);
-    sem_init(&resume, 0, 0);
-    run_thread(owner_forks_meanwhile, NULL);
+    run_with_paused_announcer(owner_forks_meanwhile);
 }
 
 /* A heap's own purge step reads at most 16 of its segments with free
