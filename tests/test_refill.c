@@ -1087,6 +1087,28 @@ static void purge_steps_go_on_where_they_ran_out(void **state)
     run_thread(purge_step_runs_out_in_a_segment, NULL);
 }
 
+/* The process-wide pass of the slow paths' purge reads at most 64
+ * segments a step, going on where the last step stopped, until it has
+ * been through the registry. */
+static void process_purge_steps_read_a_few_segments_each(void **state)
+{
+    (void)state;
+    enum { N = 2 * 80 };                    /* page blocks of 2 MiB: 80 segments */
+    static void *blocks[N];
+    for (int i = 0; i < N; i++)
+        blocks[i] = hakmem_malloc(2 << 20);
+    uint64_t later = UINT64_MAX / 2;        /* nothing old enough: reads only */
+    while (hm_segment_purge_step(hm_clock_ns(), later, SIZE_MAX))
+        ;                                   /* to the end of any pass under way */
+    unsigned steps = 1;
+    while (hm_segment_purge_step(hm_clock_ns(), later, SIZE_MAX) && steps < 100)
+        steps++;
+    assert_true(steps >= 2);                /* 80 segments and more: two steps or more */
+    assert_true(steps < 100);
+    for (int i = 0; i < N; i++)
+        hakmem_free(blocks[i]);
+}
+
 static void purge_steps_read_a_few_segments_each(void **state)
 {
     (void)state;
@@ -1117,6 +1139,7 @@ int main(void)
         cmocka_unit_test(fork_child_collects_frees_announced_at_fork),
         cmocka_unit_test(purge_steps_read_a_few_segments_each),
         cmocka_unit_test(purge_steps_go_on_where_they_ran_out),
+        cmocka_unit_test(process_purge_steps_read_a_few_segments_each),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -584,7 +584,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
         hm_abandoned_sweep(HM_SWEEP_STEP, false);
         done += hm_heaps_tidy_idle_step(h, delay_ns, HM_PURGE_STEP - done);
         size_t step = done < HM_PURGE_STEP ? HM_PURGE_STEP - done : 0;
-        bool behind = hm_segment_purge_all(now, delay_ns, step) >= step;
+        bool behind = hm_segment_purge_step(now, delay_ns, step);
         atomic_store_explicit(&global_unfinished, behind, memory_order_relaxed);
         h->purge_behind = behind;
     }

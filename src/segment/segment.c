@@ -77,6 +77,8 @@ bool hm_fork_hold_end(void)
 /* Every span segment, so a purger can reach segments of any thread. */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct hm_segment *registry;
+/* Where the next hm_segment_purge_step goes on (NULL: at the start). */
+static struct hm_segment *step_at;
 
 static void registry_add(struct hm_segment *seg)
 {
@@ -92,6 +94,8 @@ static void registry_add(struct hm_segment *seg)
 static void registry_remove(struct hm_segment *seg)
 {
     hm_mutex_lock(&registry_lock);
+    if (step_at == seg)
+        step_at = seg->all_next;
     if (seg->all_prev)
         seg->all_prev->all_next = seg->all_next;
     else
@@ -403,22 +407,50 @@ size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_
 
 static void unmap_waiting(void);
 
+/* One segment of a pass over the registry (under registry_lock). */
+static size_t purge_visit(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
+                          size_t budget)
+{
+    if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
+        return 0;
+    /* A busy segment is its owner at work: try it next time. */
+    if (!seg_trylock(seg))
+        return 0;
+    size_t bytes = purge_locked(seg, now_ns, delay_ns, budget);
+    seg_unlock(seg);
+    return bytes;
+}
+
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
     size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
     hm_mutex_lock(&registry_lock);
     unmap_waiting();
-    for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next) {
-        if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
-            continue;
-        /* A busy segment is its owner at work: try it next time. */
-        if (seg_trylock(seg)) {
-            bytes += purge_locked(seg, now_ns, delay_ns, budget - bytes);
-            seg_unlock(seg);
-        }
-    }
+    for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next)
+        bytes += purge_visit(seg, now_ns, delay_ns, budget - bytes);
     hm_mutex_unlock(&registry_lock);
     return bytes;
+}
+
+/* Each segment read is a cache and TLB miss: a process of 2 GiB has 512,
+ * which one slow path read whole four times per delay. */
+#define HM_PURGE_STEP_VISITS 64
+
+bool hm_segment_purge_step(uint64_t now_ns, uint64_t delay_ns, size_t budget)
+{
+    size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
+    hm_mutex_lock(&registry_lock);
+    unmap_waiting();
+    struct hm_segment *seg = step_at ? step_at : registry;
+    for (unsigned visits = 0; seg && bytes < budget && visits < HM_PURGE_STEP_VISITS; visits++) {
+        bytes += purge_visit(seg, now_ns, delay_ns, budget - bytes);
+        if (bytes >= budget)
+            break;                  /* ran out in seg: the next step goes on there */
+        seg = seg->all_next;
+    }
+    step_at = seg;
+    hm_mutex_unlock(&registry_lock);
+    return seg != NULL;
 }
 
 /* ---- segments and spans ------------------------------------------------ */

@@ -281,6 +281,10 @@ uint64_t hm_clock_precise_ns(void);  /* monotonic, precise: intervals */
 size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
                         size_t budget);
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget);
+/* purge_all's work in steps, for the application's slow paths: `budget`
+ * bytes, and at most HM_PURGE_STEP_VISITS segments read, from where the
+ * last step stopped.  True while the pass is not done. */
+bool hm_segment_purge_step(uint64_t now_ns, uint64_t delay_ns, size_t budget);
 
 /* Freed large blocks wait in a bounded cache; this unmaps those unused for
  * delay_ns (while less than `budget` bytes went; at least one) and returns
