@@ -969,27 +969,36 @@ static void abandon_still_drained(struct hm_heap *h, uint64_t now, uint64_t dela
     }
 }
 
+/* A span in the first of the heap's segments with room for it (with a
+ * run of free pages still resident: `resident`), walking only as far as
+ * the segments with room enough (see list_insert). */
+static struct hm_span *span_in_list(struct hm_heap *h, struct span_shape s, bool resident)
+{
+    unsigned need = s.pages > 1 ? 2 : 1;
+    for (struct hm_segment *seg = h->segments; seg && hm_segment_room(seg) >= need;
+         seg = seg->next) {
+        if (resident && !hm_segment_has_dirty_run(seg, s.pages))
+            continue;
+        struct hm_span *sp = span_in(h, seg, s);
+        if (sp)
+            return sp;
+    }
+    return NULL;
+}
+
 /* A fresh span: room in our segments, then segments of exited threads,
  * then the reserve, then a new segment. */
 static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
 {
-    unsigned need = s.pages > 1 ? 2 : 1;        /* the room a segment must have */
     for (int adopted = 0;; adopted++) {
         /* Pages still resident first, in whichever segment they are: a
          * live set that moves from one size to another then reuses the
          * memory the last one left, without page faults. */
-        for (struct hm_segment *seg = h->segments; seg && hm_segment_room(seg) >= need;
-             seg = seg->next) {
-            struct hm_span *sp = hm_segment_has_dirty_run(seg, s.pages) ? span_in(h, seg, s) : NULL;
-            if (sp)
-                return sp;
-        }
-        for (struct hm_segment *seg = h->segments; seg && hm_segment_room(seg) >= need;
-             seg = seg->next) {
-            struct hm_span *sp = span_in(h, seg, s);
-            if (sp)
-                return sp;
-        }
+        struct hm_span *sp = span_in_list(h, s, true);
+        if (!sp)
+            sp = span_in_list(h, s, false);
+        if (sp)
+            return sp;
         if (adopted == 8 || !adopt_segment(h))
             break;
         /* Its remote frees may fill our lists, or empty (and free) it. */

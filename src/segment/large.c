@@ -392,12 +392,12 @@ void *hm_large_resize(struct hm_segment *seg, size_t size)
     size_t new_map = hm_round_up(offset + size, HM_OS_PAGE);
     if (new_map == old_map)
         return seg->user;
-    /* Within the slack a growth leaves (below), the block stays as it is:
-     * a buffer built up by appends would otherwise be cut back to each
-     * step's size and grown again, two system calls a step. */
-    if (new_map < old_map && hm_round_up(new_map + new_map / 2, HM_OS_PAGE) >= old_map)
-        return seg->user;
     if (new_map < old_map) {
+        /* Within the slack a growth leaves (below), the block stays as it
+         * is: a buffer built up by appends would otherwise be cut back to
+         * each step's size and grown again, two system calls a step. */
+        if (hm_round_up(new_map + new_map / 2, HM_OS_PAGE) >= old_map)
+            return seg->user;
         hm_os_unmap(seg->map_base + new_map, old_map - new_map);
         seg->map_size = new_map;
         large_resized(-(int64_t)(old_map - new_map));

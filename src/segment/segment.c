@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "os_internal.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -421,13 +422,27 @@ static size_t purge_visit(struct hm_segment *seg, uint64_t now_ns, uint64_t dela
     return bytes;
 }
 
+/* A pass over the registry from seg, at most `visits` segments, until
+ * *bytes reach the budget; returns where it stopped (the segment it ran
+ * out in), NULL at the end.  Under registry_lock. */
+static struct hm_segment *purge_pass(struct hm_segment *seg, unsigned visits, uint64_t now_ns,
+                                     uint64_t delay_ns, size_t budget, size_t *bytes)
+{
+    for (; seg && *bytes < budget && visits; visits--) {
+        *bytes += purge_visit(seg, now_ns, delay_ns, budget - *bytes);
+        if (*bytes >= budget)
+            break;
+        seg = seg->all_next;
+    }
+    return seg;
+}
+
 size_t hm_segment_purge_all(uint64_t now_ns, uint64_t delay_ns, size_t budget)
 {
     size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
     hm_mutex_lock(&registry_lock);
     unmap_waiting();
-    for (struct hm_segment *seg = registry; seg && bytes < budget; seg = seg->all_next)
-        bytes += purge_visit(seg, now_ns, delay_ns, budget - bytes);
+    purge_pass(registry, UINT_MAX, now_ns, delay_ns, budget, &bytes);
     hm_mutex_unlock(&registry_lock);
     return bytes;
 }
@@ -441,16 +456,11 @@ bool hm_segment_purge_step(uint64_t now_ns, uint64_t delay_ns, size_t budget)
     size_t bytes = hm_large_cache_purge(now_ns, delay_ns, budget);
     hm_mutex_lock(&registry_lock);
     unmap_waiting();
-    struct hm_segment *seg = step_at ? step_at : registry;
-    for (unsigned visits = 0; seg && bytes < budget && visits < HM_PURGE_STEP_VISITS; visits++) {
-        bytes += purge_visit(seg, now_ns, delay_ns, budget - bytes);
-        if (bytes >= budget)
-            break;                  /* ran out in seg: the next step goes on there */
-        seg = seg->all_next;
-    }
-    step_at = seg;
+    step_at = purge_pass(step_at ? step_at : registry, HM_PURGE_STEP_VISITS, now_ns, delay_ns,
+                         budget, &bytes);
+    bool unfinished = step_at != NULL;
     hm_mutex_unlock(&registry_lock);
-    return seg != NULL;
+    return unfinished;
 }
 
 /* ---- segments and spans ------------------------------------------------ */
