@@ -120,6 +120,49 @@ static void refill_carves_one_batch(void **state)
         hakmem_free(blocks[i]);
 }
 
+/* A refill carves at most HM_CARVE_BYTES of never-carved blocks (one at
+ * least): 4 of a 1 KiB class's 8, 1 of a 16 KiB class's 2.  Blocks handed
+ * back come in whole batches. */
+static void *carve_bound(void *arg)
+{
+    (void)arg;
+    struct hm_tcache *tc = hm_tcache_self();
+    void *blocks[512];
+    unsigned n = 0;
+    const size_t sizes[] = { 1024, 16384 };
+    for (unsigned i = 0; i < 2; i++) {
+        unsigned cls = hm_size_class(sizes[i]);
+        uint32_t count = hm_refill_count_load(cls);
+        assert_int_equal(count, i ? 2 : 8);
+        past_slow_start(tc, cls, blocks, &n);
+        blocks[n++] = hakmem_malloc(sizes[i]);          /* carved afresh */
+        /* Uncapped, the 1 KiB span would have carved 8, and the 16 KiB
+         * refill would have gone on to a new span for its second. */
+        uintptr_t u = (uintptr_t)blocks[n - 1];
+        struct hm_span *sp = hm_span_of(hm_segment_of(u), u);
+        assert_true(i || sp->bump < sp->end);
+        assert_int_equal(hm_bin_count(&tc->bins[cls]), i ? 0 : HM_CARVE_BYTES / 1024 - 1);
+    }
+    /* Handed back (the first block keeps the span): the rest of the
+     * 1 KiB blocks go back to it, and the next refill takes 8 of them. */
+    unsigned cls = hm_size_class(1024);
+    for (unsigned i = 1; i < n; i++)
+        hakmem_free(blocks[i]);
+    hakmem_trim();
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 0);
+    void *p = hakmem_malloc(1024);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), hm_refill_count_load(cls) - 1);
+    hakmem_free(p);
+    hakmem_free(blocks[0]);
+    return NULL;
+}
+
+static void refills_carve_a_page_at_most(void **state)
+{
+    (void)state;
+    run_thread(carve_bound, NULL);
+}
+
 /* Contract B: a new count changes nothing already handed out; the next
  * refill uses it. */
 static void refill_count_next_refill_only(void **state)
@@ -1120,6 +1163,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(first_refills_of_a_heap_start_small),
         cmocka_unit_test(refill_carves_one_batch),
+        cmocka_unit_test(refills_carve_a_page_at_most),
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bin_caps_widen_by_the_stash),
         cmocka_unit_test(bins_flush_past_their_cap),

@@ -311,6 +311,28 @@ static void huge_halves_stop_when_given_back_in_part(void **state)
     assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
 }
 
+/* A span in a half asking for huge pages is resident whole from the first
+ * touch: refills carve it in whole batches (no HM_CARVE_BYTES cap).  Not
+ * so in a half that stopped asking, or on small pages. */
+static void spans_in_huge_halves_are_resident_whole(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = huge_segment();
+    struct hm_span *sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
+    assert_int_equal(sp->page_index, 1);
+    assert_int_equal(sp->resident_whole, 1);
+    hm_segment_give_back(seg, (char *)seg + 5 * HM_PAGE_SIZE, 4096);   /* half 0 stops */
+    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
+    assert_int_equal(sp->page_index, 2);
+    assert_int_equal(sp->resident_whole, 0);
+    hm_segment_free(seg);
+
+    seg = hm_segment_alloc(777, false);
+    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
+    assert_int_equal(sp->resident_whole, 0);
+    hm_segment_free(seg);
+}
+
 /* A span in a half asking for huge pages has its page resident whole,
  * however little it carved.  Once the half stops asking (given back in
  * part), a span of small blocks that takes the page gives back what lies
@@ -790,6 +812,7 @@ int main(void)
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(span_gives_back_pages_it_inherited),
+        cmocka_unit_test(spans_in_huge_halves_are_resident_whole),
         cmocka_unit_test(span_gives_back_its_unused_tail),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),

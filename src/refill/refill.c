@@ -461,9 +461,11 @@ static uint32_t whole_list_most(const struct hm_span *sp, uint32_t want)
 }
 
 /* Takes up to n blocks from a span, handed back first, then holes, then
- * never-carved ones, and prepends them to *list.  Returns how many: more
+ * never-carved ones (at most *carve bytes of them, which it counts down:
+ * see HM_CARVE_BYTES), and prepends them to *list.  Returns how many: more
  * than n (up to `most`) when the span's whole free list goes at once. */
-static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **list)
+static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **list,
+                          size_t *carve)
 {
     uint32_t got = 0;
     /* A free list of at most `most` blocks, into an empty batch, goes whole
@@ -492,11 +494,16 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
     }
     if (got < n && sp->holes)
         got += take_holes(sp, n - got, list);
-    if (got < n && sp->bump < sp->end) {
+    if (got < n && sp->bump < sp->end && (*carve || sp->resident_whole)) {
         /* Carve k blocks in address order, touching only those k. */
         size_t bs = sp->block_size;
         uint32_t room = (uint32_t)((size_t)(sp->end - sp->bump) / bs);
         uint32_t k = n - got < room ? n - got : room;
+        if (!sp->resident_whole) {
+            if ((size_t)k * bs > *carve)
+                k = *carve > bs ? (uint32_t)(*carve / bs) : 1;
+            *carve = (size_t)k * bs < *carve ? *carve - (size_t)k * bs : 0;
+        }
         char *first = sp->bump;
         char *last = first + (size_t)(k - 1) * bs;
         for (char *b = first; b < last; b += bs)
@@ -664,8 +671,9 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     bool draining = bin->cap < 0 && still_draining(s);
 
     void *list = NULL;
+    size_t carve = HM_CARVE_BYTES;
     uint32_t got = draining ? 0 : stash_take(&h->stash[cls], want, &list);
-    while (got < want) {
+    while (got < want && (carve || !got)) {
         struct hm_span *sp = h->partial[cls];
         if (!sp) {
             hm_heap_collect(h);
@@ -681,7 +689,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
                 hm_partial_push(h, sp);
         }
         uint32_t k = span_take(sp, want - got, draining ? want - got : whole_list_most(sp, want),
-                               &list);
+                               &list, &carve);
         got += k;
         if (!sp->free && !sp->holes && sp->bump >= sp->end)
             hm_partial_remove(h, sp);       /* full: back on a list when a block returns */
@@ -707,8 +715,11 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     slow_path_tick(h, tc);
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
-     * refills too frequent and grow the count of a shrinking class. */
-    *report = hm_ace_on && !draining && want == count && take_report(h, cls, want, ev);
+     * refills too frequent and grow the count of a shrinking class.  A
+     * batch cut short by HM_CARVE_BYTES says nothing of its count either
+     * (a bigger one would be cut the same). */
+    *report = hm_ace_on && !draining && want == count && got >= want &&
+              take_report(h, cls, want, ev);
     return p;
 }
 

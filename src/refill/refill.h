@@ -74,6 +74,21 @@ static inline bool hm_bin_push(struct hm_bin *bin, void *p, uintptr_t key)
 
 struct hm_heap;
 
+/* A refill carves at most this many bytes of never-carved blocks, one
+ * block at least: its batch is the refill count, or less where the count
+ * would carve more.  Carving writes a link into each block, and a block
+ * never carved is mostly on a page never touched, so each is a page fault
+ * (1-5 us on this project's VM): a refill of two 32 KiB blocks took two in
+ * one malloc, and big_heap without huge pages had a p99.9 of 6.3 us
+ * (mimalloc, which extends a page's free list by 4 KiB at most: 2.7).
+ * Capped, a call takes one fault where it took several, the rest come in
+ * the calls that follow, or never for a block the program does not use:
+ * p99.9 3.8 us.  Blocks handed back (free lists, holes, the stash) come
+ * in whole batches, and so do blocks of a span in a half asking for huge
+ * pages, resident whole from its first touch: there the cap only cost
+ * refills (phase_server 0.93x). */
+#define HM_CARVE_BYTES ((size_t)4096)
+
 /* Blocks above the largest class up to HM_PAGES_MAX are whole spans of
  * 64 KiB pages ("page blocks").  Their bin, after the classes' bins, has
  * cap 0: free() pushes a page block there like any block, the push

@@ -692,6 +692,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     sp->sparse_since_ns = 0;
     sp->freed_since_compact = 0;
     sp->in_partial = 0;
+    sp->resident_whole = asking_halves(seg, page_run((unsigned)at, pages)) != 0;
     sp->next = sp->prev = NULL;
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + (int)i] = sp;
