@@ -121,37 +121,50 @@ static void refill_carves_one_batch(void **state)
 }
 
 /* A refill carves at most HM_CARVE_BYTES of never-carved blocks (one at
- * least): 4 of a 1 KiB class's 8, 1 of a 16 KiB class's 2.  Blocks handed
- * back come in whole batches. */
+ * least, and none that would pass the bound): 4 of a 1 KiB class's 8, 3 of
+ * 1280 B's 6, 1 of 3 KiB's 2, 1 of 16 KiB's 2.  A span resident whole (in
+ * a half asking for huge pages) carves the whole batch, and blocks handed
+ * back come in whole batches.  A batch cut short is not reported to the
+ * learner, whose window starts again after it. */
 static void *carve_bound(void *arg)
 {
     (void)arg;
     struct hm_tcache *tc = hm_tcache_self();
     void *blocks[512];
     unsigned n = 0;
-    const size_t sizes[] = { 1024, 16384 };
-    for (unsigned i = 0; i < 2; i++) {
+    const size_t sizes[] = { 1024, 1280, 3072, 16384 };
+    const uint32_t counts[] = { 8, 6, 2, 2 }, carved[] = { 4, 3, 1, 1 };
+    for (unsigned i = 0; i < 4; i++) {
         unsigned cls = hm_size_class(sizes[i]);
-        uint32_t count = hm_refill_count_load(cls);
-        assert_int_equal(count, i ? 2 : 8);
+        assert_int_equal(hm_size_class_size(cls), sizes[i]);
+        assert_int_equal(hm_refill_count_load(cls), counts[i]);
         past_slow_start(tc, cls, blocks, &n);
-        blocks[n++] = hakmem_malloc(sizes[i]);          /* carved afresh */
-        /* Uncapped, the 1 KiB span would have carved 8, and the 16 KiB
-         * refill would have gone on to a new span for its second. */
-        uintptr_t u = (uintptr_t)blocks[n - 1];
-        struct hm_span *sp = hm_span_of(hm_segment_of(u), u);
-        assert_true(i || sp->bump < sp->end);
-        assert_int_equal(hm_bin_count(&tc->bins[cls]), i ? 0 : HM_CARVE_BYTES / 1024 - 1);
+        /* Uncapped, the span would carve the whole count, going on to a
+         * new span where it runs out (the 16 KiB one has one block left). */
+        struct hm_span *sp = tc->heap->partial[cls];
+        assert_non_null(sp);
+        assert_true(sp->bump < sp->end);
+        sp->resident_whole = 0;                         /* on small pages */
+        tc->heap->stats[cls].batch_refills = 3;        /* a learner's window under way */
+        blocks[n++] = hakmem_malloc(sizes[i]);
+        assert_int_equal(hm_bin_count(&tc->bins[cls]), carved[i] - 1);
+        assert_int_equal(tc->heap->stats[cls].batch_refills, 0);    /* starts again */
     }
+    /* Resident whole: the next refill of 1 KiB blocks carves all 8. */
+    unsigned cls = hm_size_class(1024);
+    empty_bin(tc, cls, blocks, &n);
+    tc->heap->partial[cls]->resident_whole = 1;
+    blocks[n++] = hakmem_malloc(1024);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 7);
     /* Handed back (the first block keeps the span): the rest of the
      * 1 KiB blocks go back to it, and the next refill takes 8 of them. */
-    unsigned cls = hm_size_class(1024);
+    tc->heap->partial[cls]->resident_whole = 0;
     for (unsigned i = 1; i < n; i++)
         hakmem_free(blocks[i]);
     hakmem_trim();
     assert_int_equal(hm_bin_count(&tc->bins[cls]), 0);
     void *p = hakmem_malloc(1024);
-    assert_int_equal(hm_bin_count(&tc->bins[cls]), hm_refill_count_load(cls) - 1);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 7);
     hakmem_free(p);
     hakmem_free(blocks[0]);
     return NULL;

@@ -502,7 +502,8 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
         if (!sp->resident_whole) {
             if ((size_t)k * bs > *carve)
                 k = *carve > bs ? (uint32_t)(*carve / bs) : 1;
-            *carve = (size_t)k * bs < *carve ? *carve - (size_t)k * bs : 0;
+            /* What is left of the bound ends here unless a block fits. */
+            *carve = (size_t)k * bs + bs <= *carve ? *carve - (size_t)k * bs : 0;
         }
         char *first = sp->bump;
         char *last = first + (size_t)(k - 1) * bs;
@@ -524,6 +525,13 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
  * reads and one push per batch.  The batch is taken under the heap's lock
  * (a tidier counts remote frees into it), and sent after: the first push
  * starts the ACE thread, and pthread_create allocates. */
+static void report_restart(struct hm_heap_class_stats *s)
+{
+    s->batch_refills = 0;
+    s->flushed_since_refill = 0;
+    s->remote_since_refill = 0;
+}
+
 static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct hm_event *out)
 {
     struct hm_heap_class_stats *s = &h->stats[cls];
@@ -540,9 +548,7 @@ static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct h
         .blocks_flushed = s->flushed_since_refill,
         .remote_collected = s->remote_since_refill,
     };
-    s->batch_refills = 0;
-    s->flushed_since_refill = 0;
-    s->remote_since_refill = 0;
+    report_restart(s);
     return true;
 }
 
@@ -717,8 +723,13 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class.  A
      * batch cut short by HM_CARVE_BYTES says nothing of its count either
-     * (a bigger one would be cut the same). */
-    *report = hm_ace_on && !draining && want == count && got >= want &&
+     * (a bigger one would be cut the same), and the learner's window
+     * starts again after it: one that spanned it would count the time
+     * between the refills around it as a single gap. */
+    bool capped = got < want && !carve;
+    if (capped)
+        report_restart(s);
+    *report = hm_ace_on && !draining && want == count && !capped &&
               take_report(h, cls, want, ev);
     return p;
 }
