@@ -460,6 +460,23 @@ static uint32_t whole_list_most(const struct hm_span *sp, uint32_t want)
     return most > 2 * want + 1 ? most : 2 * want + 1;
 }
 
+/* Carves k (maybe 0) blocks in address order, touching only those k, and
+ * prepends them to *list. */
+static uint32_t span_carve(struct hm_span *sp, uint32_t k, void **list)
+{
+    if (!k)
+        return 0;
+    size_t bs = sp->block_size;
+    char *first = sp->bump;
+    char *last = first + (size_t)(k - 1) * bs;
+    for (char *b = first; b < last; b += bs)
+        *(void **)b = b + bs;
+    *(void **)last = *list;
+    *list = first;
+    sp->bump = last + bs;
+    return k;
+}
+
 /* Takes up to n blocks from a span, handed back first, then holes, then
  * never-carved ones (at most *carve bytes of them, which it counts down:
  * see HM_CARVE_BYTES), and prepends them to *list.  Returns how many: more
@@ -494,25 +511,21 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
     }
     if (got < n && sp->holes)
         got += take_holes(sp, n - got, list);
-    if (got < n && sp->bump < sp->end && (*carve || sp->resident_whole)) {
-        /* Carve k blocks in address order, touching only those k. */
+    if (got < n && sp->bump < sp->end) {
         size_t bs = sp->block_size;
         uint32_t room = (uint32_t)((size_t)(sp->end - sp->bump) / bs);
         uint32_t k = n - got < room ? n - got : room;
         if (!sp->resident_whole) {
-            if ((size_t)k * bs > *carve)
-                k = *carve > bs ? (uint32_t)(*carve / bs) : 1;
-            /* What is left of the bound ends here unless a block fits. */
+            /* Only what fits in the bound, or one block into an empty
+             * batch; what is left ends the refill unless a block fits. */
+            uint32_t fit = (uint32_t)(*carve / bs);
+            if (!fit && !*list)
+                fit = 1;
+            if (k > fit)
+                k = fit;
             *carve = (size_t)k * bs + bs <= *carve ? *carve - (size_t)k * bs : 0;
         }
-        char *first = sp->bump;
-        char *last = first + (size_t)(k - 1) * bs;
-        for (char *b = first; b < last; b += bs)
-            *(void **)b = b + bs;
-        *(void **)last = *list;
-        *list = first;
-        sp->bump = last + bs;
-        got += k;
+        got += span_carve(sp, k, list);
     }
     sp->used += got;
     if ((uint64_t)sp->used * 8 > sp->capacity)
@@ -525,13 +538,6 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
  * reads and one push per batch.  The batch is taken under the heap's lock
  * (a tidier counts remote frees into it), and sent after: the first push
  * starts the ACE thread, and pthread_create allocates. */
-static void report_restart(struct hm_heap_class_stats *s)
-{
-    s->batch_refills = 0;
-    s->flushed_since_refill = 0;
-    s->remote_since_refill = 0;
-}
-
 static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct hm_event *out)
 {
     struct hm_heap_class_stats *s = &h->stats[cls];
@@ -548,7 +554,9 @@ static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct h
         .blocks_flushed = s->flushed_since_refill,
         .remote_collected = s->remote_since_refill,
     };
-    report_restart(s);
+    s->batch_refills = 0;
+    s->flushed_since_refill = 0;
+    s->remote_since_refill = 0;
     return true;
 }
 
@@ -722,14 +730,12 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class.  A
-     * batch cut short by HM_CARVE_BYTES says nothing of its count either
-     * (a bigger one would be cut the same), and the learner's window
-     * starts again after it: one that spanned it would count the time
-     * between the refills around it as a single gap. */
-    bool capped = got < want && !carve;
-    if (capped)
-        report_restart(s);
-    *report = hm_ace_on && !draining && want == count && !capped &&
+     * batch that HM_CARVE_BYTES cut short (while a span still had blocks
+     * for it) is left out too: a bigger count would be cut the same.  The
+     * learner's window runs on across it, so what it measures is the pace
+     * of the refills a count can change. */
+    bool cut = got < want && !carve && h->partial[cls];
+    *report = hm_ace_on && !draining && want == count && !cut &&
               take_report(h, cls, want, ev);
     return p;
 }
