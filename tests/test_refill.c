@@ -123,9 +123,9 @@ static void refill_carves_one_batch(void **state)
 
 /* A refill carves at most HM_CARVE_BYTES of never-carved blocks (one at
  * least, and none that would pass the bound): 4 of a 1 KiB class's 8, 3 of
- * 1280 B's 6, 1 of 3 KiB's 2, 1 of 8 KiB's 2.  A span resident whole (in a
- * half asking for huge pages) carves the whole batch, and blocks handed
- * back come in whole batches.  A batch cut short is left out of the
+ * 1280 B's 6, 1 of 3 KiB's 2, 1 of 8 KiB's 2.  A span whose pages are
+ * resident carves the whole batch, and blocks handed back come in whole
+ * batches.  A batch cut short is left out of the
  * learner's batch of refills (HAKMEM_ACE; forced on here, below the
  * batch that would send an event). */
 static void *carve_bound(void *arg)
@@ -146,7 +146,7 @@ static void *carve_bound(void *arg)
         struct hm_span *sp = tc->heap->partial[cls];
         assert_non_null(sp);
         assert_true((size_t)(sp->end - sp->bump) >= counts[i] * sizes[i]);
-        sp->resident_whole = 0;                         /* on small pages */
+        sp->resident_pages = 0;                         /* nothing resident */
         /* Cut short, it is not counted in the learner's batch. */
         hm_ace_on = true;
         blocks[n++] = hakmem_malloc(sizes[i]);
@@ -154,10 +154,11 @@ static void *carve_bound(void *arg)
         assert_int_equal(hm_bin_count(&tc->bins[cls]), carved[i] - 1);
         assert_int_equal(tc->heap->stats[cls].batch_refills, 0);
     }
-    /* Resident whole: the next refill of 1 KiB blocks carves all 8. */
+    /* Pages resident: the next refill of 1 KiB blocks carves all 8. */
     unsigned cls = hm_size_class(1024);
     empty_bin(tc, cls, blocks, &n);
-    tc->heap->partial[cls]->resident_whole = 1;
+    struct hm_span *sp = tc->heap->partial[cls];
+    sp->resident_pages = (uint16_t)(sp->pages * (HM_PAGE_SIZE / HM_OS_PAGE));
     hm_ace_on = true;
     blocks[n++] = hakmem_malloc(1024);
     hm_ace_on = false;
@@ -165,7 +166,7 @@ static void *carve_bound(void *arg)
     assert_int_equal(tc->heap->stats[cls].batch_refills, 1);   /* a whole batch counts */
     /* Handed back (the first block keeps the span): the rest of the
      * 1 KiB blocks go back to it, and the next refill takes 8 of them. */
-    tc->heap->partial[cls]->resident_whole = 0;
+    sp->resident_pages = 0;
     for (unsigned i = 1; i < n; i++)
         hakmem_free(blocks[i]);
     hakmem_trim();

@@ -311,25 +311,29 @@ static void huge_halves_stop_when_given_back_in_part(void **state)
     assert_int_equal(atomic_load(&hm_segment_counters.huge_halves), counted);
 }
 
-/* A span in a half asking for huge pages is resident whole from the first
- * touch: refills carve it in whole batches (no HM_CARVE_BYTES cap).  Not
- * so in a half that stopped asking, or on small pages. */
-static void spans_in_huge_halves_are_resident_whole(void **state)
+/* How far a new span's pages are resident (refills carve there in whole
+ * batches, without HM_CARVE_BYTES's bound): all of them in a half asking
+ * for huge pages, resident whole from the first touch; elsewhere as far as
+ * an earlier span carved; none on fresh small pages. */
+static void spans_know_how_far_their_pages_are_resident(void **state)
 {
     (void)state;
     struct hm_segment *seg = huge_segment();
     struct hm_span *sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
     assert_int_equal(sp->page_index, 1);
-    assert_int_equal(sp->resident_whole, 1);
-    hm_segment_give_back(seg, (char *)seg + 5 * HM_PAGE_SIZE, 4096);   /* half 0 stops */
-    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
-    assert_int_equal(sp->page_index, 2);
-    assert_int_equal(sp->resident_whole, 0);
+    assert_int_equal(sp->resident_pages, 16);
     hm_segment_free(seg);
 
     seg = hm_segment_alloc(777, false);
-    sp = hm_span_alloc(seg, 1, 3, 64, 777, 0);
-    assert_int_equal(sp->resident_whole, 0);
+    sp = hm_span_alloc(seg, 2, 63, 16384, 777, 0);
+    assert_int_equal(sp->resident_pages, 0);
+    hm_span_release(seg, carved(sp, 20480));                /* 5 OS pages */
+    sp = hm_span_alloc(seg, 2, 63, 16384, 777, 0);
+    assert_int_equal(sp->page_index, 1);
+    assert_int_equal(sp->resident_pages, 5);
+    hm_span_release(seg, carved_whole(sp));                 /* both pages */
+    sp = hm_span_alloc(seg, 2, 63, 16384, 777, 0);
+    assert_int_equal(sp->resident_pages, 32);
     hm_segment_free(seg);
 }
 
@@ -812,7 +816,7 @@ int main(void)
         cmocka_unit_test(spans_take_and_return_pages),
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(span_gives_back_pages_it_inherited),
-        cmocka_unit_test(spans_in_huge_halves_are_resident_whole),
+        cmocka_unit_test(spans_know_how_far_their_pages_are_resident),
         cmocka_unit_test(span_gives_back_its_unused_tail),
         cmocka_unit_test(huge_halves_stop_when_given_back_in_part),
         cmocka_unit_test(huge_halves_follow_the_purge),

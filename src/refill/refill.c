@@ -515,9 +515,10 @@ static uint32_t span_take(struct hm_span *sp, uint32_t n, uint32_t most, void **
         size_t bs = sp->block_size;
         uint32_t room = (uint32_t)((size_t)(sp->end - sp->bump) / bs);
         uint32_t k = n - got < room ? n - got : room;
-        if (!sp->resident_whole) {
-            /* Only what fits in the bound, or one block into an empty
-             * batch; what is left ends the refill unless a block fits. */
+        if (sp->bump + (size_t)k * bs > sp->start + (size_t)sp->resident_pages * HM_OS_PAGE) {
+            /* Past what is resident: only what fits in the bound, or one
+             * block into an empty batch; what is left ends the refill
+             * unless a block fits. */
             uint32_t fit = (uint32_t)(*carve / bs);
             if (!fit && !*list)
                 fit = 1;

@@ -84,9 +84,10 @@ struct hm_heap;
  * Capped, a call takes one fault where it took several, the rest come in
  * the calls that follow, or never for a block the program does not use:
  * p99.9 3.8 us.  Blocks handed back (free lists, holes, the stash) come
- * in whole batches, and so do blocks of a span in a half asking for huge
- * pages, resident whole from its first touch: there the cap only cost
- * refills (phase_server 0.93x). */
+ * in whole batches, and so do never-carved blocks on pages still resident
+ * (those an earlier span carved, and all of a span in a half asking for
+ * huge pages, resident whole from its first touch): there the bound only
+ * cost refills (phase_server 0.93x). */
 #define HM_CARVE_BYTES ((size_t)4096)
 
 /* Blocks above the largest class up to HM_PAGES_MAX are whole spans of

@@ -648,6 +648,25 @@ static struct trim trim_inherited(struct hm_segment *seg, unsigned at, unsigned 
     return t;
 }
 
+/* OS pages from a new span's start that are resident: all of them in a
+ * half asking for huge pages (resident whole from its first touch), else
+ * as far as earlier spans carved, less what went back since (see
+ * HM_CARVE_BYTES: carving there costs no page faults).  Caller holds the
+ * lock. */
+static uint16_t resident_from(const struct hm_segment *seg, unsigned at, unsigned pages)
+{
+    const unsigned per_page = HM_PAGE_SIZE / HM_OS_PAGE;
+    if (asking_halves(seg, page_run(at, pages)))
+        return (uint16_t)(pages * per_page);
+    unsigned n = 0;
+    for (unsigned j = at; j < at + pages; j++) {
+        n += seg->resident_os_pages[j];
+        if (seg->resident_os_pages[j] < per_page)
+            break;
+    }
+    return (uint16_t)n;
+}
+
 struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned cls,
                               uint32_t block_size, uintptr_t owner, uint32_t bin_offset)
 {
@@ -664,6 +683,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     take_pages(seg, page_run((unsigned)at, pages));
     seg->pages_used += pages;
     struct trim trim = trim_inherited(seg, (unsigned)at, pages, cls, block_size);
+    uint16_t resident = resident_from(seg, (unsigned)at, pages);
     seg_unlock(seg);
     if (trim.len) {
         hm_segment_give_back(seg, (char *)seg + trim.from, trim.len);
@@ -692,7 +712,7 @@ struct hm_span *hm_span_alloc(struct hm_segment *seg, unsigned pages, unsigned c
     sp->sparse_since_ns = 0;
     sp->freed_since_compact = 0;
     sp->in_partial = 0;
-    sp->resident_whole = asking_halves(seg, page_run((unsigned)at, pages)) != 0;
+    sp->resident_pages = resident;
     sp->next = sp->prev = NULL;
     for (unsigned i = 0; i < pages; i++)
         seg->page_span[at + (int)i] = sp;

@@ -77,7 +77,8 @@ struct hm_span {
     uint64_t sparse_since_ns;       /* when it was first seen nearly empty; 0: not */
     struct hm_span *next, *prev;    /* heap's partial list for the class */
     uint8_t in_partial;             /* on its heap's list for the class */
-    uint8_t resident_whole;         /* in a half asking for huge pages: no page faults to carve */
+    uint16_t resident_pages;        /* OS pages from its start resident when it was set up:
+                                     * carving there costs no page faults */
     uint32_t freed_since_compact;   /* blocks returned to it since its last compaction */
 } __attribute__((aligned(64)));
 
