@@ -154,10 +154,15 @@ static void *carve_bound(void *arg)
         assert_int_equal(hm_bin_count(&tc->bins[cls]), carved[i] - 1);
         assert_int_equal(tc->heap->stats[cls].batch_refills, 0);
     }
-    /* Pages resident: the next refill of 1 KiB blocks carves all 8. */
+    /* Resident past the span's next block but short of the batch's 8 KiB:
+     * bounded, 4 blocks.  Resident whole: the next refill carves all 8. */
     unsigned cls = hm_size_class(1024);
     empty_bin(tc, cls, blocks, &n);
     struct hm_span *sp = tc->heap->partial[cls];
+    sp->resident_pages = (uint16_t)((size_t)(sp->bump - sp->start) / HM_OS_PAGE + 1);
+    blocks[n++] = hakmem_malloc(1024);
+    assert_int_equal(hm_bin_count(&tc->bins[cls]), 3);
+    empty_bin(tc, cls, blocks, &n);
     sp->resident_pages = (uint16_t)(sp->pages * (HM_PAGE_SIZE / HM_OS_PAGE));
     hm_ace_on = true;
     blocks[n++] = hakmem_malloc(1024);

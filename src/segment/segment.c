@@ -651,8 +651,11 @@ static struct trim trim_inherited(struct hm_segment *seg, unsigned at, unsigned 
 /* OS pages from a new span's start that are resident: all of them in a
  * half asking for huge pages (resident whole from its first touch), else
  * as far as earlier spans carved, less what went back since (see
- * HM_CARVE_BYTES: carving there costs no page faults).  Caller holds the
- * lock. */
+ * HM_CARVE_BYTES: carving there costs no page faults).  It is the upper
+ * bound trim_inherited needs: a released page block counts whole however
+ * little the program touched, and pages a compaction gave back count
+ * until the purge; an over-count costs a few page faults in one refill,
+ * as before the bound.  Caller holds the lock. */
 static uint16_t resident_from(const struct hm_segment *seg, unsigned at, unsigned pages)
 {
     const unsigned per_page = HM_PAGE_SIZE / HM_OS_PAGE;
