@@ -69,7 +69,10 @@ static inline uint64_t rng_range(rng_t *r, uint64_t lo, uint64_t hi)
 }
 
 /* Log-uniform in [lo, hi]: as many draws per power of two, so that small
- * sizes dominate by count as they do in real programs. */
+ * sizes dominate by count as they do in real programs.  It draws a bit
+ * length uniformly, so a hi that is a power of two is a band of its own:
+ * 16..65536 gives 13 bands, and 1 draw in 13 is exactly 64 KiB (the rows'
+ * workloads are defined with it, and every allocator sees the same). */
 uint64_t rng_log_range(rng_t *r, uint64_t lo, uint64_t hi);
 
 /* ---- time, RSS, allocator ---------------------------------------------- */
