@@ -26,6 +26,30 @@ ALLOCATORS = ["glibc", "jemalloc", "tcmalloc", "mimalloc", "hakmem", "hakmem-ace
 HAKMEM = ("hakmem", "hakmem-ace")
 
 
+# A variant column runs hakmem (or hakmem-ace) with settings of its own, in
+# the same shuffled rounds as the rest: "hakmem@HAKMEM_THP=0", or several
+# settings, "hakmem-ace@HAKMEM_THP=0@HAKMEM_PURGE_DELAY_MS=100".  Two
+# configurations compared in one run see the same drift of the machine;
+# compared in two runs, or in pairs that always run in one order, they
+# do not (a run inherits the huge pages its predecessor freed).
+def variant(alloc):
+    """(base column, {setting: value}) of a hakmem column, else None."""
+    base, *settings = alloc.split("@")
+    if base not in HAKMEM:
+        return None
+    env = {}
+    for s in settings:
+        key, eq, value = s.partition("=")
+        if not eq or not key.startswith("HAKMEM_") or key == "HAKMEM_ACE":
+            return None
+        env[key] = value
+    return base, env
+
+
+def is_hakmem(alloc):
+    return variant(alloc) is not None
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -141,9 +165,10 @@ def finish_build_options(opts):
 
 
 def check_allocator_names(spec):
-    bad = [a for a in (spec or "").split(",") if spec and a not in ALLOCATORS]
+    bad = [a for a in (spec or "").split(",") if spec and a not in ALLOCATORS and not is_hakmem(a)]
     if bad:
-        die("unknown allocator(s) %s; choose from %s" % (",".join(bad), ",".join(ALLOCATORS)))
+        die("unknown allocator(s) %s; choose from %s, or hakmem[-ace]@HAKMEM_X=V[@...]"
+            % (",".join(bad), ",".join(ALLOCATORS)))
 
 
 def choose_allocators(spec, lib):
@@ -152,27 +177,30 @@ def choose_allocators(spec, lib):
     check_allocator_names(spec)
     explicit = spec is not None
     allocs = spec.split(",") if explicit else list(ALLOCATORS)
-    if any(a in HAKMEM for a in allocs) and not lib.exists():
+    if any(is_hakmem(a) for a in allocs) and not lib.exists():
         if explicit:
             die("%s does not exist (build hakmem or pass --lib)" % lib)
         log("WARNING: %s does not exist: running without the hakmem columns" % lib)
-        allocs = [a for a in allocs if a not in HAKMEM]
+        allocs = [a for a in allocs if not is_hakmem(a)]
     return allocs
 
 
 # ---- running --------------------------------------------------------------
 
 def allocator_env(alloc, lib):
-    """Environment for a run: LD_PRELOAD and HAKMEM_ACE set only as meant."""
+    """Environment for a run: LD_PRELOAD and HAKMEM_ACE set only as meant,
+    and a variant column's settings."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env.pop("HAKMEM_ACE", None)
     if alloc in PEERS:
         env["LD_PRELOAD"] = str(PEERS[alloc][0])
-    elif alloc in HAKMEM:
+    elif is_hakmem(alloc):
+        base, settings = variant(alloc)
         env["LD_PRELOAD"] = str(lib)
-        if alloc == "hakmem-ace":
+        if base == "hakmem-ace":
             env["HAKMEM_ACE"] = "1"
+        env.update(settings)
     return env
 
 
@@ -191,15 +219,15 @@ def parse_result(stdout):
 
 def check_allocator(fields, alloc, what):
     """Stops everything if the process ran another malloc than intended."""
-    want = "hakmem" if alloc in HAKMEM else alloc
+    want = "hakmem" if is_hakmem(alloc) else alloc
     got = fields.get("allocator")
     if got != want:
         die("%s: meant to run allocator %s but the program reports allocator=%s.\n"
             "The LD_PRELOAD did not take effect (or detection is wrong); results would "
             "be mislabelled, so nothing more is run.\nRESULT: %s"
             % (what, alloc, got, fields["_line"]), code=3)
-    if alloc in HAKMEM:
-        want_ace = "1" if alloc == "hakmem-ace" else "0"
+    if is_hakmem(alloc):
+        want_ace = "1" if variant(alloc)[0] == "hakmem-ace" else "0"
         if fields.get("ace") != want_ace:
             die("%s: %s expected ace=%s in the RESULT line, got ace=%s"
                 % (what, alloc, want_ace, fields.get("ace")), code=3)
