@@ -32,6 +32,15 @@ HAKMEM = ("hakmem", "hakmem-ace")
 # configurations compared in one run see the same drift of the machine;
 # compared in two runs, or in pairs that always run in one order, they
 # do not (a run inherits the huge pages its predecessor freed).
+#
+# Only the settings the library reads, each once, with the decimal value it
+# parses: anything else would run as plain hakmem under a label that says
+# otherwise (the library falls back to its default on a value it cannot
+# read).
+SETTINGS = ("HAKMEM_THP", "HAKMEM_PURGE_DELAY_MS", "HAKMEM_TCACHE_MAX_KB",
+            "HAKMEM_ACE_INTERVAL_MS", "HAKMEM_STATS")
+
+
 def variant(alloc):
     """(base column, {setting: value}) of a hakmem column, else None."""
     base, *settings = alloc.split("@")
@@ -40,10 +49,15 @@ def variant(alloc):
     env = {}
     for s in settings:
         key, eq, value = s.partition("=")
-        if not eq or not key.startswith("HAKMEM_") or key == "HAKMEM_ACE":
+        if not eq or key not in SETTINGS or key in env or not value.isdigit():
             return None
         env[key] = value
     return base, env
+
+
+def inherited_settings():
+    """The library's settings this shell exports (every column gets them)."""
+    return {k: os.environ[k] for k in SETTINGS if k in os.environ}
 
 
 def is_hakmem(alloc):
@@ -165,10 +179,26 @@ def finish_build_options(opts):
 
 
 def check_allocator_names(spec):
-    bad = [a for a in (spec or "").split(",") if spec and a not in ALLOCATORS and not is_hakmem(a)]
+    names = (spec or "").split(",") if spec else []
+    bad = [a for a in names if a not in ALLOCATORS and not is_hakmem(a)]
     if bad:
-        die("unknown allocator(s) %s; choose from %s, or hakmem[-ace]@HAKMEM_X=V[@...]"
-            % (",".join(bad), ",".join(ALLOCATORS)))
+        die("unknown allocator(s) %s; choose from %s, or hakmem[-ace]@SETTING=N[@...] with "
+            "SETTING one of %s, each once" % (",".join(bad), ",".join(ALLOCATORS),
+                                              ",".join(SETTINGS)))
+
+
+def check_inherited(allocs):
+    """Settings the shell exports reach every hakmem column: fine, and said,
+    unless a variant column is named for another value of one."""
+    inherited = inherited_settings()
+    clash = sorted({k for a in allocs if variant(a) for k in variant(a)[1] if k in inherited})
+    if clash:
+        die("the shell exports %s, which every other hakmem column inherits: a column "
+            "named for its own value would not differ as its name says.  Unset it, or "
+            "make each value a variant." % " ".join("%s=%s" % (k, inherited[k]) for k in clash))
+    if inherited and any(is_hakmem(a) for a in allocs):
+        log("note: every hakmem column runs with %s (exported by the shell)"
+            % " ".join("%s=%s" % kv for kv in sorted(inherited.items())))
 
 
 def choose_allocators(spec, lib):
@@ -177,6 +207,7 @@ def choose_allocators(spec, lib):
     check_allocator_names(spec)
     explicit = spec is not None
     allocs = spec.split(",") if explicit else list(ALLOCATORS)
+    check_inherited(allocs)
     if any(is_hakmem(a) for a in allocs) and not lib.exists():
         if explicit:
             die("%s does not exist (build hakmem or pass --lib)" % lib)
