@@ -648,19 +648,18 @@ static struct trim trim_inherited(struct hm_segment *seg, unsigned at, unsigned 
     return t;
 }
 
-/* OS pages from a new span's start that are resident: all of them in a
- * half asking for huge pages (resident whole from its first touch), else
- * as far as earlier spans carved, less what went back since (see
- * HM_CARVE_BYTES: carving there costs no page faults).  It is the upper
- * bound trim_inherited needs: a released page block counts whole however
- * little the program touched, and pages a compaction gave back count
- * until the purge; an over-count costs a few page faults in one refill,
- * as before the bound.  Caller holds the lock. */
+/* OS pages from a new span's start that are resident, as the segment
+ * notes them (see HM_CARVE_BYTES: carving there costs no page faults): as
+ * far as earlier spans carved, less what went back since, and all of a
+ * page in a half asking for huge pages (take_pages noted it whole).  It is
+ * the upper bound trim_inherited needs: a released page block counts
+ * whole however little the program touched, and pages a compaction gave
+ * back count until the purge; an over-count costs a few page faults in
+ * one refill, as before the bound.  Caller holds the lock, after
+ * take_pages and trim_inherited. */
 static uint16_t resident_from(const struct hm_segment *seg, unsigned at, unsigned pages)
 {
     const unsigned per_page = HM_PAGE_SIZE / HM_OS_PAGE;
-    if (asking_halves(seg, page_run(at, pages)))
-        return (uint16_t)(pages * per_page);
     unsigned n = 0;
     for (unsigned j = at; j < at + pages; j++) {
         n += seg->resident_os_pages[j];
