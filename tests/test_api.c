@@ -116,7 +116,7 @@ static void realloc_keeps_content(void **state)
 
 /* A block grown a byte at a time moves to half again its size at least
  * (up to the page blocks' 2 MiB), so it moves about log1.5 times, not once
- * per size class (88 of them up to 128 KiB); a shrink within half keeps it. */
+ * per size class (72 of them up to 128 KiB); a shrink within half keeps it. */
 static void realloc_growth_moves_by_half_again(void **state)
 {
     (void)state;

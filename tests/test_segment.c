@@ -77,7 +77,7 @@ static void spans_take_and_return_pages(void **state)
     struct hm_segment *seg = hm_segment_alloc(777, false);
     assert_true(hm_segment_is_empty(seg));
     struct hm_span *a = hm_span_alloc(seg, 1, 0, 16, 777, 0);
-    struct hm_span *b = hm_span_alloc(seg, 16, 87, 131072, 777, 0);
+    struct hm_span *b = hm_span_alloc(seg, 16, HM_NUM_CLASSES - 1, 131072, 777, 0);
     assert_non_null(a);
     assert_non_null(b);
     assert_int_equal(a->page_index, 1);
@@ -93,9 +93,9 @@ static void spans_take_and_return_pages(void **state)
     assert_int_equal(hm_span_owner(b), 777);
 
     /* Fill the rest: 63 usable pages minus 17 used, in runs of 16. */
-    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
-    assert_non_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
-    assert_null(hm_span_alloc(seg, 16, 87, 131072, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 16, HM_NUM_CLASSES - 1, 131072, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 16, HM_NUM_CLASSES - 1, 131072, 777, 0));
+    assert_null(hm_span_alloc(seg, 16, HM_NUM_CLASSES - 1, 131072, 777, 0));
     hm_span_release(seg, a);
     assert_ptr_equal(seg->page_span[1], &hm_sentinel_span);
     assert_int_equal(hm_span_alloc(seg, 1, 0, 16, 777, 0)->page_index, 1);
@@ -117,7 +117,7 @@ static void pagemap_tags_follow_spans(void **state)
     const uintptr_t heap = 64 * HM_HEAP_ALIGN;      /* a heap id: aligned */
     struct hm_segment *seg = hm_segment_alloc(heap, false);
     assert_int_equal(tag_of(seg), 0);              /* the header page */
-    struct hm_span *sp = hm_span_alloc(seg, 3, 88, 3 * HM_PAGE_SIZE, heap, 0x5a0);
+    struct hm_span *sp = hm_span_alloc(seg, 3, HM_NUM_CLASSES, 3 * HM_PAGE_SIZE, heap, 0x5a0);
     for (unsigned i = 0; i < 3; i++)
         assert_int_equal(tag_of(sp->start + i * HM_PAGE_SIZE), heap | 0x5a0);
     assert_int_equal(tag_of(sp->start + 3 * HM_PAGE_SIZE), 0);
@@ -246,8 +246,8 @@ static void span_gives_back_pages_it_inherited(void **state)
 
 /* A span of big blocks on pages that a span of 1 KiB blocks left resident
  * whole: what lies past its last block goes back, the blocks keep theirs.
- * 26 KiB blocks fit four to two pages (24 KiB over); 72 KiB blocks two to
- * three pages (48 KiB over, from the middle page on). */
+ * 28 KiB blocks fit four to two pages (16 KiB over); 80 KiB blocks two to
+ * three pages (32 KiB over, in the last page). */
 static void tail_after(struct hm_segment *seg, unsigned pages, unsigned cls, uint32_t size,
                        uint32_t blocks, size_t kept_os_pages)
 {
@@ -272,8 +272,8 @@ static void span_gives_back_its_unused_tail(void **state)
 {
     (void)state;
     struct hm_segment *seg = hm_segment_alloc(777, false);
-    tail_after(seg, 2, 68, 26624, 4, 26);
-    tail_after(seg, 3, 80, 73728, 2, 36);
+    tail_after(seg, 2, hm_size_class(28672), 28672, 4, 28);
+    tail_after(seg, 3, hm_size_class(81920), 81920, 2, 40);
     hm_segment_free(seg);
 }
 
@@ -297,7 +297,7 @@ static void huge_halves_stop_when_given_back_in_part(void **state)
     assert_true(vma_has_flag(half1, "hg"));
 
     /* Pages 1-31 taken, then a span at page 32: half 1 now holds it. */
-    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 31, HM_NUM_CLASSES, 31 * HM_PAGE_SIZE, 777, 0));
     struct hm_span *sp = hm_span_alloc(seg, 1, 0, 16, 777, 0);
     assert_int_equal(sp->page_index, 32);
     hm_segment_give_back(seg, half1 + 8 * HM_PAGE_SIZE, HM_PAGE_SIZE);
@@ -346,7 +346,7 @@ static void huge_half_pages_count_as_resident_whole(void **state)
     (void)state;
     struct hm_segment *seg = huge_segment();
     char *half1 = (char *)seg + HM_SEGMENT_SIZE / 2;
-    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 31, HM_NUM_CLASSES, 31 * HM_PAGE_SIZE, 777, 0));
     struct hm_span *sp = hm_span_alloc(seg, 1, 31, 1024, 777, 0);
     assert_ptr_equal(sp->start, half1);
     assert_non_null(hm_span_alloc(seg, 1, 31, 1024, 777, 0));   /* keeps the half in use */
@@ -394,13 +394,13 @@ static void huge_halves_follow_the_purge(void **state)
     (void)state;
     struct hm_segment *seg = huge_segment();
     char *half1 = (char *)seg + HM_SEGMENT_SIZE / 2;
-    assert_non_null(hm_span_alloc(seg, 31, 88, 31 * HM_PAGE_SIZE, 777, 0));
+    assert_non_null(hm_span_alloc(seg, 31, HM_NUM_CLASSES, 31 * HM_PAGE_SIZE, 777, 0));
     assert_int_equal(seg->dirty_pages, 0);
     for (int round = 0; round < 2; round++) {
-        struct hm_span *a = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
+        struct hm_span *a = hm_span_alloc(seg, 2, HM_NUM_CLASSES, 2 * HM_PAGE_SIZE, 777, 0);
         assert_int_equal(seg->dirty_pages, 0xfffffffcull << 32);   /* 34..63 */
-        struct hm_span *b = hm_span_alloc(seg, 1, 88, HM_PAGE_SIZE, 777, 0);
-        struct hm_span *c = hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0);
+        struct hm_span *b = hm_span_alloc(seg, 1, HM_NUM_CLASSES, HM_PAGE_SIZE, 777, 0);
+        struct hm_span *c = hm_span_alloc(seg, 2, HM_NUM_CLASSES, 2 * HM_PAGE_SIZE, 777, 0);
         assert_int_equal(a->page_index, 32);
         assert_int_equal(c->page_index, 35);
         memset(a->start, 1, 4096);
@@ -443,7 +443,7 @@ static void lock_held_at_fork_is_free_in_the_child(void **state)
     (void)state;
     struct hm_segment *seg = hm_segment_alloc(777, false);
     assert_non_null(seg);
-    hm_span_release(seg, hm_span_alloc(seg, 2, 88, 2 * HM_PAGE_SIZE, 777, 0));
+    hm_span_release(seg, hm_span_alloc(seg, 2, HM_NUM_CLASSES, 2 * HM_PAGE_SIZE, 777, 0));
     assert_true(seg->dirty_pages != 0);
     uint32_t gen = atomic_load(&hm_fork_generation);
     atomic_store(&seg->lock, gen);          /* as if another thread held it */

@@ -3,18 +3,22 @@
 
 #include "size_class/size_class.h"
 
-static void classes_grow_by_at_most_one_eighth(void **state)
+/* Steps of 16 up to 128 B, of an eighth of the power of two below up to
+ * 8 KiB, of a quarter above: exactly, so the formula and the table agree
+ * on where each group starts. */
+static void classes_grow_by_an_eighth_then_a_quarter(void **state)
 {
     (void)state;
     assert_int_equal(hm_size_class_size(0), 16);
     assert_int_equal(hm_size_class_size(HM_NUM_CLASSES - 1), HM_MAX_CLASS_SIZE);
+    assert_int_equal(hm_size_class_size(HM_COARSE_FIRST - 1), (size_t)1 << HM_COARSE_SHIFT);
     for (unsigned c = 1; c < HM_NUM_CLASSES; c++) {
         size_t prev = hm_size_class_size(c - 1), cur = hm_size_class_size(c);
-        assert_true(cur > prev);
-        assert_int_equal(cur % 16, 0);
-        if (prev >= 128)
-            assert_true((cur - prev) * 8 <= prev);   /* waste <= 12.5% */
+        size_t group = (size_t)1 << (63 - __builtin_clzll(cur - 1));   /* cur is in (group, 2 group] */
+        size_t step = cur <= 128 ? 16 : c < HM_COARSE_FIRST ? group / 8 : group / 4;
+        assert_int_equal(cur - prev, step);
     }
+    assert_int_equal(HM_NUM_CLASSES, 8 + 8 * (HM_COARSE_SHIFT - 7) + 4 * (17 - HM_COARSE_SHIFT));
 }
 
 static void every_size_maps_to_the_smallest_class_that_fits(void **state)
@@ -54,7 +58,7 @@ static void spans_hold_enough_blocks(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(classes_grow_by_at_most_one_eighth),
+        cmocka_unit_test(classes_grow_by_an_eighth_then_a_quarter),
         cmocka_unit_test(every_size_maps_to_the_smallest_class_that_fits),
         cmocka_unit_test(spans_hold_enough_blocks),
     };

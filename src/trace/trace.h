@@ -11,7 +11,7 @@
  * Never used on the malloc/free fast paths (src/hot).  Probes and their
  * arguments (docs/tracing.md):
  *   refill(class, wanted, got, heap)      end of a refill, batch carved;
- *                                         class 88: a page block handed out
+ *                                         class 72: a page block handed out
  *   flush(class, blocks)                  blocks a bin gave back to spans
  *   remote_collect(class, blocks)         remote frees taken back by the owner
  *   event_dropped(class)                  the ACE ring was full

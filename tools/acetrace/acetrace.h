@@ -4,7 +4,7 @@
 #ifndef ACETRACE_H
 #define ACETRACE_H
 
-#define ACETRACE_MAX_CLASSES 128   /* a power of two; hakmem has 88 + page blocks */
+#define ACETRACE_MAX_CLASSES 128   /* a power of two; hakmem has 72 + page blocks */
 
 enum acetrace_kind {
     ACETRACE_REFILL = 0,
