@@ -14,6 +14,7 @@ strands memory in proportion to its size, and for big blocks the cost of
 taking and returning spans more often is small next to the block.
 """
 import os
+import sys
 
 PAGE = 65536
 COARSE_SHIFT = 13          # four classes per power of two from 8 KiB
@@ -58,5 +59,12 @@ lines += rows("HM_SIZE_CLASS_SPAN_PAGES", pages, 16)
 # bin's position in 8-byte units, which malloc's fast path scales by 8.
 lines += rows("HM_SIZE_CLASS_SMALL_BIN_SLOT", [2 * c for c in small], 16)
 here = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(here, "..", "src", "size_class", "size_class_table.h"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+path = os.path.join(here, "..", "src", "size_class", "size_class_table.h")
+text = "\n".join(lines) + "\n"
+if sys.argv[1:] == ["--check"]:     # the contracts suite: the table is this script's
+    with open(path) as f:
+        if f.read() != text:
+            sys.exit("size_class_table.h differs from what gen_size_classes.py writes: run it")
+else:
+    with open(path, "w") as f:
+        f.write(text)

@@ -19,6 +19,11 @@ static void classes_grow_by_an_eighth_then_a_quarter(void **state)
         assert_int_equal(cur - prev, step);
     }
     assert_int_equal(HM_NUM_CLASSES, 8 + 8 * (HM_COARSE_SHIFT - 7) + 4 * (17 - HM_COARSE_SHIFT));
+    /* The line is at 8 KiB (what the docs say, and what was measured). */
+    assert_int_equal(HM_NUM_CLASSES, 72);
+    assert_int_equal(hm_size_class_size(hm_size_class(8192)), 8192);
+    assert_int_equal(hm_size_class_size(hm_size_class(8193)), 10240);
+    assert_int_equal(hm_size_class_size(hm_size_class(7681)), 8192);
 }
 
 static void every_size_maps_to_the_smallest_class_that_fits(void **state)
