@@ -332,6 +332,11 @@ static bool set_option(const struct bench_opt *o, const char *val)
     return false;
 }
 
+void bench_set_name(const char *bench)
+{
+    g_bench = bench;
+}
+
 void bench_parse(int argc, char **argv, const char *bench, const char *about,
                  struct bench_args *a, const struct bench_opt *extra)
 {

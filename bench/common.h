@@ -192,6 +192,10 @@ struct bench_args {
 
 /* Parses argv; prints usage and exits 0 on --help, exits 2 on errors.
  * `extra` is an array ending with a {NULL} entry (or NULL). */
+/* The name messages and the RESULT line give, for a program that parses
+ * its own options (program.c). */
+void bench_set_name(const char *bench);
+
 void bench_parse(int argc, char **argv, const char *bench, const char *about,
                  struct bench_args *a, const struct bench_opt *extra);
 
