@@ -513,6 +513,49 @@ static void large_cache_reuses_then_decays(void **state)
     assert_int_equal(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL), 0);
 }
 
+/* A request a cached block falls short of by at most an eighth grows that
+ * block, if the program filled it: its pages are reused (the data moves
+ * with them) and only the difference is mapped.  A block touched on one
+ * page, or one short by more, is left cached and a fresh one mapped. */
+static void large_cache_grows_a_filled_block_a_little_short(void **state)
+{
+    (void)state;
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+    bool zeroed;
+    size_t six = 6u << 20, more = (6u << 20) + (256u << 10);
+    char *p = hm_large_alloc(six, 16, &zeroed);
+    memset(p, 7, six);
+    hm_large_free(hm_segment_of((uintptr_t)p));
+    uint64_t mapped = atomic_load(&hm_segment_counters.bytes_mapped);
+    char *q = hm_large_alloc(more, 16, &zeroed);
+    assert_false(zeroed);
+    assert_int_equal(q[100], 7);
+    assert_int_equal(q[six - 1], 7);
+    assert_int_equal(atomic_load(&hm_segment_counters.bytes_mapped) - mapped, 256u << 10);
+    assert_true(hm_large_usable_size(hm_segment_of((uintptr_t)q)) >= more);
+    memset(q, 8, more);
+    hm_large_free(hm_segment_of((uintptr_t)q));
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+
+    /* Touched on one page: a fresh mapping, the cached block stays. */
+    p = hm_large_alloc(six, 16, &zeroed);
+    p[0] = 1;
+    hm_large_free(hm_segment_of((uintptr_t)p));
+    q = hm_large_alloc(more, 16, &zeroed);
+    assert_true(zeroed);
+    hm_large_free(hm_segment_of((uintptr_t)q));
+    assert_true(hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL) >= six + more);
+
+    /* Filled, but short by more than an eighth. */
+    p = hm_large_alloc(5u << 20, 16, &zeroed);
+    memset(p, 7, 5u << 20);
+    hm_large_free(hm_segment_of((uintptr_t)p));
+    q = hm_large_alloc(six, 16, &zeroed);
+    assert_true(zeroed);
+    hm_large_free(hm_segment_of((uintptr_t)q));
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+}
+
 /* An aligned block is cached like a plain one; one whose header starts
  * its granule serves another alignment, or none, from the same mapping:
  * aligned_alloc(128 KiB) in a loop mapped and unmapped 4 MiB each round
@@ -825,6 +868,7 @@ int main(void)
         cmocka_unit_test(lock_held_at_fork_is_free_in_the_child),
         cmocka_unit_test(large_blocks_map_align_and_resize),
         cmocka_unit_test(large_cache_reuses_then_decays),
+        cmocka_unit_test(large_cache_grows_a_filled_block_a_little_short),
         cmocka_unit_test(large_cache_serves_any_alignment_and_growth),
         cmocka_unit_test(large_cache_is_bounded),
         cmocka_unit_test(large_cache_renews_a_block_in_rotation),
