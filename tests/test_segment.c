@@ -537,6 +537,26 @@ static void large_cache_grows_a_filled_block_a_little_short(void **state)
     hm_large_free(hm_segment_of((uintptr_t)q));
     hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
 
+    /* With the address space after it taken, it moves, data and all. */
+    p = hm_large_alloc(six, 16, &zeroed);
+    memset(p, 7, six);
+    struct hm_segment *ps = hm_segment_of((uintptr_t)p);
+    char *after = ps->map_base + ps->map_size;
+    void *wall = mmap(after, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                      -1, 0);
+    hm_large_free(ps);
+    q = hm_large_alloc(more, 16, &zeroed);
+    assert_false(zeroed);
+    assert_ptr_not_equal(q, p);
+    assert_null(hm_segment_of((uintptr_t)p));
+    assert_int_equal(q[100], 7);
+    assert_int_equal(q[six - 1], 7);
+    assert_int_equal(q[more - 1], 0);
+    hm_large_free(hm_segment_of((uintptr_t)q));
+    if (wall != MAP_FAILED)
+        munmap(wall, 4096);
+    hm_large_cache_purge(hm_clock_ns(), 0, HM_PURGE_ALL);
+
     /* Touched on one page: a fresh mapping, the cached block stays. */
     p = hm_large_alloc(six, 16, &zeroed);
     p[0] = 1;
