@@ -151,9 +151,12 @@ static struct hm_segment *cache_take_filled_shorter(size_t map_size)
             best = (int)i;
     }
     struct hm_segment *seg = NULL;
-    if (best >= 0 && !(cache[best].sparse = !mostly_resident(cache[best].seg))) {
-        seg = cache[best].seg;
-        cache_remove_at((unsigned)best);
+    if (best >= 0) {
+        cache[best].sparse = !mostly_resident(cache[best].seg);
+        if (!cache[best].sparse) {
+            seg = cache[best].seg;
+            cache_remove_at((unsigned)best);
+        }
     }
     hm_mutex_unlock(&cache_lock);
     return seg;
