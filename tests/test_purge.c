@@ -842,6 +842,72 @@ static void idle_threads_heaps_are_tidied(void **state)
     pthread_barrier_destroy(&idle_wake);
 }
 
+/* Empty segments go back whole, header and all, once empty for the purge
+ * delay: those in an idle thread's reserve when its heap is tidied, and
+ * those in the process pool.  Before, only their free pages went. */
+enum { RESERVE_N = 24, RESERVE_BLOCK = 512u << 10 };   /* 12 MiB of page blocks */
+
+static void *reserve_owner(void *arg)
+{
+    (void)arg;
+    void *p[RESERVE_N];
+    for (int i = 0; i < RESERVE_N; i++) {
+        p[i] = hakmem_malloc(RESERVE_BLOCK);
+        memset(p[i], 1, 4096);
+    }
+    for (int i = 0; i < RESERVE_N; i++)
+        hakmem_free(p[i]);
+    pthread_barrier_wait(&idle_ready);      /* idle, alive, its empty segments kept */
+    pthread_barrier_wait(&idle_wake);
+    return NULL;
+}
+
+static uint64_t segments_now(void)
+{
+    return atomic_load(&hm_segment_counters.segments);
+}
+
+static void empty_segments_go_back_whole_after_the_delay(void **state)
+{
+    (void)state;
+    hakmem_trim();
+    hm_heaps_tidy_idle(0);
+    hm_heaps_tidy_idle(0);
+    uint64_t before = segments_now();
+    pthread_barrier_init(&idle_ready, NULL, 2);
+    pthread_barrier_init(&idle_wake, NULL, 2);
+    pthread_t t;
+    pthread_create(&t, NULL, reserve_owner, NULL);
+    pthread_barrier_wait(&idle_ready);
+    uint64_t held = segments_now();
+    assert_true(held > before);
+    hm_heaps_tidy_idle(UINT64_MAX);         /* not empty that long */
+    hm_heaps_tidy_idle(UINT64_MAX);
+    assert_int_equal(segments_now(), held);
+    hm_heaps_tidy_idle(0);                  /* sees the heap idle */
+    hm_heaps_tidy_idle(0);                  /* tidies it: its reserve goes */
+    assert_int_equal(segments_now(), before);
+    pthread_barrier_wait(&idle_wake);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&idle_ready);
+    pthread_barrier_destroy(&idle_wake);
+
+    /* An exited thread's empty segments wait in the pool, then go. */
+    pthread_barrier_init(&idle_ready, NULL, 2);
+    pthread_barrier_init(&idle_wake, NULL, 2);
+    pthread_create(&t, NULL, reserve_owner, NULL);
+    pthread_barrier_wait(&idle_ready);
+    pthread_barrier_wait(&idle_wake);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&idle_ready);
+    pthread_barrier_destroy(&idle_wake);
+    assert_true(segments_now() > before);   /* the pool's */
+    hm_heaps_tidy_idle(UINT64_MAX);
+    assert_true(segments_now() > before);
+    hm_heaps_tidy_idle(0);
+    assert_int_equal(segments_now(), before);
+}
+
 /* malloc_trim reaches the heaps of the other threads too (those not in a
  * slow path at that moment): their stashes and the free pages of their
  * spans go back as its own do. */
@@ -896,6 +962,7 @@ int main(void)
         cmocka_unit_test(a_segment_that_stops_draining_is_abandoned_again),
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
+        cmocka_unit_test(empty_segments_go_back_whole_after_the_delay),
         cmocka_unit_test(trim_gives_back_free_pages_of_pinned_spans),
         cmocka_unit_test(trim_reaches_other_threads_heaps),
         cmocka_unit_test(double_free_of_a_hole_aborts),

@@ -320,6 +320,7 @@ static void empty_pool_put(struct hm_segment *seg)
     hm_mutex_lock(&abandoned_lock);
     if (empty_count < EMPTY_POOL_MAX) {
         atomic_store_explicit(&seg->owner, HM_OWNER_ABANDONED, memory_order_relaxed);
+        seg->pooled_ns = hm_clock_ns();
         seg->next = empty_pool;
         __atomic_store_n(&empty_pool, seg, __ATOMIC_RELAXED);
         empty_count++;
@@ -349,6 +350,32 @@ void hm_heap_release_empty_pool(void)
     struct hm_segment *seg;
     while ((seg = empty_pool_take()))
         hm_segment_free(seg);
+}
+
+/* The pool's segments empty for the purge delay go back whole, header
+ * and all: their free pages were purged already, but each kept its
+ * header's pages and its page-map words (thread_churn's idle RSS with the
+ * ACE thread, 1.74 MiB against glibc's 1.69). */
+static void empty_pool_decay(uint64_t now, uint64_t delay_ns)
+{
+    struct hm_segment *old = NULL;
+    hm_mutex_lock(&abandoned_lock);
+    for (struct hm_segment **link = &empty_pool, *seg; (seg = *link);) {
+        if (now - seg->pooled_ns >= delay_ns) {
+            *link = seg->next;
+            empty_count--;
+            seg->next = old;
+            old = seg;
+        } else {
+            link = &seg->next;
+        }
+    }
+    hm_mutex_unlock(&abandoned_lock);
+    while (old) {
+        struct hm_segment *seg = old;
+        old = seg->next;
+        hm_segment_free(seg);
+    }
 }
 
 /* An empty segment joins the heap's reserve (its pages decay like any free
@@ -809,6 +836,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)
 {
+    empty_pool_decay(hm_clock_ns(), delay_ns);
     hm_abandoned_sweep(HM_SWEEP_PASS, false);
     for (int i = 0; i < HM_TIDY_STEPS; i++)
         if (hm_heaps_tidy_idle_step(NULL, delay_ns, HM_TIDY_STEP) < HM_TIDY_STEP)

@@ -1383,6 +1383,9 @@ void hm_heap_tidy_caches(struct hm_heap *h)
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
 {
     hm_heap_tidy_caches(h);
+    /* Its empty segments have been so for the delay too: they go back
+     * whole (a thread that wakes maps fresh ones). */
+    hm_heap_release_reserve(h, true);
     /* Nothing changed since its owner went idle, the delay ago: its nearly
      * empty spans have been so that long. */
     return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);

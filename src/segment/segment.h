@@ -128,6 +128,7 @@ struct hm_segment {
     bool huge_asked;                /* mapped asking for them (see hm_huge_segments_max) */
     bool on_abandoned;              /* on the abandoned stack (under its lock) */
     uint64_t drained_ns;            /* drained: when it last gave back a span (refill) */
+    uint64_t pooled_ns;             /* in the process pool of empty segments since (refill) */
     /* Large blocks only. */
     char *map_base;
     size_t map_size;
