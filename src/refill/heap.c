@@ -355,13 +355,18 @@ void hm_heap_release_empty_pool(void)
 /* The pool's segments empty for the purge delay go back whole, header
  * and all: their free pages were purged already, but each kept its
  * header's pages and its page-map words (thread_churn's idle RSS with the
- * ACE thread, 1.74 MiB against glibc's 1.69). */
-static void empty_pool_decay(uint64_t now, uint64_t delay_ns)
+ * ACE thread, 1.74 MiB against glibc's 1.69).  The clock is read under
+ * the lock: one read before it could be older than a segment pooled
+ * meanwhile, which would then look pooled for ages. */
+static void empty_pool_decay(uint64_t delay_ns)
 {
+    if (!__atomic_load_n(&empty_pool, __ATOMIC_RELAXED))
+        return;
     struct hm_segment *old = NULL;
     hm_mutex_lock(&abandoned_lock);
+    uint64_t now = hm_clock_ns();
     for (struct hm_segment **link = &empty_pool, *seg; (seg = *link);) {
-        if (now - seg->pooled_ns >= delay_ns) {
+        if (now >= seg->pooled_ns && now - seg->pooled_ns >= delay_ns) {
             *link = seg->next;
             empty_count--;
             seg->next = old;
@@ -608,6 +613,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
     if ((atomic_load_explicit(&global_unfinished, memory_order_relaxed) ||
          (int64_t)(now - last) >= (int64_t)(delay_ns / 4)) &&
         atomic_compare_exchange_strong(&last_global, &last, now)) {
+        empty_pool_decay(delay_ns);         /* at most EMPTY_POOL_MAX unmaps */
         hm_abandoned_sweep(HM_SWEEP_STEP, false);
         done += hm_heaps_tidy_idle_step(h, delay_ns, HM_PURGE_STEP - done);
         size_t step = done < HM_PURGE_STEP ? HM_PURGE_STEP - done : 0;
@@ -836,7 +842,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)
 {
-    empty_pool_decay(hm_clock_ns(), delay_ns);
+    empty_pool_decay(delay_ns);
     hm_abandoned_sweep(HM_SWEEP_PASS, false);
     for (int i = 0; i < HM_TIDY_STEPS; i++)
         if (hm_heaps_tidy_idle_step(NULL, delay_ns, HM_TIDY_STEP) < HM_TIDY_STEP)

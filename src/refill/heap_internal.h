@@ -228,12 +228,16 @@ void hm_abandoned_sweep(unsigned most, bool now);
  * not collected yet (its remote_hint). */
 bool hm_heap_has_remote_frees(const struct hm_heap *h);
 /* An idle heap's tidying, by another thread holding its lock: remote
- * frees to it are collected, its stashes go back to their spans, and its
- * spans at most half full are compacted, within `budget` (as
- * hm_heap_compact_sparse counts it); returns the cost.  Never reads its
+ * frees to it are collected, its stashes go back to their spans, its
+ * empty segments are unmapped, and its spans at most half full are
+ * compacted, within `budget` (as hm_heap_compact_sparse counts it, and
+ * HM_SEGMENT_UNMAP_COST a segment); returns the cost.  Never reads its
  * thread's cache (the thread may be gone: a fork child's heaps of the
  * parent's other threads). */
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget);
+/* A segment unmapped, in a tidying step's budget (bytes of work): about
+ * what a thread's exit costs there. */
+#define HM_SEGMENT_UNMAP_COST ((size_t)16 << 10)
 /* Collects h's remote frees and returns its stashes to their spans. */
 void hm_heap_tidy_caches(struct hm_heap *h);
 /* malloc_trim's share of one heap, under its lock (its owner's or a

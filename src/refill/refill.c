@@ -1383,12 +1383,17 @@ void hm_heap_tidy_caches(struct hm_heap *h)
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
 {
     hm_heap_tidy_caches(h);
-    /* Its empty segments have been so for the delay too: they go back
-     * whole (a thread that wakes maps fresh ones). */
+    /* Its thread made no slow path for the delay: its empty segments go
+     * back whole (a thread that wakes maps fresh ones), each counted in
+     * the step's budget like a thread's exit (256 idle heaps of 4 such
+     * segments held heaps_lock 20 ms in one step, uncounted). */
+    size_t cost = (size_t)h->reserve_count * HM_SEGMENT_UNMAP_COST;
     hm_heap_release_reserve(h, true);
     /* Nothing changed since its owner went idle, the delay ago: its nearly
      * empty spans have been so that long. */
-    return hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget);
+    if (cost >= budget)
+        return cost;
+    return cost + hm_heap_compact_sparse(h, hm_clock_ns(), 0, 1, budget - cost);
 }
 
 /* Each malloc_trim has a generation, newer ones greater (see trim_at). */
