@@ -365,16 +365,20 @@ static void empty_pool_decay(uint64_t delay_ns)
     struct hm_segment *old = NULL;
     hm_mutex_lock(&abandoned_lock);
     uint64_t now = hm_clock_ns();
-    for (struct hm_segment **link = &empty_pool, *seg; (seg = *link);) {
+    struct hm_segment *keep = NULL, **tail = &keep;
+    for (struct hm_segment *seg = empty_pool, *next; seg; seg = next) {
+        next = seg->next;
         if (now >= seg->pooled_ns && now - seg->pooled_ns >= delay_ns) {
-            *link = seg->next;
             empty_count--;
             seg->next = old;
             old = seg;
         } else {
-            link = &seg->next;
+            *tail = seg;
+            tail = &seg->next;
         }
     }
+    *tail = NULL;
+    __atomic_store_n(&empty_pool, keep, __ATOMIC_RELAXED);    /* read unlocked as a hint */
     hm_mutex_unlock(&abandoned_lock);
     while (old) {
         struct hm_segment *seg = old;
