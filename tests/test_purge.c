@@ -786,6 +786,26 @@ static void *idle_owner(void *arg)
     return NULL;
 }
 
+/* Runs fn on a thread of its own, returning once it waits at idle_ready;
+ * end_owner lets it go on past idle_wake and joins it. */
+static pthread_t start_owner(void *(*fn)(void *))
+{
+    pthread_barrier_init(&idle_ready, NULL, 2);
+    pthread_barrier_init(&idle_wake, NULL, 2);
+    pthread_t t;
+    pthread_create(&t, NULL, fn, NULL);
+    pthread_barrier_wait(&idle_ready);
+    return t;
+}
+
+static void end_owner(pthread_t t)
+{
+    pthread_barrier_wait(&idle_wake);
+    pthread_join(t, NULL);
+    pthread_barrier_destroy(&idle_ready);
+    pthread_barrier_destroy(&idle_wake);
+}
+
 static struct hakmem_class_info class_info_of(size_t size)
 {
     struct hakmem_class_info ci = { 0 };
@@ -801,11 +821,7 @@ static void idle_threads_heaps_are_tidied(void **state)
 {
     (void)state;
     hakmem_trim();
-    pthread_barrier_init(&idle_ready, NULL, 2);
-    pthread_barrier_init(&idle_wake, NULL, 2);
-    pthread_t t;
-    pthread_create(&t, NULL, idle_owner, NULL);
-    pthread_barrier_wait(&idle_ready);
+    pthread_t t = start_owner(idle_owner);
     long sparse = rss_kb();
     struct hakmem_class_info small0 = class_info_of(IDLE_SIZE);
     struct hakmem_class_info stash0 = class_info_of(STASH_SIZE);
@@ -836,10 +852,7 @@ static void idle_threads_heaps_are_tidied(void **state)
     assert_true(stash1.blocks_cached < stash0.blocks_cached);
     if (HM_RSS_MEANINGFUL)
         assert_true(sparse - tidied > 8 * 1024);    /* of 22 MiB in 112 B blocks */
-    pthread_barrier_wait(&idle_wake);
-    pthread_join(t, NULL);
-    pthread_barrier_destroy(&idle_ready);
-    pthread_barrier_destroy(&idle_wake);
+    end_owner(t);
 }
 
 /* Empty segments go back whole, header and all, once empty for the purge
@@ -876,11 +889,7 @@ static void empty_segments_go_back_whole_after_the_delay(void **state)
     hm_heaps_tidy_idle(0);
     slow_path_activity();   /* this thread's spans for the loop below, kept in its cache */
     uint64_t before = segments_now();
-    pthread_barrier_init(&idle_ready, NULL, 2);
-    pthread_barrier_init(&idle_wake, NULL, 2);
-    pthread_t t;
-    pthread_create(&t, NULL, reserve_owner, NULL);
-    pthread_barrier_wait(&idle_ready);
+    pthread_t t = start_owner(reserve_owner);
     uint64_t held = segments_now();
     assert_true(held > before);
     hm_heaps_tidy_idle(UINT64_MAX);         /* not empty that long */
@@ -889,20 +898,10 @@ static void empty_segments_go_back_whole_after_the_delay(void **state)
     hm_heaps_tidy_idle(0);                  /* sees the heap idle */
     hm_heaps_tidy_idle(0);                  /* tidies it: its reserve goes */
     assert_int_equal(segments_now(), before);
-    pthread_barrier_wait(&idle_wake);
-    pthread_join(t, NULL);
-    pthread_barrier_destroy(&idle_ready);
-    pthread_barrier_destroy(&idle_wake);
+    end_owner(t);
 
     /* An exited thread's empty segments wait in the pool, then go. */
-    pthread_barrier_init(&idle_ready, NULL, 2);
-    pthread_barrier_init(&idle_wake, NULL, 2);
-    pthread_create(&t, NULL, reserve_owner, NULL);
-    pthread_barrier_wait(&idle_ready);
-    pthread_barrier_wait(&idle_wake);
-    pthread_join(t, NULL);
-    pthread_barrier_destroy(&idle_ready);
-    pthread_barrier_destroy(&idle_wake);
+    end_owner(start_owner(reserve_owner));
     assert_true(segments_now() > before);   /* the pool's */
     hm_heaps_tidy_idle(UINT64_MAX);
     assert_true(segments_now() > before);
@@ -922,14 +921,10 @@ static void trim_reaches_other_threads_heaps(void **state)
 {
     (void)state;
     hakmem_trim();
-    pthread_barrier_init(&idle_ready, NULL, 2);
-    pthread_barrier_init(&idle_wake, NULL, 2);
     /* Counted from before the owner's frees, as in the test above. */
     struct hakmem_stats s0, s1;
     hakmem_stats(&s0);
-    pthread_t t;
-    pthread_create(&t, NULL, idle_owner, NULL);
-    pthread_barrier_wait(&idle_ready);
+    pthread_t t = start_owner(idle_owner);
     long sparse = rss_kb();
     unsigned long long cached0 = class_info_of(STASH_SIZE).blocks_cached;
     hakmem_trim();
@@ -944,10 +939,7 @@ static void trim_reaches_other_threads_heaps(void **state)
     assert_true(cached1 < cached0);             /* the stash went back; the bin stays */
     if (HM_RSS_MEANINGFUL)
         assert_true(sparse - trimmed > 11 * 1024);
-    pthread_barrier_wait(&idle_wake);
-    pthread_join(t, NULL);
-    pthread_barrier_destroy(&idle_ready);
-    pthread_barrier_destroy(&idle_wake);
+    end_owner(t);
 }
 
 int main(void)

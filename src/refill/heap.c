@@ -345,13 +345,6 @@ static struct hm_segment *empty_pool_take(void)
     return seg;
 }
 
-void hm_heap_release_empty_pool(void)
-{
-    struct hm_segment *seg;
-    while ((seg = empty_pool_take()))
-        hm_segment_free(seg);
-}
-
 /* The pool's segments empty for the purge delay go back whole, header
  * and all: their free pages were purged already, but each kept its
  * header's pages and its page-map words (thread_churn's idle RSS with the
@@ -842,6 +835,11 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
         laps += !cut;
         nap_ns(HM_TRIM_NAP_NS);
     }
+}
+
+void hm_heap_release_empty_pool(void)
+{
+    empty_pool_decay(0);
 }
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)

@@ -78,6 +78,32 @@ static bool cache_serves(const struct hm_segment *seg, size_t alignment)
     return !header_in_granule(seg->alignment) && (uintptr_t)seg->user % alignment == 0;
 }
 
+/* Under the lock: the index of the smallest (or the largest) cached
+ * block of `lo` to `hi` bytes that can take the alignment, passing over
+ * blocks found sparse when asked to; -1: none. */
+static int cache_find(size_t lo, size_t hi, size_t alignment, bool largest, bool filled)
+{
+    int best = -1;
+    for (unsigned i = 0; i < cache_count; i++) {
+        size_t have = cache[i].seg->map_size;
+        if (have < lo || have > hi || (filled && cache[i].sparse) ||
+            !cache_serves(cache[i].seg, alignment))
+            continue;
+        if (best < 0 || (largest ? have > cache[best].seg->map_size
+                                 : have < cache[best].seg->map_size))
+            best = (int)i;
+    }
+    return best;
+}
+
+/* Takes cache[i] out (under the lock). */
+static struct hm_segment *cache_take_at(int i)
+{
+    struct hm_segment *seg = cache[i].seg;
+    cache_remove_at((unsigned)i);
+    return seg;
+}
+
 /* The smallest cached block that fits, if it is at most `most` times the
  * size: its pages are already faulted in, which is most of what a fresh
  * mapping costs; the untouched rest only costs address space. */
@@ -86,18 +112,9 @@ static struct hm_segment *cache_take(size_t map_size, size_t alignment, size_t m
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return NULL;
     hm_mutex_lock(&cache_lock);
-    int best = -1;
-    for (unsigned i = 0; i < cache_count; i++) {
-        size_t have = cache[i].seg->map_size;
-        if (have >= map_size && have / most <= map_size && cache_serves(cache[i].seg, alignment) &&
-            (best < 0 || have < cache[best].seg->map_size))
-            best = (int)i;
-    }
-    struct hm_segment *seg = NULL;
-    if (best >= 0) {
-        seg = cache[best].seg;
-        cache_remove_at((unsigned)best);
-    }
+    size_t hi = map_size < SIZE_MAX / most ? map_size * most + most - 1 : SIZE_MAX;   /* have / most <= map_size */
+    int best = cache_find(map_size, hi, alignment, false, false);
+    struct hm_segment *seg = best >= 0 ? cache_take_at(best) : NULL;
     hm_mutex_unlock(&cache_lock);
     return seg;
 }
@@ -137,26 +154,17 @@ static bool mostly_resident(const struct hm_segment *seg)
  * found sparse is never asked again.  (Where the kernel backs every
  * mapping with huge pages, a block touched here and there is resident in
  * 2 MiB pieces, so it is grown: that costs no more memory.) */
-static struct hm_segment *cache_take_filled_shorter(size_t map_size)
+static struct hm_segment *cache_take_filled_shorter(size_t map_size, size_t alignment)
 {
     if (!__atomic_load_n(&cache_count, __ATOMIC_RELAXED))
         return NULL;
     hm_mutex_lock(&cache_lock);
-    int best = -1;
-    for (unsigned i = 0; i < cache_count; i++) {
-        size_t have = cache[i].seg->map_size;
-        if (have < map_size && have >= map_size - map_size / 8 && !cache[i].sparse &&
-            header_in_granule(cache[i].seg->alignment) &&
-            (best < 0 || have > cache[best].seg->map_size))
-            best = (int)i;
-    }
+    int best = cache_find(map_size - map_size / 8, map_size - 1, alignment, true, true);
     struct hm_segment *seg = NULL;
     if (best >= 0) {
         cache[best].sparse = !mostly_resident(cache[best].seg);
-        if (!cache[best].sparse) {
-            seg = cache[best].seg;
-            cache_remove_at((unsigned)best);
-        }
+        if (!cache[best].sparse)
+            seg = cache_take_at(best);
     }
     hm_mutex_unlock(&cache_lock);
     return seg;
@@ -342,7 +350,7 @@ void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed)
         *zeroed = false;
         return large_revive(cached, offset, alignment);
     }
-    if (header_in_granule(alignment) && (cached = cache_take_filled_shorter(map_size))) {
+    if (header_in_granule(alignment) && (cached = cache_take_filled_shorter(map_size, alignment))) {
         large_revive(cached, offset, alignment);
         void *p = large_grow(cached, offset, map_size);
         if (p) {
