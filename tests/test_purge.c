@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "hakmem.h"
+#include "hot/hot.h"
 #include "refill/heap_internal.h"
 
 enum { BLOCKS = 50 * 1024, BLOCK = 1000 };   /* about 50 MiB */
@@ -914,6 +915,128 @@ static void empty_segments_go_back_whole_after_the_delay(void **state)
     assert_int_equal(segments_now(), before);
 }
 
+/* Exited threads' heaps: kept resident for the next threads for the
+ * purge delay, then their pages go back (a server whose 500 threads
+ * ended kept 10 MiB of them), and a later thread reuses one, zero as a
+ * new heap. */
+enum { EXITING = 8 };
+static struct hm_heap *exited_heaps[EXITING];
+
+static pthread_barrier_t all_started;
+
+/* Blocks of many classes, freed: the heap's counters and a stash or two
+ * get touched, as a real thread's would. */
+static void use_heap(void)
+{
+    void *p[64];
+    for (int round = 0; round < 4; round++) {
+        for (int i = 0; i < 64; i++)
+            p[i] = hakmem_malloc(16 + 200 * (size_t)i);
+        for (int i = 0; i < 64; i++)
+            hakmem_free(p[i]);
+    }
+}
+
+static void *use_heap_and_exit(void *arg)
+{
+    use_heap();
+    *(struct hm_heap **)arg = hm_tcache_self()->heap;
+    pthread_barrier_wait(&all_started);     /* all alive at once: a heap each */
+    return NULL;
+}
+
+static void exit_threads(void)
+{
+    pthread_t t[EXITING];
+    pthread_barrier_init(&all_started, NULL, EXITING);
+    for (int i = 0; i < EXITING; i++)
+        pthread_create(&t[i], NULL, use_heap_and_exit, &exited_heaps[i]);
+    for (int i = 0; i < EXITING; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&all_started);
+}
+
+static void *reuse_heap(void *arg)
+{
+    use_heap();
+    *(struct hm_heap **)arg = hm_tcache_self()->heap;
+    return NULL;
+}
+
+static size_t heap_bytes(void)
+{
+    return hm_round_up(sizeof(struct hm_heap), HM_HEAP_ALIGN);
+}
+
+static unsigned heap_pages_resident(const struct hm_heap *h)
+{
+    unsigned char vec[64];
+    size_t pages = heap_bytes() / 4096;
+    assert_true(pages <= sizeof vec);
+    assert_int_equal(mincore((void *)h, heap_bytes(), vec), 0);
+    unsigned n = 0;
+    for (size_t i = 0; i < pages; i++)
+        n += vec[i] & 1;
+    return n;
+}
+
+static struct hm_heap_counters heap_counters(void)
+{
+    struct hm_heap_counters c;
+    hm_heap_counters(&c);
+    return c;
+}
+
+static void exited_threads_heaps_go_back_after_the_delay(void **state)
+{
+    (void)state;
+    hakmem_trim();                          /* earlier tests' free heaps */
+    assert_int_equal(heap_counters().heaps_free, 0);
+    exit_threads();
+    struct hm_heap_counters c = heap_counters();
+    assert_int_equal(c.heaps_free, EXITING);
+    for (int i = 0; i < EXITING; i++)
+        assert_true(heap_pages_resident(exited_heaps[i]) > 0);
+    hm_heaps_tidy_idle(UINT64_MAX);         /* not free that long */
+    assert_int_equal(heap_counters().heaps_free, EXITING);
+    assert_true(heap_pages_resident(exited_heaps[0]) > 0);
+    hm_heaps_tidy_idle(0);
+    assert_int_equal(heap_counters().heaps_free, 0);
+    assert_int_equal(heap_counters().heaps_released, c.heaps_released + EXITING);
+    for (int i = 0; i < EXITING; i++)
+        assert_int_equal(heap_pages_resident(exited_heaps[i]), 0);
+
+    /* The next thread reuses the last heap released, zero as a new one
+     * (its stash counts read as zero: it works). */
+    struct hm_heap *reused = NULL;
+    pthread_t t;
+    pthread_create(&t, NULL, reuse_heap, &reused);
+    pthread_join(t, NULL);
+    c = heap_counters();
+    assert_int_equal(c.heaps_free, 1);
+    bool among = false;
+    for (int i = 0; i < EXITING; i++)
+        among |= reused == exited_heaps[i];
+    assert_true(among);
+
+    /* Without the ACE thread, this thread's slow paths release them
+     * (HAKMEM_PURGE_DELAY_MS=50 here). */
+    exit_threads();
+    assert_true(heap_counters().heaps_free > 0);
+    for (int i = 0; i < 100 && heap_counters().heaps_free; i++) {
+        slow_path_activity();
+        nap_ms(20);
+    }
+    assert_int_equal(heap_counters().heaps_free, 0);
+    assert_int_equal(heap_pages_resident(exited_heaps[0]), 0);
+
+    /* malloc_trim releases them at once. */
+    exit_threads();
+    assert_true(heap_counters().heaps_free > 0);
+    hakmem_trim();
+    assert_int_equal(heap_counters().heaps_free, 0);
+}
+
 /* malloc_trim reaches the heaps of the other threads too (those not in a
  * slow path at that moment): their stashes and the free pages of their
  * spans go back as its own do. */
@@ -962,6 +1085,7 @@ int main(void)
         cmocka_unit_test(a_slow_paths_sweep_is_bounded),
         cmocka_unit_test(idle_threads_heaps_are_tidied),
         cmocka_unit_test(empty_segments_go_back_whole_after_the_delay),
+        cmocka_unit_test(exited_threads_heaps_go_back_after_the_delay),
         cmocka_unit_test(trim_gives_back_free_pages_of_pinned_spans),
         cmocka_unit_test(trim_reaches_other_threads_heaps),
         cmocka_unit_test(double_free_of_a_hole_aborts),

@@ -111,6 +111,9 @@ void hakmem_stats_print(int fd)
     field(&l, "heaps_tidied", h.heaps_tidied);
     /* Heaps exited for threads gone without exiting them (see orphan_exit). */
     field(&l, "orphaned", h.heaps_orphaned);
+    /* Exited threads' heaps kept for reuse: resident, and given back. */
+    field(&l, "heaps_free", h.heaps_free);
+    field(&l, "heaps_released", h.heaps_released);
     /* Segments of exited threads emptied by others' frees, given back
      * without adoption (see hm_abandoned_sweep). */
     field(&l, "swept", h.segments_swept);

@@ -18,12 +18,24 @@
 
 /* Heaps live in chunks of memory mapped for them and are recycled, never
  * unmapped: a heap id must not be reused while a span still names it, and
- * exit abandons every span before the heap goes back to the pool. */
+ * exit abandons every span before the heap goes back to the pool.  A
+ * remote free may still store into a heap whose thread is gone (see
+ * hint_owner), so its memory stays mapped for good. */
 #define HEAP_CHUNK (256 * 1024)
+#define HEAP_BYTES hm_round_up(sizeof(struct hm_heap), HM_HEAP_ALIGN)
 
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct hm_heap *heaps_live;
-static struct hm_heap *heaps_free;
+/* Exited threads' heaps for the next threads, most recently exited first
+ * (linked through next_free and prev_free).  Those free for the purge
+ * delay give their pages back and wait in heaps_released instead (see
+ * heaps_free_decay): a server whose 500 threads ended kept 10 MiB of
+ * their heaps.  All under heaps_lock. */
+static struct hm_heap *heaps_free, *heaps_free_last;
+static uint64_t heaps_free_count;
+#define HEAPS_RELEASED_MAX 4096
+static struct hm_heap *heaps_released[HEAPS_RELEASED_MAX];
+static unsigned heaps_released_count;
 static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
 static uint64_t heaps_tidied;             /* under heaps_lock */
@@ -112,13 +124,67 @@ static void lock_backoff(unsigned spins)
         nap_ns(20000);
 }
 
+static void free_unlink(struct hm_heap *h)
+{
+    if (h->prev_free)
+        h->prev_free->next_free = h->next_free;
+    else
+        heaps_free = h->next_free;
+    if (h->next_free)
+        h->next_free->prev_free = h->prev_free;
+    else
+        heaps_free_last = h->prev_free;
+    heaps_free_count--;
+}
+
+static void free_push(struct hm_heap *h)
+{
+    h->freed_ns = hm_clock_ns();
+    h->prev_free = NULL;
+    h->next_free = heaps_free;
+    if (heaps_free)
+        heaps_free->prev_free = h;
+    else
+        heaps_free_last = h;
+    heaps_free = h;
+    heaps_free_count++;
+}
+
+/* Heaps free for the delay give their pages back, the longest free
+ * first, within `budget` (HEAP_RELEASE_COST each: a system call, about 2
+ * us); returns the cost.  Their memory then reads as zero, as a new
+ * heap's: a stash's count is zero, which it was at the exit anyway.  A
+ * remote free's late hint (see hint_owner) may fault one page back in.
+ * Under heaps_lock. */
+#define HEAP_RELEASE_COST ((size_t)8 << 10)
+
+static size_t heaps_free_decay(uint64_t delay_ns, size_t budget)
+{
+    size_t done = 0;
+    uint64_t now = hm_clock_ns();
+    while (done < budget && heaps_released_count < HEAPS_RELEASED_MAX) {
+        struct hm_heap *h = heaps_free_last;
+        if (!h || now < h->freed_ns || now - h->freed_ns < delay_ns)
+            break;
+        free_unlink(h);
+        madvise(h, HEAP_BYTES, MADV_DONTNEED);
+        heaps_released[heaps_released_count++] = h;
+        done += HEAP_RELEASE_COST;
+    }
+    return done;
+}
+
+/* A free heap still resident first, then one whose pages went back (as
+ * cheap as a new one, and no new address space), then a new one. */
 static struct hm_heap *heap_take(void)
 {
     struct hm_heap *h = heaps_free;
     if (h) {
-        heaps_free = h->next_free;
+        free_unlink(h);
         return h;
     }
+    if (heaps_released_count)
+        return heaps_released[--heaps_released_count];
     if (heap_chunk_next + sizeof *h > heap_chunk_end) {
         char *c = mmap(NULL, HEAP_CHUNK, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -130,7 +196,7 @@ static struct hm_heap *heap_take(void)
     h = (struct hm_heap *)heap_chunk_next;
     /* Heap ids (addresses) are multiples of HM_HEAP_ALIGN: page-map tags
      * carry a bin offset in the low bits. */
-    heap_chunk_next += hm_round_up(sizeof *h, HM_HEAP_ALIGN);
+    heap_chunk_next += HEAP_BYTES;
     return h;
 }
 
@@ -738,6 +804,8 @@ size_t hm_heaps_tidy_idle_step(struct hm_heap *self, uint64_t delay_ns, size_t b
 {
     hm_mutex_lock(&heaps_lock);
     size_t done = give_up_forked(budget);
+    if (done < budget)
+        done += heaps_free_decay(delay_ns, budget - done);
     for (struct hm_heap *h = heaps_live, *next; h && done < budget; h = next) {
         next = h->next_live;
         if (h == self || !hm_heap_trylock(h))
@@ -837,9 +905,20 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
     }
 }
 
-void hm_heap_release_empty_pool(void)
+/* In steps of at most a tidying step's cost, heaps_lock let go between
+ * them: 4000 heaps at once would hold it 10 ms. */
+bool hm_heap_release_unused(void)
 {
     empty_pool_decay(0);
+    bool any = false;
+    for (;;) {
+        hm_mutex_lock(&heaps_lock);
+        size_t done = heaps_free_decay(0, HM_TIDY_STEP);
+        hm_mutex_unlock(&heaps_lock);
+        any |= done > 0;
+        if (done < HM_TIDY_STEP)
+            return any;
+    }
 }
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)
@@ -1116,9 +1195,9 @@ static void heap_retire(struct hm_heap *h)
         heaps_live = h->next_live;
     if (h->next_live)
         h->next_live->prev_live = h->prev_live;
-    h->next_free = heaps_free;
-    heaps_free = h;
+    free_push(h);
 }
+
 
 /* Gives back what the thread holds: its bins' blocks to their spans, then
  * the rest (give_up_all). */
@@ -1201,6 +1280,8 @@ void hm_heap_counters(struct hm_heap_counters *out)
     out->threads_exited = threads_exited;
     out->heaps_tidied = heaps_tidied;
     out->heaps_orphaned = heaps_orphaned;
+    out->heaps_free = heaps_free_count;
+    out->heaps_released = heaps_released_count;
     hm_mutex_unlock(&heaps_lock);
     hm_mutex_lock(&abandoned_lock);
     out->segments_abandoned = segments_abandoned;

@@ -81,7 +81,9 @@ struct hm_heap {
     unsigned reserve_count;
     unsigned segments_taken;                /* fresh ones (not of exited threads), ever */
     struct hm_heap *next_live, *prev_live;  /* registry (under heaps_lock) */
-    struct hm_heap *next_free;
+    /* Free heaps' list (see heaps_free), and since when this one is on it. */
+    struct hm_heap *next_free, *prev_free;
+    uint64_t freed_ns;
     uint32_t slow_path_ticks;               /* refills, page blocks, flushes: pace periodic work */
     bool purge_behind;                      /* the last purge step ran out */
     uint64_t compacted_ns;                  /* last pass over nearly empty spans */
@@ -197,7 +199,10 @@ unsigned hm_heap_purge_interval(const struct hm_heap *h);
 uint64_t hm_heap_live_count(void);
 /* The heap's empty segments go to the process pool, or (unmap) to the OS. */
 void hm_heap_release_reserve(struct hm_heap *h, bool unmap);
-void hm_heap_release_empty_pool(void);
+/* malloc_trim's: the process pool's empty segments, and the pages of the
+ * exited threads' heaps kept for reuse, go back now; true when any heap's
+ * did (the segments show in the bytes mapped). */
+bool hm_heap_release_unused(void);
 
 /* A segment's room, which orders its heap's list (see list_insert): 2
  * with two free pages or more, 1 with one, 0 full. */

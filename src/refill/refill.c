@@ -1641,8 +1641,8 @@ bool hm_trim(struct hm_tcache *tc)
     trim_exited_bins();
     hm_heaps_trim_others(h, gen);
     hm_abandoned_sweep(UINT_MAX, true);
-    hm_heap_release_empty_pool();
+    bool released = hm_heap_release_unused();
     size_t purged = hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
-    return purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
+    return released || purged > 0 || atomic_load_explicit(&hm_segment_counters.bytes_mapped,
                                               memory_order_relaxed) < before;
 }

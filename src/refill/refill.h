@@ -177,6 +177,9 @@ struct hm_heap_counters {
     uint64_t segments_swept;        /* abandoned ones emptied and given back by a sweep */
     uint64_t heaps_tidied;          /* tidies of idle threads' heaps, ever */
     uint64_t heaps_orphaned;        /* heaps exited for a thread gone without exiting them */
+    /* Exited threads' heaps kept for the next threads: resident, and
+     * those whose pages went back after the purge delay. */
+    uint64_t heaps_free, heaps_released;
 };
 void hm_heap_counters(struct hm_heap_counters *out);
 
