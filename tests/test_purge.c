@@ -1006,8 +1006,8 @@ static void exited_threads_heaps_go_back_after_the_delay(void **state)
     for (int i = 0; i < EXITING; i++)
         assert_int_equal(heap_pages_resident(exited_heaps[i]), 0);
 
-    /* The next thread reuses the last heap released, zero as a new one
-     * (its stash counts read as zero: it works). */
+    /* The next thread reuses a released heap, zero as a new one (its
+     * stash counts read as zero: it works). */
     struct hm_heap *reused = NULL;
     pthread_t t;
     pthread_create(&t, NULL, reuse_heap, &reused);
@@ -1018,23 +1018,35 @@ static void exited_threads_heaps_go_back_after_the_delay(void **state)
     for (int i = 0; i < EXITING; i++)
         among |= reused == exited_heaps[i];
     assert_true(among);
+    assert_true(heap_pages_resident(reused) > 0);
+    /* A free heap still resident goes before a released one. */
+    struct hm_heap *again = NULL;
+    pthread_create(&t, NULL, reuse_heap, &again);
+    pthread_join(t, NULL);
+    assert_ptr_equal(again, reused);
+    assert_int_equal(heap_counters().heaps_released, c.heaps_released);
 
     /* Without the ACE thread, this thread's slow paths release them
      * (HAKMEM_PURGE_DELAY_MS=50 here). */
     exit_threads();
-    assert_true(heap_counters().heaps_free > 0);
+    assert_int_equal(heap_counters().heaps_free, EXITING);
     for (int i = 0; i < 100 && heap_counters().heaps_free; i++) {
         slow_path_activity();
         nap_ms(20);
     }
     assert_int_equal(heap_counters().heaps_free, 0);
-    assert_int_equal(heap_pages_resident(exited_heaps[0]), 0);
+    for (int i = 0; i < EXITING; i++)
+        assert_int_equal(heap_pages_resident(exited_heaps[i]), 0);
 
-    /* malloc_trim releases them at once. */
+    /* malloc_trim releases them at once, and says it gave memory back. */
     exit_threads();
-    assert_true(heap_counters().heaps_free > 0);
-    hakmem_trim();
+    c = heap_counters();
+    assert_int_equal(c.heaps_free, EXITING);
+    assert_int_equal(hakmem_trim(), 1);
     assert_int_equal(heap_counters().heaps_free, 0);
+    assert_int_equal(heap_counters().heaps_released, c.heaps_released + EXITING);
+    for (int i = 0; i < EXITING; i++)
+        assert_int_equal(heap_pages_resident(exited_heaps[i]), 0);
 }
 
 /* malloc_trim reaches the heaps of the other threads too (those not in a

@@ -126,6 +126,9 @@ void hakmem_stats_print(int fd)
     struct hm_ace_counters ac;
     hm_ace_counters(&ac);
     hm_line_str(&l, ac.running ? " ace=running" : hm_ace_on ? " ace=not_running" : " ace=off");
+    /* Events the ACE thread drained, and those a full ring dropped. */
+    field(&l, "ace_events", ac.events);
+    field(&l, "ace_drops", ac.drops);
     hm_line_str(&l, "\n");
     hm_line_write(&l, fd);
 }

@@ -36,6 +36,7 @@ static uint64_t heaps_free_count;
 #define HEAPS_RELEASED_MAX 4096
 static struct hm_heap *heaps_released[HEAPS_RELEASED_MAX];
 static unsigned heaps_released_count;
+static uint64_t heaps_released_ever;
 static char *heap_chunk_next, *heap_chunk_end;
 static uint64_t threads_exited;
 static uint64_t heaps_tidied;             /* under heaps_lock */
@@ -151,13 +152,13 @@ static void free_push(struct hm_heap *h)
 }
 
 /* Heaps free for the delay give their pages back, the longest free
- * first, within `budget` (HEAP_RELEASE_COST each: a system call, about 2
- * us); returns the cost.  Their memory then reads as zero, as a new
- * heap's: a stash's count is zero, which it was at the exit anyway.  A
- * remote free's late hint (see hint_owner) may fault one page back in.
- * Under heaps_lock. */
-#define HEAP_RELEASE_COST ((size_t)8 << 10)
-
+ * first, within `budget`, in which each counts its bytes given back, as a
+ * purge counts them (a system call of 2.5-5 us); returns the cost.  Their
+ * memory then reads as zero, as a new heap's: a stash's count is zero,
+ * which it was at the exit anyway.  A remote free's late hint (see
+ * hint_owner) may fault one page back in.  A heap the OS would not give
+ * back (locked memory) stays on the list, as if freed now.  Under
+ * heaps_lock, as the tidying steps that call it are. */
 static size_t heaps_free_decay(uint64_t delay_ns, size_t budget)
 {
     size_t done = 0;
@@ -167,9 +168,13 @@ static size_t heaps_free_decay(uint64_t delay_ns, size_t budget)
         if (!h || now < h->freed_ns || now - h->freed_ns < delay_ns)
             break;
         free_unlink(h);
-        madvise(h, HEAP_BYTES, MADV_DONTNEED);
+        done += HEAP_BYTES;
+        if (madvise(h, HEAP_BYTES, MADV_DONTNEED) != 0) {
+            free_push(h);
+            break;
+        }
         heaps_released[heaps_released_count++] = h;
-        done += HEAP_RELEASE_COST;
+        heaps_released_ever++;
     }
     return done;
 }
@@ -763,6 +768,7 @@ static size_t give_up_forked(size_t budget)
         struct hm_heap *h = heaps_forked;
         heaps_forked = h->next_free;
         give_up_all(h);
+        madvise(h, HEAP_BYTES, MADV_DONTNEED);     /* never reused: see above */
         done += HM_ORPHAN_COST;
     }
     return done;
@@ -910,15 +916,22 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
 bool hm_heap_release_unused(void)
 {
     empty_pool_decay(0);
-    bool any = false;
-    for (;;) {
+    hm_mutex_lock(&heaps_lock);
+    uint64_t before = heaps_released_ever, steps = heaps_free_count * HEAP_BYTES / HM_TIDY_STEP;
+    hm_mutex_unlock(&heaps_lock);
+    /* As many steps as the heaps free now take: threads that keep
+     * exiting meanwhile do not keep the trim going. */
+    for (uint64_t i = 0; i <= steps; i++) {
         hm_mutex_lock(&heaps_lock);
         size_t done = heaps_free_decay(0, HM_TIDY_STEP);
         hm_mutex_unlock(&heaps_lock);
-        any |= done > 0;
         if (done < HM_TIDY_STEP)
-            return any;
+            break;
     }
+    hm_mutex_lock(&heaps_lock);
+    bool any = heaps_released_ever != before;
+    hm_mutex_unlock(&heaps_lock);
+    return any;
 }
 
 void hm_heaps_tidy_idle(uint64_t delay_ns)
@@ -1197,7 +1210,6 @@ static void heap_retire(struct hm_heap *h)
         h->next_live->prev_live = h->prev_live;
     free_push(h);
 }
-
 
 /* Gives back what the thread holds: its bins' blocks to their spans, then
  * the rest (give_up_all). */
