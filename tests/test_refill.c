@@ -232,20 +232,20 @@ static void refill_count_next_refill_only(void **state)
         hakmem_free(blocks[i]);
 }
 
-/* Twice the batch, widened by up to 64 KiB of blocks (at most the stash's
- * room: 16 blocks up to 16 KiB, 256 KiB above) while a flush (the cap's
- * newer half and one) still fits in the stash. */
+/* Twice the batch, widened by up to 512 KiB of blocks (at most the
+ * stash's room: 16 blocks up to 64 KiB, 1 MiB above) while a flush (the
+ * cap's newer half and one) still fits in the stash. */
 static void bin_caps_widen_by_the_stash(void **state)
 {
     (void)state;
     struct { size_t size; uint32_t want, got; int32_t cap; } cases[] = {
         { 4096, 2, 2, 4 + 16 },         /* room 16: up to 30 */
-        { 8192, 2, 2, 4 + 8 },          /* 64 KiB more */
-        { 8192, 2, 5, 7 + 8 },          /* after a whole free list */
+        { 8192, 2, 2, 4 + 16 },
+        { 8192, 2, 5, 7 + 16 },         /* after a whole free list */
         { 2048, 8, 8, 30 },             /* a flush of 16 fills the stash */
-        { 32768, 2, 2, 6 },             /* room 8: up to 14 */
-        { 65536, 2, 2, 5 },             /* room 4: up to 6 */
-        { 131072, 2, 2, 4 },            /* room 2: no wider */
+        { 32768, 2, 2, 4 + 16 },        /* 512 KiB more */
+        { 65536, 2, 2, 4 + 8 },
+        { 131072, 2, 2, 4 + 4 },        /* room 8: up to 14 */
         { 512, 16, 16, 32 },            /* 32 is already wider than 30 */
         { 64, 64, 64, 128 },
         { 64, 5, 5, 26 },
