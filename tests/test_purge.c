@@ -405,8 +405,9 @@ static uint64_t cached_bytes(void)
     return bytes;
 }
 
-/* Blocks that fill each class's bin (twice its refill count), read before
- * any thread fills: reports read other threads' counters racily. */
+/* Blocks that fill each class's bin past its cap (a stash class's
+ * overflow then fills its stash too), read before any thread fills:
+ * reports read other threads' counters racily. */
 static unsigned fill_count[256], fill_size[256];
 
 static void plan_fill(void)
@@ -414,7 +415,8 @@ static void plan_fill(void)
     for (unsigned c = 0; c < hakmem_class_count(); c++) {
         struct hakmem_class_info ci;
         hakmem_class_info(c, &ci);
-        fill_count[c] = 2 * ci.refill_count < 256 ? 2 * ci.refill_count : 256;
+        unsigned n = (unsigned)hm_bin_cap(c, ci.refill_count, ci.refill_count) + 2;
+        fill_count[c] = n < 256 ? n : 256;
         fill_size[c] = ci.block_size;
     }
 }

@@ -256,6 +256,53 @@ static void bin_caps_widen_by_the_stash(void **state)
     assert_int_equal(hm_bin_cap(HM_PAGES_CLASS, 1, 1), 2);
 }
 
+/* The widening and the stash's room shrink with the thread's share of
+ * HAKMEM_TCACHE_MAX_KB (32 MiB here), below 24 MiB a thread, down to 64
+ * KiB and 256 KiB. */
+static pthread_barrier_t sharers_ready, sharers_done;
+
+static void *share_the_budget(void *arg)
+{
+    (void)arg;
+    hakmem_free(hakmem_malloc(16));         /* a heap: it counts as live */
+    pthread_barrier_wait(&sharers_ready);
+    pthread_barrier_wait(&sharers_done);
+    return NULL;
+}
+
+static void caps_with_live_threads(unsigned others, int32_t cap64k, int32_t cap128k, int32_t cap32k)
+{
+    pthread_t t[8];
+    pthread_barrier_init(&sharers_ready, NULL, others + 1);
+    pthread_barrier_init(&sharers_done, NULL, others + 1);
+    for (unsigned i = 0; i < others; i++)
+        pthread_create(&t[i], NULL, share_the_budget, NULL);
+    pthread_barrier_wait(&sharers_ready);
+    assert_int_equal(hm_bin_cap(hm_size_class(65536), 2, 2), cap64k);
+    assert_int_equal(hm_bin_cap(hm_size_class(131072), 2, 2), cap128k);
+    assert_int_equal(hm_bin_cap(hm_size_class(32768), 2, 2), cap32k);
+    pthread_barrier_wait(&sharers_done);
+    for (unsigned i = 0; i < others; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&sharers_ready);
+    pthread_barrier_destroy(&sharers_done);
+}
+
+static void bin_caps_shrink_with_the_share(void **state)
+{
+    (void)state;
+    hakmem_free(hakmem_malloc(16));
+    assert_int_equal(hm_heap_live_count(), 1);
+    caps_with_live_threads(0, 4 + 8, 4 + 4, 4 + 16);
+    /* 16 MiB each: a 683 KiB stash (10 blocks of 64 KiB, 5 of 128 KiB),
+     * 341 KiB more in a bin. */
+    caps_with_live_threads(1, 4 + 5, 4 + 2, 4 + 10);
+    /* 6.4 MiB each: 273 KiB and 137 KiB. */
+    caps_with_live_threads(4, 6, 4, 4 + 4);
+    /* 4 MiB each: the stash at its least, 256 KiB; 85 KiB more in a bin. */
+    caps_with_live_threads(7, 5, 4, 6);
+}
+
 static void bins_flush_past_their_cap(void **state)
 {
     (void)state;
@@ -1202,6 +1249,7 @@ int main(void)
         cmocka_unit_test(refills_carve_a_page_at_most),
         cmocka_unit_test(refill_count_next_refill_only),
         cmocka_unit_test(bin_caps_widen_by_the_stash),
+        cmocka_unit_test(bin_caps_shrink_with_the_share),
         cmocka_unit_test(bins_flush_past_their_cap),
         cmocka_unit_test(short_free_lists_go_whole),
         cmocka_unit_test(medium_flushes_go_to_the_stash),

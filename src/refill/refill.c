@@ -25,9 +25,9 @@ uintptr_t hm_free_key;
  * ones few; a short-lived thread does not carve much it will not use.  A
  * class refilled often learns a bigger batch with ACE.  The learner may
  * move a count within [min, max]; max caps a batch at 64 KiB (and so a
- * bin at 128 KiB per class, or 192 KiB for a bin widened by its stash:
- * see hm_bin_cap), so learning cannot trade much memory for fewer
- * refills. */
+ * bin at 128 KiB per class, up to 512 KiB more for a bin widened by its
+ * stash, whatever the count: see hm_bin_cap), so learning cannot trade
+ * much memory for fewer refills. */
 static _Atomic uint32_t refill_count[HM_NUM_CLASSES];
 
 static uint32_t clamp_u32(uint64_t v, uint32_t lo, uint32_t hi)
@@ -1168,9 +1168,32 @@ static void count_flushed(struct hm_heap *h, unsigned cls, uint32_t n)
  * 16 KiB had too little room to widen their bins (below). */
 #define HM_STASH_BYTES (1024u << 10)
 
+/* The stashes' bytes and the bins' widening (below) in full while a
+ * thread's share of HAKMEM_TCACHE_MAX_KB is at least HM_WIDE_SHARE (then
+ * its bins at their caps and full stashes hold about 23 MiB), in
+ * proportion to the share below it (at the default budget: 2/3 with two
+ * threads, 1/3 with four), and never less than HM_STASH_BYTES_LEAST and
+ * HM_BIN_WIDEN_LEAST.  The budget is enforced only every 64 slow paths,
+ * and a free fills a bin to its cap without one: with the caches at full
+ * width, three threads that filled their bins and blocked held 33.8 MiB
+ * at the default budget of 32, and 32 threads 331 MiB. */
+#define HM_WIDE_SHARE ((uint64_t)24 << 20)
+#define HM_STASH_BYTES_LEAST (256u << 10)
+#define HM_BIN_WIDEN_LEAST (64u << 10)
+
+static uint32_t share_scaled(uint32_t full, uint32_t least)
+{
+    uint64_t share = cache_budget();
+    if (share >= HM_WIDE_SHARE)
+        return full;
+    uint64_t bytes = full * share / HM_WIDE_SHARE;
+    return bytes > least ? (uint32_t)bytes : least;
+}
+
 static uint32_t stash_room(unsigned cls)
 {
-    uint32_t n = HM_STASH_BYTES / (uint32_t)hm_size_class_size(cls);
+    uint32_t n = share_scaled(HM_STASH_BYTES, HM_STASH_BYTES_LEAST) /
+                 (uint32_t)hm_size_class_size(cls);
     return n < HM_STASH_MAX ? n : HM_STASH_MAX;
 }
 
@@ -1195,7 +1218,8 @@ int32_t hm_bin_cap(unsigned cls, uint32_t want, uint32_t got)
     if (cls >= HM_NUM_CLASSES)
         return (int32_t)base;
     uint32_t room = stash_room(cls), widest = 2 * room - 2;   /* ceil(cap / 2) + 1 <= room */
-    uint32_t extra = HM_BIN_WIDEN_BYTES / (uint32_t)hm_size_class_size(cls);
+    uint32_t extra = share_scaled(HM_BIN_WIDEN_BYTES, HM_BIN_WIDEN_LEAST) /
+                     (uint32_t)hm_size_class_size(cls);
     if (extra > room)
         extra = room;
     uint32_t wide = base + extra < widest ? base + extra : widest;
