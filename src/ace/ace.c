@@ -276,7 +276,7 @@ void hm_ace_module_init(void)
     const char *on = getenv("HAKMEM_ACE");
     hm_ace_on = on && on[0] == '1' && on[1] == '\0';
     ace_interval_ns = parse_interval_ms(getenv("HAKMEM_ACE_INTERVAL_MS")) * 1000000ull;
-    /* The static ring is all zeros, its initial state: its 160 KiB become
+    /* The static ring is all zeros, its initial state: its 40 KiB become
      * resident only as events reach them, and never without ACE. */
     atomic_store(&ace_state, ACE_IDLE);
 }

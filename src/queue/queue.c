@@ -22,8 +22,8 @@
  * A slot stores its seq less its index (slot_seq / slot_set_seq), so that
  * the initial state is all zeros: a ring in zero-initialised static memory
  * needs no init pass, and its pages become resident only as events reach
- * them (the whole 160 KiB ring at once, before: every process with ACE on
- * paid for it at start).
+ * them (an init pass made every process with ACE on pay for the whole
+ * ring at start).
  *
  * Atomics come from liburcu's headers only (<urcu/uatomic.h>, <urcu/arch.h>):
  * they are inline functions and macros, so the library does not link
