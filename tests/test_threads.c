@@ -647,9 +647,9 @@ static void handed_on_blocks_leave_reusable_segments(void **state)
     /* Not scaled down: after 50 threads the pool is still filling, and
      * the count grows with the live set whatever the sweeps do. */
     int threads = 2000;
-    handoff_threads(0, threads / 4);
+    handoff_threads(0, threads / 2);
     hakmem_stats(&warm);
-    handoff_threads(threads / 4, threads - threads / 4);
+    handoff_threads(threads / 2, threads - threads / 2);
     hakmem_stats(&end);
     for (int i = 0; i < HANDOFF_POOL; i++) {
         if (handoff_pool[i].p && !verify(&handoff_pool[i]))
@@ -657,10 +657,12 @@ static void handed_on_blocks_leave_reusable_segments(void **state)
         hakmem_free(handoff_pool[i].p);
         handoff_pool[i].p = NULL;
     }
-    print_message("segments after %d threads: %llu, after %d: %llu\n", threads / 4,
+    print_message("segments after %d threads: %llu, after %d: %llu\n", threads / 2,
                   (unsigned long long)warm.segments, threads, (unsigned long long)end.segments);
     assert_int_equal(atomic_load(&handoff_errors), 0);
-    /* The pool's live set is steady after the first quarter. */
+    /* The pool's live set is steady after the first half (after the
+     * first quarter it was still filling in some runs: 23 segments, then
+     * 36 at the end, where most runs went from 27-31 to 32-36). */
     assert_true(end.segments <= warm.segments + warm.segments / 4 + 4);
 }
 
