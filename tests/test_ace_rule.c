@@ -105,6 +105,28 @@ static void test_rule_grows_under_frequent_refills(void **state)
     assert_int_equal(settled_at(t), 0);
 }
 
+/* Frequent refills that mostly take back other threads' frees (a
+ * producer's, all of whose blocks other threads free) keep the count: a
+ * bigger batch would only hold more blocks in flight. */
+static void test_rule_keeps_when_refills_take_back_remote_frees(void **state)
+{
+    (void)state;
+    uint32_t t[STEPS + 1];
+    struct hm_ace_window w = win(100 * MS, 500, 32, 200000, 0);
+    w.remote_collected = w.blocks_refilled * 6 / 10;
+    trajectory(B.def, &w, B, t);
+    assert_int_equal(settled_at(t), 0);
+    assert_int_equal(t[STEPS], B.def);
+    trajectory(B.max, &w, B, t);            /* nor shrinks it */
+    assert_int_equal(t[STEPS], B.max);
+
+    /* Exactly half is not "more than half": it grows. */
+    w.remote_collected = w.blocks_refilled / 2;
+    trajectory(B.def, &w, B, t);
+    assert_int_equal(t[1], 64);
+    assert_int_equal(t[STEPS], B.max);
+}
+
 static void test_rule_shrinks_under_overflow(void **state)
 {
     (void)state;
@@ -378,6 +400,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rule_grows_under_frequent_refills),
+        cmocka_unit_test(test_rule_keeps_when_refills_take_back_remote_frees),
         cmocka_unit_test(test_rule_shrinks_under_overflow),
         cmocka_unit_test(test_rule_decays_when_idle),
         cmocka_unit_test(test_rule_hysteresis),

@@ -93,12 +93,15 @@ static void fold(const struct hm_event *ev)
     struct hm_ace_window *w = &ace_win[ev->size_class];
     uint32_t refills = ev->refills ? ev->refills : 1;
     w->refills += refills;
-    w->blocks_refilled += (uint64_t)ev->refill_count * refills;
+    /* The blocks the refills put in the bins, not count x refills: a
+     * refill takes a span's whole free list (often 2-8 times the count),
+     * and the flushed and remote blocks it is weighed against are real. */
+    w->blocks_refilled += ev->blocks;
     w->blocks_flushed += ev->blocks_flushed;
     w->remote_collected += ev->remote_collected;
-    if (ev->intervals) {
+    if (refills > 1) {                  /* interval_ns spans refills - 1 intervals */
         w->interval_ns_sum += ev->interval_ns;
-        w->interval_count += ev->intervals;
+        w->interval_count += refills - 1;
     }
     count_add(&ace_class_ev[ev->size_class], 1);
 }

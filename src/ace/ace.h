@@ -54,7 +54,7 @@ void hm_ace_fork_child(void);
 struct hm_ace_window {
     uint64_t window_ns;         /* length of the window */
     uint64_t refills;
-    uint64_t blocks_refilled;
+    uint64_t blocks_refilled;   /* blocks the refills put in the bins (not count x refills) */
     uint64_t blocks_flushed;
     uint64_t interval_ns_sum;   /* sum of events' nonzero intervals */
     uint64_t interval_count;

@@ -21,7 +21,13 @@
  *   3. Frequent refills: grow x2, not above max, whatever the overflow.  A
  *      thread that allocates and frees in bursts larger than its bin
  *      refills and flushes the same blocks (flushed ~= refilled); a bigger
- *      batch, and so a bigger bin cap, is what ends that thrash.
+ *      batch, and so a bigger bin cap, is what ends that thrash.  Except
+ *      when more than half the blocks refilled came back as other threads'
+ *      frees (remote_collected > blocks_refilled / 2, both real blocks over
+ *      the same refills): a producer whose blocks go to consumers moves
+ *      every block the same trip whatever the batch, and a bigger one
+ *      holds more of them in flight (xmalloc with ACE: counts of 256, peak
+ *      RSS 13-15% higher, no faster).  Keep.
  *   4. Rare refills with heavy overflow (blocks_flushed > blocks_refilled /
  *      2: more than half of what was carved came back through overflows):
  *      the cache holds more than the thread uses; shrink by a quarter,
@@ -34,8 +40,8 @@
  * pace gates are 4x apart while a step changes the pace by at most 2x: a
  * doubling from "frequent" (< 1 ms) lands under 2 ms, never "rare"; a
  * shrink from "rare" (>= 4 ms) lands above 3 ms, never "frequent".  So the
- * count never turns back: it settles after a monotone run.
- * remote_collected is not used by the rule. */
+ * count never turns back: it settles after a monotone run.  (The remote
+ * case keeps: a fixed point too.) */
 #include "ace.h"
 
 #define HM_ACE_GROW_INTERVAL_NS 1000000ull      /* 1 ms: > 1000 refills/s */
@@ -72,7 +78,10 @@ uint32_t hm_ace_next_count(uint32_t current, const struct hm_ace_window *w,
         rare = (u128)w->refills * 1000000000ull * 4 <= (u128)w->window_ns * HM_ACE_GROW_RATE;
     }
 
-    /* 3. Frequent refills: grow. */
+    /* 3. Frequent refills: grow, unless they mostly take back other
+     * threads' frees. */
+    if (often && (u128)w->remote_collected * 2 > w->blocks_refilled)
+        return cur;
     if (often)
         return cur > hi / 2 ? hi : cur * 2;
 

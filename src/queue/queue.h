@@ -33,7 +33,7 @@ struct hm_event {
     uint32_t refill_count;      /* blocks each refill was asked to carve */
     uint64_t interval_ns;       /* from the batch's first refill to its last */
     uint32_t refills;           /* refills in the batch (1 if not set) */
-    uint32_t intervals;         /* intervals interval_ns spans: refills - 1 */
+    uint32_t blocks;            /* blocks the refills put in the bin since the last event */
     uint32_t blocks_flushed;    /* blocks the bin sent back (overflow) meanwhile */
     uint32_t remote_collected;  /* blocks of other threads' frees collected meanwhile */
 };

@@ -10,10 +10,11 @@
 struct hm_heap_class_stats {
     uint64_t refills, blocks_refilled, flushes, blocks_flushed, remote_frees, ace_drops;
     uint64_t batch_start_ns;          /* ACE: first refill of the pending batch */
-    uint32_t batch_refills;           /* ACE: refills in the pending batch */
+    uint16_t batch_refills;           /* ACE: refills in the pending batch (<= 8) */
+    uint16_t flushes_since_refill;    /* overflows since the bin was last empty (<= 8) */
     uint32_t flushed_since_refill;    /* ACE: overflow since the batch was sent */
     uint32_t remote_since_refill;
-    uint32_t flushes_since_refill;    /* overflows since the bin was last empty */
+    uint32_t blocks_since_report;     /* ACE: blocks refilled since the last event */
     uint32_t last_refill;             /* blocks the last refill put in the bin */
     /* The bin's blocks after its last slow path, which other threads'
      * reports read: never the bin itself, which is in its thread's TLS and

@@ -551,13 +551,14 @@ static bool take_report(struct hm_heap *h, unsigned cls, uint32_t want, struct h
         .refill_count = want,
         .interval_ns = hm_clock_precise_ns() - s->batch_start_ns,
         .refills = s->batch_refills,
-        .intervals = s->batch_refills - 1,
+        .blocks = s->blocks_since_report,
         .blocks_flushed = s->flushed_since_refill,
         .remote_collected = s->remote_since_refill,
     };
     s->batch_refills = 0;
     s->flushed_since_refill = 0;
     s->remote_since_refill = 0;
+    s->blocks_since_report = 0;
     return true;
 }
 
@@ -725,6 +726,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     s->last_refill = got;
     s->refills++;
     s->blocks_refilled += got;
+    s->blocks_since_report += got;      /* over the same refills as the flushes and remote frees */
     HM_TRACE_REFILL(cls, want, got, h->id);
     hm_cache_bound_note(h, tc, cls);
     slow_path_tick(h, tc);
