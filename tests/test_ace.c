@@ -6,6 +6,7 @@
 
 #include <dirent.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <time.h>
 
@@ -159,7 +160,7 @@ static void learns_a_hot_class(void **state)
 /* A producer hands `share` percent of its blocks (bursts of 2000 of
  * `size` bytes) to a consumer thread, which frees them, and frees the
  * rest itself, for `seconds`. */
-enum { HANDOFF_RING = 1 << 16 };
+enum { HANDOFF_RING = 4096 };  /* a consumer never lags far */
 static void *handoff_ring[HANDOFF_RING];
 static _Atomic unsigned handoff_head, handoff_tail;
 static _Atomic int handoff_stop;
@@ -172,6 +173,7 @@ static void *consume(void *arg)
         if (h == t) {
             if (atomic_load(&handoff_stop))
                 return NULL;
+            sched_yield();
             continue;
         }
         hakmem_free(handoff_ring[h % HANDOFF_RING]);
@@ -198,7 +200,7 @@ static void produce(size_t size, unsigned share, double seconds)
             }
             unsigned tail = atomic_load(&handoff_tail);
             while (tail - atomic_load(&handoff_head) >= HANDOFF_RING)
-                ;
+                sched_yield();
             handoff_ring[tail % HANDOFF_RING] = v[i];
             atomic_store(&handoff_tail, tail + 1);
         }

@@ -29,7 +29,8 @@
  *      holds more of them in flight (xmalloc with ACE: counts of 256, peak
  *      RSS 13-15% higher, no faster).  Keep.
  *   4. Rare refills with heavy overflow (blocks_flushed > blocks_refilled /
- *      2: more than half of what was carved came back through overflows):
+ *      2: more than half of what the refills put in the bins came back
+ *      through overflows):
  *      the cache holds more than the thread uses; shrink by a quarter,
  *      cur - max(1, cur / 4), not below min.
  *   5. Otherwise keep.

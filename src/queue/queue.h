@@ -25,12 +25,14 @@
 
 /* What a thread's refills of one class report: one event stands for a
  * batch of up to HM_EVENT_BATCH consecutive refills, so that a class that
- * refills every few allocations does not pay a push each time. */
+ * refills every few allocations does not pay a push each time.  Its block
+ * counts cover every refill since the thread's previous event of the
+ * class, the unreported ones too (slow start, draining, cut batches). */
 #define HM_EVENT_BATCH 8u
 
 struct hm_event {
     uint32_t size_class;
-    uint32_t refill_count;      /* blocks each refill was asked to carve */
+    uint32_t refill_count;      /* blocks each refill was asked to carve (for traces) */
     uint64_t interval_ns;       /* from the batch's first refill to its last */
     uint32_t refills;           /* refills in the batch (1 if not set) */
     uint32_t blocks;            /* blocks the refills put in the bin since the last event */

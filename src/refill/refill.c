@@ -726,7 +726,15 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     s->last_refill = got;
     s->refills++;
     s->blocks_refilled += got;
-    s->blocks_since_report += got;      /* over the same refills as the flushes and remote frees */
+    /* Over the same refills as the flushed blocks and remote frees.  Near
+     * the top of 32 bits (millions of unreported refills: a class that
+     * keeps draining) all three halve, which keeps their ratios. */
+    if (s->blocks_since_report > UINT32_MAX - got) {
+        s->blocks_since_report /= 2;
+        s->flushed_since_refill /= 2;
+        s->remote_since_refill /= 2;
+    }
+    s->blocks_since_report += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
     hm_cache_bound_note(h, tc, cls);
     slow_path_tick(h, tc);
