@@ -1236,9 +1236,9 @@ int32_t hm_bin_cap(unsigned cls, uint32_t want, uint32_t got)
     return (int32_t)(wide > base ? wide : base);
 }
 
-static bool stash_takes(const struct hm_bin *bin, unsigned cls, uint32_t n)
+static bool stash_takes(const struct hm_bin *bin, unsigned cls, uint32_t n, uint32_t room)
 {
-    return cls < HM_NUM_CLASSES && bin->cap >= 0 && n <= stash_room(cls);
+    return cls < HM_NUM_CLASSES && bin->cap >= 0 && n <= room;
 }
 
 static void stash_set_count(struct hm_stash *st, uint32_t n)
@@ -1270,7 +1270,7 @@ static void stash_return_all(struct hm_heap *h, unsigned cls)
  * and stash: the check reads the first line of each block's span header,
  * all fetched ahead. */
 static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint32_t keep,
-                      uint32_t n)
+                      uint32_t n, uint32_t room)
 {
     void *blocks[HM_STASH_MAX];
     struct hm_span *spans[HM_STASH_MAX];
@@ -1281,7 +1281,6 @@ static void stash_put(struct hm_heap *h, struct hm_bin *bin, unsigned cls, uint3
     check_blocks(h, blocks, spans, n);
 
     struct hm_stash *st = &h->stash[cls];
-    uint32_t room = stash_room(cls);
     if (st->count + n > room)
         stash_spill(h, st, st->count + n - room);
     for (uint32_t i = 0; i < n; i++)        /* oldest first: blocks[n - 1] */
@@ -1378,8 +1377,12 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
     else {      /* keep half: a trim to the spans keeps the newest (the likeliest
                  * to be in cache); a stash takes the newest (no walk) */
         uint32_t keep = (uint32_t)bin->cap / 2, n = hm_bin_count(bin) - keep;
-        if (stash_takes(bin, cls, n))
-            stash_put(h, bin, cls, keep, n);
+        /* Read once: it shrinks as threads start (see share_scaled), and
+         * a spill sized by a smaller room than the check's would take
+         * more than the stash holds. */
+        uint32_t room = cls < HM_NUM_CLASSES ? stash_room(cls) : 0;
+        if (stash_takes(bin, cls, n, room))
+            stash_put(h, bin, cls, keep, n, room);
         else
             bin_trim(h, tc, cls, keep);
     }
