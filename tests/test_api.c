@@ -395,8 +395,9 @@ static void free_interior_then_trim(void)
 }
 
 /* About 2000 frees in a row start the 64 B bin draining (see struct
- * hm_bin): frees then go straight to the span's free list, where the
- * double free must still be found.  One block of the last one's span
+ * hm_bin): frees then go back to their spans' free lists, a batch at a
+ * time; waiting in the batch or on the list, the double free must still
+ * be found.  One block of the last one's span
  * stays live, so the span stays (freed whole, its pages would make any
  * later free of it an invalid pointer). */
 static void *drain_64(void)
@@ -422,11 +423,14 @@ static void free_twice_while_draining(void)
     hakmem_free(last);
 }
 
-/* Caught at once: a draining bin hands the block straight to its span. */
+/* Caught when the draining bin's frees go back to their spans (the
+ * batch's last free, a refill, malloc_trim or the thread's exit): until
+ * then the block waits off the bin, never handed out. */
 static void free_interior_while_draining(void)
 {
     char *last = drain_64();
     hakmem_free(last + 16);
+    hakmem_trim();
 }
 
 /* A 4 KiB bin holds 20 blocks (or up to 30 after a whole free list): the

@@ -414,6 +414,68 @@ static void shrinking_class_drains_and_gathers_survivors(void **state)
         hakmem_free(a[--n]);
 }
 
+/* A draining bin's frees wait off the bin, fewer than HM_DRAIN_BATCH, and
+ * go back to their spans together: at the batch's last free, or first
+ * thing in a refill.  No malloc hands out a waiting block. */
+static void drained_frees_go_back_a_batch_at_a_time(void **state)
+{
+    (void)state;
+    enum { DCLS = 2, SIZE = 48, N = 4000 };
+    struct hm_tcache *tc = hm_tcache_self();
+    struct hm_heap *h = tc->heap;
+    static void *a[N];
+    for (int i = 0; i < N; i++)
+        a[i] = hakmem_malloc(SIZE);
+    int i = 0;
+    while (tc->bins[DCLS].cap != HM_BIN_DRAINING) {
+        assert_true(i < N / 2);
+        hakmem_free(a[i++]);
+    }
+    while (h->drained_count != 0)           /* to a batch's start */
+        hakmem_free(a[i++]);
+
+    struct hakmem_class_info before, after;
+    hakmem_class_info(DCLS, &before);
+    for (int k = 0; k < HM_DRAIN_BATCH - 1; k++) {
+        hakmem_free(a[i++]);
+        assert_int_equal(h->drained_count, k + 1);
+        assert_ptr_equal(h->drained[k], a[i - 1]);
+    }
+    hakmem_class_info(DCLS, &after);
+    assert_int_equal(after.blocks_drained, before.blocks_drained);
+    hakmem_free(a[i++]);                    /* the batch's last */
+    assert_int_equal(h->drained_count, 0);
+    hakmem_class_info(DCLS, &after);
+    assert_int_equal(after.blocks_drained, before.blocks_drained + HM_DRAIN_BATCH);
+
+    /* Three wait; mallocs empty the bin, the refill puts them back. */
+    void *waiting[3];
+    for (int k = 0; k < 3; k++) {
+        waiting[k] = a[i];
+        hakmem_free(a[i++]);
+    }
+    assert_int_equal(h->drained_count, 3);
+    hakmem_class_info(DCLS, &before);
+    uint64_t refills = h->stats[DCLS].refills;
+    int j = 0;
+    while (h->stats[DCLS].refills == refills) {
+        assert_true(j < i);
+        a[j] = hakmem_malloc(SIZE);
+        if (h->stats[DCLS].refills == refills)
+            for (int k = 0; k < 3; k++)
+                assert_ptr_not_equal(a[j], waiting[k]);
+        j++;
+    }
+    assert_int_equal(h->drained_count, 0);
+    hakmem_class_info(DCLS, &after);
+    assert_int_equal(after.blocks_drained, before.blocks_drained + 3);
+    for (int k = 0; k < j; k++)
+        hakmem_free(a[k]);
+    for (int k = i; k < N; k++)
+        hakmem_free(a[k]);
+    hakmem_trim();
+}
+
 /* The budget's check counts the caches only when h->cache_bound, noted
  * at the slow paths, exceeds the budget: each class's term must bound what
  * its bin and stash hold at every moment, and the bound be their sum.
@@ -1259,6 +1321,7 @@ int main(void)
         cmocka_unit_test(exited_threads_segments_are_adopted),
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
+        cmocka_unit_test(drained_frees_go_back_a_batch_at_a_time),
         cmocka_unit_test(cache_bound_covers_the_caches),
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
         cmocka_unit_test(segments_with_room_come_first),

@@ -1220,6 +1220,7 @@ void hm_thread_exit(struct hm_tcache *tc)
         return;
     hm_heap_lock(h);
     hm_remote_flush(h);
+    hm_drained_put(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         if (hm_bin_count(&tc->bins[c]) || hm_stash_count(h, c))
             hm_bin_return_all(h, tc, c);

@@ -34,6 +34,9 @@ struct hm_remote_batch {
  * pointers, newest last (see "the stash" in refill.c).  They count as used
  * by their spans, like a bin's. */
 #define HM_STASH_MAX 16
+
+/* Frees into draining bins go back to their spans this many at a time. */
+#define HM_DRAIN_BATCH 16
 struct hm_stash {
     uint32_t count;                 /* written under the heap's lock, read by reports */
     void *slot[HM_STASH_MAX];
@@ -99,6 +102,11 @@ struct hm_heap {
     struct hm_remote_batch remote[HM_NUM_CLASSES + 1];
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
+    /* Frees into draining bins, waiting to go back to their spans together
+     * (see drain_defer): only its thread touches them, without the lock.
+     * They count as used by their spans, like a bin's blocks. */
+    uint32_t drained_count;
+    void *drained[HM_DRAIN_BATCH];
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
     /* What the caches can hold until each class's next slow path, per
      * class (blocks) and in all (bytes): see hm_cache_bound_note. */
@@ -267,6 +275,7 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
+void hm_drained_put(struct hm_heap *h);
 /* A heap's first refills of a class that carve less than the refill
  * count (see slow_start in refill.c). */
 #define HM_SLOW_START_REFILLS 3

@@ -24,7 +24,7 @@
  *
  * A draining bin (cap HM_BIN_DRAINING) takes no frees: its room stays far
  * below zero, so every free overflows and the flush hands the block
- * straight back to its span.  While a class's live set shrinks, its
+ * back to its span (a batch of them at a time, see drain_defer).  While a class's live set shrinks, its
  * allocations then come from the spans refills pick, not from whichever
  * blocks were freed last, so the survivors gather in few spans and the
  * others empty (see hm_flush). */
