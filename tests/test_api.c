@@ -505,6 +505,42 @@ static void abort_handler_may_allocate(void **state)
     assert_non_null(strstr(buf, "invalid pointer (found in a thread cache)"));
 }
 
+/* The same while a draining bin's batch goes back: the handler's frees
+ * of the class start a new batch (and put it), and the block that failed
+ * its check is not looked at again. */
+static void *spare_64[40];
+
+static void free_spares_and_exit(int sig)
+{
+    (void)sig;
+    for (int i = 0; i < 40; i++)
+        hakmem_free(spare_64[i]);
+    _exit(42);
+}
+
+static void interior_while_draining_with_handler(void)
+{
+    char *last = drain_64();
+    for (int i = 0; i < 40; i++)
+        spare_64[i] = hakmem_malloc(64);
+    signal(SIGABRT, free_spares_and_exit);
+    alarm(20);
+    hakmem_free(last + 16);
+    hakmem_trim();
+}
+
+static void abort_handler_may_free_into_a_draining_bin(void **state)
+{
+    (void)state;
+    char buf[512];
+    int status = run_child(interior_while_draining_with_handler, buf, sizeof buf);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 42);
+    char *first = strstr(buf, "hakmem: free(): invalid pointer 0x");
+    assert_non_null(first);
+    assert_null(strstr(first + strlen("hakmem: free(): invalid pointer"), "invalid pointer"));
+}
+
 static void invalid_frees_abort(void **state)
 {
     (void)state;
@@ -538,6 +574,7 @@ int main(void)
         cmocka_unit_test(usable_size_and_sized_free),
         cmocka_unit_test(invalid_frees_abort),
         cmocka_unit_test(abort_handler_may_allocate),
+        cmocka_unit_test(abort_handler_may_free_into_a_draining_bin),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

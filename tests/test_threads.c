@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 
 #include "hakmem.h"
+#include "hot/hot.h"
 #include "process/process.h"
 #include "refill/heap_internal.h"
 #include "refill/refill.h"
@@ -1201,6 +1202,75 @@ static void heaps_of_gone_threads(void **state)
     assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* Frees into a draining bin wait in a batch in the heap (drain_defer):
+ * when the heap's thread is gone without an exit of ours, the tidier
+ * that exits the heap puts them back, so their spans can empty. */
+static pthread_key_t drain_key;
+static uint32_t gone_pending;
+
+static void draining_last_round_dtor(void *v)
+{
+    long round = (long)v;
+    if (round < 4) {                        /* glibc's rounds: this is the 4th */
+        pthread_setspecific(drain_key, (void *)(round + 1));
+        return;
+    }
+    enum { DCLS = 2, SIZE = 48, N = 4000 };
+    static void *blocks[N];
+    for (int i = 0; i < N; i++)
+        blocks[i] = hakmem_malloc(SIZE);
+    struct hm_tcache *tc = hm_tcache_self();
+    int i = 0;
+    while (i < N && tc->bins[DCLS].cap != HM_BIN_DRAINING)
+        hakmem_free(blocks[i++]);
+    while (i < N && tc->heap->drained_count != 5)
+        hakmem_free(blocks[i++]);
+    gone_pending = tc->heap->drained_count;     /* the rest stay live */
+}
+
+static void drained_batch_of_a_gone_thread(void)
+{
+    hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
+    pthread_key_create(&drain_key, draining_last_round_dtor);
+    void *stack = mmap(NULL, GONE_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstack(&attr, stack, GONE_STACK);
+    pthread_t t;
+    pthread_create(&t, &attr, set_dtor_key_only_of, &drain_key);
+    pthread_join(t, NULL);
+    pthread_attr_destroy(&attr);
+    if (gone_pending != 5)
+        _exit(3);
+    struct hakmem_class_info c0, c1;
+    struct hm_heap_counters h0, h1;
+    hakmem_class_info(2, &c0);
+    hm_heap_counters(&h0);
+    for (int pass = 0; pass < 3; pass++)   /* the first notes it idle */
+        hm_heaps_tidy_idle(0);
+    hm_heap_counters(&h1);
+    hakmem_class_info(2, &c1);
+    if (h1.heaps_orphaned != h0.heaps_orphaned + 1)
+        _exit(4);
+    if (c1.blocks_drained != c0.blocks_drained + 5)
+        _exit(5);
+    munmap(stack, GONE_STACK);
+}
+
+static void drained_frees_of_gone_threads_go_back(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* as heaps_of_gone_threads */
+    skip();
+#endif
+    char buf[256];
+    int status = run_child(drained_batch_of_a_gone_thread, buf, sizeof buf);
+    if (!WIFEXITED(status))
+        fail_msg("child died of signal %d: %s", WTERMSIG(status), buf);
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 /* A vfork child shares our memory, not our thread ids: a tidier that ran
  * there (any malloc slow path of the child's) found every idle thread of
  * ours gone and exited its heap under it. */
@@ -1406,6 +1476,7 @@ int main(void)
         cmocka_unit_test(allocation_in_key_destructors_after_ours),
         cmocka_unit_test(signal_handler_allocates_after_thread_exit),
         cmocka_unit_test(heaps_of_gone_threads),
+        cmocka_unit_test(drained_frees_of_gone_threads_go_back),
         cmocka_unit_test(idle_threads_stay_in_a_vfork_child),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

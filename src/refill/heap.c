@@ -758,7 +758,8 @@ static bool gone_check_due(struct hm_heap *h, uint64_t now, size_t *done)
  * as at an exit, for the child to reuse (the frees it made into them went
  * to spans no thread collected: a child that freed a parent thread's 64
  * MiB and allocated as much again held both).  Not their batches of
- * remote frees, which their threads filled without the lock (their blocks
+ * remote frees and of drained frees, which their threads filled without
+ * the lock, maybe in the middle of a change at the fork (their blocks
  * stay allocated).  Never reused: their ids may be in blocks of their
  * bins, which nobody returns.  Under heaps_lock. */
 static size_t give_up_forked(size_t budget)
@@ -777,10 +778,12 @@ static size_t give_up_forked(size_t budget)
 /* Exits a gone thread's heap for it, holding its lock as a tidier, under
  * heaps_lock.  As at a thread's exit, except its bins: they were in the
  * thread's TLS, gone or another thread's by now, so their blocks (at most
- * a cap a class) stay counted as live in their spans for good. */
+ * a cap a class) stay counted as live in their spans for good.  Its
+ * batches live in the heap and go back. */
 static void orphan_exit(struct hm_heap *h)
 {
     hm_remote_flush(h);
+    hm_drained_put(h);
     give_up_all(h);
     hm_heap_tidier_unlock(h);
     heap_retire(h);

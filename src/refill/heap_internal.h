@@ -45,8 +45,9 @@ struct hm_stash {
 /* A thread's heap: the spans it owns, per class, and the segments they live
  * in.  Only a holder of its lock touches it (its thread; another thread
  * tidying it while the thread idles), except the registry link, the
- * counters that reports read, and the batches of remote frees, which only
- * its thread touches. */
+ * counters that reports read, and the batches of remote frees and of
+ * drained frees, which only its thread touches (or a tidier that exits
+ * the heap of a thread gone). */
 /* Where a compaction pass that ran out of its step goes on: a class, and
  * a position in the class's partial list. */
 struct hm_compact_cursor {
@@ -275,7 +276,7 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block);
 void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
-void hm_drained_put(struct hm_heap *h);
+uint32_t hm_drained_put(struct hm_heap *h);
 /* A heap's first refills of a class that carve less than the refill
  * count (see slow_start in refill.c). */
 #define HM_SLOW_START_REFILLS 3

@@ -691,7 +691,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
                     bool *report)
 {
     hm_remote_flush(h);
-    hm_drained_put(h);          /* counted in the drain window below */
+    uint32_t put = hm_drained_put(h);   /* counted in the drain window below */
     struct hm_bin *bin = &tc->bins[cls];
     struct hm_heap_class_stats *s = &h->stats[cls];
     /* The count is read here (Contract B), and where a never-refilled bin
@@ -750,7 +750,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     s->blocks_since_report += got;
     HM_TRACE_REFILL(cls, want, got, h->id);
     hm_cache_bound_note(h, tc, cls);
-    slow_path_tick(h, tc);
+    slow_path_ticks(h, tc, 1 + put);
     /* A draining class refills on every batch however well its count
      * fits (its frees never overflow): the learner would read that as
      * refills too frequent and grow the count of a shrinking class.  A
@@ -1361,40 +1361,63 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
     hm_cache_bound_note(h, tc, cls);
 }
 
-/* A free into a draining bin: the block leaves the bin (no malloc of
- * ours hands it out again) and waits with the thread's other drained
- * frees, so that their spans take them back together under one lock, one
- * tick of the periodic work, and their headers fetched at once.  One put
- * per free cost about 165 instructions and a lock; a program that frees
- * most of what it built (a cache dropped, a phase over) drains every
- * class.  Only this thread touches the batch, so it needs no lock; it
- * holds fewer than HM_DRAIN_BATCH blocks until the next put (the batch's
- * last free, a refill, the thread's exit or its malloc_trim). */
+/* A free into a draining bin of a small class: the block leaves the bin
+ * (no malloc of ours hands it out again) and waits with the thread's
+ * other drained frees, so that their spans take them back together under
+ * one lock, one tick of the periodic work, and their headers fetched at
+ * once.  One put per free cost about 154 instructions and a lock; a
+ * program that frees most of what it built (a cache dropped, a phase
+ * over) drains every class.  Only this thread touches the batch, so it
+ * needs no lock; it holds fewer than HM_DRAIN_BATCH blocks until the next
+ * put (the batch's last free, a refill, the thread's exit or its
+ * malloc_trim, or a tidier's exit of its heap for a thread gone).  The
+ * classes above HM_DRAIN_DEFER_MAX go back one at a time as before: an
+ * idle thread's batch pins its blocks' spans, at most 15 KiB of blocks.
+ * The slot is written before the count, so a signal handler that frees
+ * meanwhile loses a block at worst, as with a bin. */
+#define HM_DRAIN_DEFER_MAX 1024u
+
+static bool drain_defers(unsigned cls)
+{
+    return hm_size_class_size(cls) <= HM_DRAIN_DEFER_MAX;
+}
+
 static void drain_defer(struct hm_heap *h, struct hm_bin *bin)
 {
     void *b = bin->head;            /* the block just freed */
     bin->head = *(void **)b;
     bin->room++;
-    h->drained[h->drained_count++] = b;
+    uint32_t n = h->drained_count;
+    h->drained[n] = b;
+    atomic_signal_fence(memory_order_release);
+    h->drained_count = n + 1;
 }
 
-void hm_drained_put(struct hm_heap *h)
+/* Puts the batch back, taken whole first: a diagnostic's abort handler
+ * (or a signal handler) that frees meanwhile starts a new batch instead
+ * of adding to, or putting again, this one.  Returns how many went. */
+uint32_t hm_drained_put(struct hm_heap *h)
 {
     uint32_t n = h->drained_count;
     if (!n)
-        return;
+        return 0;
+    void *blocks[HM_DRAIN_BATCH];
     struct hm_span *spans[HM_DRAIN_BATCH];
     for (uint32_t i = 0; i < n; i++)
-        spans[i] = span_fetched(h->drained[i], true);
+        blocks[i] = h->drained[i];
+    atomic_signal_fence(memory_order_acq_rel);
+    h->drained_count = 0;
+    for (uint32_t i = 0; i < n; i++)
+        spans[i] = span_fetched(blocks[i], true);
     for (uint32_t i = 0; i < n; i++) {      /* all before the puts: see check_blocks */
-        check_own(h, spans[i], h->drained[i], "invalid pointer");
+        check_own(h, spans[i], blocks[i], "invalid pointer");
         struct hm_heap_class_stats *s = &h->stats[spans[i]->size_class];
         s->blocks_drained++;
         s->drain_frees++;
     }
     for (uint32_t i = 0; i < n; i++)
-        hm_span_put(h, spans[i], h->drained[i]);
-    h->drained_count = 0;
+        hm_span_put(h, spans[i], blocks[i]);
+    return n;
 }
 
 static bool drained_holds(const struct hm_heap *h, const void *p)
@@ -1414,9 +1437,21 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
         return;
     }
     if (bin->cap < 0) {
-        drain_defer(h, bin);
-        uint32_t n = h->drained_count;
-        hm_drained_put(h);
+        uint32_t n;
+        if (drain_defers(cls) && h->drained_count < HM_DRAIN_BATCH) {
+            drain_defer(h, bin);
+            n = hm_drained_put(h);
+        } else {
+            /* A bigger block goes alone, as does one that finds the batch
+             * full (a handler freed in the middle of a put): after it. */
+            n = hm_drained_put(h) + 1;
+            void *b = bin->head;
+            bin->head = *(void **)b;
+            bin->room++;
+            hm_span_put(h, check_own(h, span_of_block(b), b, "invalid pointer"), b);
+            s->blocks_drained++;
+            s->drain_frees++;
+        }
         slow_path_ticks(h, tc, n);
         return;
     }
@@ -1450,7 +1485,7 @@ static __attribute__((noinline)) void flush_locked(struct hm_tcache *tc, unsigne
 void hm_flush(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
-    if (tc->bins[cls].cap < 0 && h->drained_count < HM_DRAIN_BATCH - 1)
+    if (tc->bins[cls].cap < 0 && h->drained_count < HM_DRAIN_BATCH - 1 && drain_defers(cls))
         drain_defer(h, &tc->bins[cls]);     /* the batch's last free puts them all */
     else
         flush_locked(tc, cls);

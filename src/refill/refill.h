@@ -24,10 +24,10 @@
  *
  * A draining bin (cap HM_BIN_DRAINING) takes no frees: its room stays far
  * below zero, so every free overflows and the flush hands the block
- * back to its span (a batch of them at a time, see drain_defer).  While a class's live set shrinks, its
- * allocations then come from the spans refills pick, not from whichever
- * blocks were freed last, so the survivors gather in few spans and the
- * others empty (see hm_flush). */
+ * back to its span (small ones a batch at a time, see drain_defer).
+ * While a class's live set shrinks, its allocations then come from the
+ * spans refills pick, not from whichever blocks were freed last, so the
+ * survivors gather in few spans and the others empty (see hm_flush). */
 struct hm_bin {
     void *head;
     int32_t room;       /* cap - blocks held; -1: one over the cap */
