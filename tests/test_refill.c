@@ -414,6 +414,23 @@ static void shrinking_class_drains_and_gathers_survivors(void **state)
         hakmem_free(a[--n]);
 }
 
+/* Fills a[0..n) with blocks of `size`, then frees them in order until the
+ * class's bin drains and `waiting` frees wait in the batch.  Returns how
+ * many it freed (a[0..that) are gone). */
+static int start_draining(void **a, int n, size_t size, uint32_t waiting)
+{
+    struct hm_tcache *tc = hm_tcache_self();
+    unsigned cls = hm_size_class(size);
+    for (int i = 0; i < n; i++)
+        a[i] = hakmem_malloc(size);
+    int i = 0;
+    while (tc->bins[cls].cap != HM_BIN_DRAINING || tc->heap->drained_count != waiting) {
+        assert_true(i < n / 2);
+        hakmem_free(a[i++]);
+    }
+    return i;
+}
+
 /* A draining bin's frees wait off the bin, fewer than HM_DRAIN_BATCH, and
  * go back to their spans together: at the batch's last free, or first
  * thing in a refill.  No malloc hands out a waiting block. */
@@ -424,15 +441,7 @@ static void drained_frees_go_back_a_batch_at_a_time(void **state)
     struct hm_tcache *tc = hm_tcache_self();
     struct hm_heap *h = tc->heap;
     static void *a[N];
-    for (int i = 0; i < N; i++)
-        a[i] = hakmem_malloc(SIZE);
-    int i = 0;
-    while (tc->bins[DCLS].cap != HM_BIN_DRAINING) {
-        assert_true(i < N / 2);
-        hakmem_free(a[i++]);
-    }
-    while (h->drained_count != 0)           /* to a batch's start */
-        hakmem_free(a[i++]);
+    int i = start_draining(a, N, SIZE, 0);  /* at a batch's start */
 
     struct hakmem_class_info before, after;
     hakmem_class_info(DCLS, &before);
@@ -473,6 +482,61 @@ static void drained_frees_go_back_a_batch_at_a_time(void **state)
         hakmem_free(a[k]);
     for (int k = i; k < N; k++)
         hakmem_free(a[k]);
+    hakmem_trim();
+}
+
+/* A signal handler that frees in the middle of a drain_defer (here
+ * played by marking the batch busy) must leave the batch alone, or the
+ * interrupted change would later bring back blocks already put: its
+ * frees fill the batch, then go back one at a time. */
+static void busy_batch_is_left_alone(void **state)
+{
+    (void)state;
+    enum { DCLS = 2, SIZE = 48, N = 4000 };
+    struct hm_tcache *tc = hm_tcache_self();
+    struct hm_heap *h = tc->heap;
+    static void *a[N];
+    int i = start_draining(a, N, SIZE, 3);
+    struct hakmem_class_info before, after;
+    hakmem_class_info(DCLS, &before);
+    h->drained_busy = 1;
+    for (int k = 0; k < 20; k++)
+        hakmem_free(a[i++]);
+    assert_int_equal(h->drained_count, HM_DRAIN_BATCH);
+    hakmem_class_info(DCLS, &after);
+    assert_int_equal(after.blocks_drained, before.blocks_drained + 20 - (HM_DRAIN_BATCH - 3));
+    h->drained_busy = 0;
+    hakmem_trim();
+    assert_int_equal(h->drained_count, 0);
+    hakmem_class_info(DCLS, &after);
+    assert_int_equal(after.blocks_drained, before.blocks_drained + 20 + 3);
+    while (i < N)
+        hakmem_free(a[i++]);
+    hakmem_trim();
+}
+
+/* A draining bin of a class above HM_DRAIN_DEFER_MAX hands each free back
+ * at once, as before the batches: nothing waits. */
+static void drained_big_blocks_go_back_at_once(void **state)
+{
+    (void)state;
+    enum { SIZE = 2048, N = 3000 };
+    unsigned cls = hm_size_class(SIZE);
+    struct hm_tcache *tc = hm_tcache_self();
+    struct hm_heap *h = tc->heap;
+    static void *a[N];
+    int i = start_draining(a, N, SIZE, h->drained_count);
+    uint32_t waiting = h->drained_count;
+    struct hakmem_class_info before, after;
+    for (int k = 0; k < 10; k++) {
+        hakmem_class_info(cls, &before);
+        hakmem_free(a[i++]);
+        hakmem_class_info(cls, &after);
+        assert_int_equal(after.blocks_drained, before.blocks_drained + 1);
+        assert_int_equal(h->drained_count, waiting);
+    }
+    while (i < N)
+        hakmem_free(a[i++]);
     hakmem_trim();
 }
 
@@ -1322,6 +1386,8 @@ int main(void)
         cmocka_unit_test(page_blocks_reuse_their_pages),
         cmocka_unit_test(shrinking_class_drains_and_gathers_survivors),
         cmocka_unit_test(drained_frees_go_back_a_batch_at_a_time),
+        cmocka_unit_test(drained_big_blocks_go_back_at_once),
+        cmocka_unit_test(busy_batch_is_left_alone),
         cmocka_unit_test(cache_bound_covers_the_caches),
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
         cmocka_unit_test(segments_with_room_come_first),

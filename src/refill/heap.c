@@ -783,7 +783,7 @@ static size_t give_up_forked(size_t budget)
 static void orphan_exit(struct hm_heap *h)
 {
     hm_remote_flush(h);
-    hm_drained_put(h);
+    hm_drained_put_orphaned(h);
     give_up_all(h);
     hm_heap_tidier_unlock(h);
     heap_retire(h);

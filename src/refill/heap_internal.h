@@ -104,9 +104,10 @@ struct hm_heap {
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
     /* Frees into draining bins, waiting to go back to their spans together
-     * (see drain_defer): only its thread touches them, without the lock.
-     * They count as used by their spans, like a bin's blocks. */
+     * (see drain_defer): its thread adds to them without the lock; puts
+     * hold it.  They count as used by their spans, like a bin's blocks. */
     uint32_t drained_count;
+    uint32_t drained_busy;                  /* drain_defers in progress */
     void *drained[HM_DRAIN_BATCH];
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
     /* What the caches can hold until each class's next slow path, per
@@ -277,6 +278,7 @@ void hm_partial_push(struct hm_heap *h, struct hm_span *sp);
 void hm_partial_remove(struct hm_heap *h, struct hm_span *sp);
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls);
 uint32_t hm_drained_put(struct hm_heap *h);
+uint32_t hm_drained_put_orphaned(struct hm_heap *h);
 /* A heap's first refills of a class that carve less than the refill
  * count (see slow_start in refill.c). */
 #define HM_SLOW_START_REFILLS 3

@@ -1373,8 +1373,11 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * malloc_trim, or a tidier's exit of its heap for a thread gone).  The
  * classes above HM_DRAIN_DEFER_MAX go back one at a time as before: an
  * idle thread's batch pins its blocks' spans, at most 15 KiB of blocks.
- * The slot is written before the count, so a signal handler that frees
- * meanwhile loses a block at worst, as with a bin. */
+ *
+ * The allocator is no more async-signal-safe than malloc need be, but a
+ * signal handler that frees or mallocs in the middle of a change to the
+ * batch (or of a put, in a slow path it re-enters) leaves the batch
+ * alone: a block may be lost then, never put twice. */
 #define HM_DRAIN_DEFER_MAX 1024u
 
 static bool drain_defers(unsigned cls)
@@ -1387,37 +1390,73 @@ static void drain_defer(struct hm_heap *h, struct hm_bin *bin)
     void *b = bin->head;            /* the block just freed */
     bin->head = *(void **)b;
     bin->room++;
+    h->drained_busy++;
+    atomic_signal_fence(memory_order_seq_cst);
     uint32_t n = h->drained_count;
     h->drained[n] = b;
-    atomic_signal_fence(memory_order_release);
     h->drained_count = n + 1;
+    atomic_signal_fence(memory_order_seq_cst);
+    h->drained_busy--;
+}
+
+/* Whether b is a block of one of h's spans, not a hole: check_own's
+ * conditions, for a caller that must not end the process. */
+static bool own_block(const struct hm_heap *h, const struct hm_span *sp, const void *b)
+{
+    return sp && hm_span_owner(sp) == h->id && hm_span_is_block(sp, (uintptr_t)b) &&
+           !(sp->holes && is_hole(sp, b));
 }
 
 /* Puts the batch back, taken whole first: a diagnostic's abort handler
- * (or a signal handler) that frees meanwhile starts a new batch instead
- * of adding to, or putting again, this one.  Returns how many went. */
-uint32_t hm_drained_put(struct hm_heap *h)
+ * that frees meanwhile starts a new batch instead of adding to, or
+ * putting again, this one.  Not in a slow path re-entered by a handler,
+ * nor while a drain_defer is under way (see above).  A block that fails
+ * its check ends the process, or with `fatal` false stays out, as it is.
+ * Returns how many went. */
+static uint32_t drained_put(struct hm_heap *h, bool fatal)
 {
     uint32_t n = h->drained_count;
-    if (!n)
+    if (!n || h->drained_busy || h->lock_depth)
         return 0;
     void *blocks[HM_DRAIN_BATCH];
     struct hm_span *spans[HM_DRAIN_BATCH];
     for (uint32_t i = 0; i < n; i++)
         blocks[i] = h->drained[i];
-    atomic_signal_fence(memory_order_acq_rel);
+    atomic_signal_fence(memory_order_seq_cst);
     h->drained_count = 0;
     for (uint32_t i = 0; i < n; i++)
         spans[i] = span_fetched(blocks[i], true);
+    uint32_t put = 0;
     for (uint32_t i = 0; i < n; i++) {      /* all before the puts: see check_blocks */
-        check_own(h, spans[i], blocks[i], "invalid pointer");
+        if (fatal)
+            check_own(h, spans[i], blocks[i], "invalid pointer");
+        else if (!own_block(h, spans[i], blocks[i])) {
+            spans[i] = NULL;
+            continue;
+        }
         struct hm_heap_class_stats *s = &h->stats[spans[i]->size_class];
         s->blocks_drained++;
         s->drain_frees++;
+        put++;
     }
     for (uint32_t i = 0; i < n; i++)
-        hm_span_put(h, spans[i], blocks[i]);
-    return n;
+        if (spans[i])
+            hm_span_put(h, spans[i], blocks[i]);
+    return put;
+}
+
+uint32_t hm_drained_put(struct hm_heap *h)
+{
+    return drained_put(h, true);
+}
+
+/* For the tidier that exits the heap of a thread gone: a diagnostic there
+ * would end the process from another thread, holding the registry's lock,
+ * about a thread that is no more; such a block stays out (it leaked with
+ * its thread's bins before). */
+uint32_t hm_drained_put_orphaned(struct hm_heap *h)
+{
+    return drained_put(h, false);
 }
 
 static bool drained_holds(const struct hm_heap *h, const void *p)
@@ -1443,7 +1482,8 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
             n = hm_drained_put(h);
         } else {
             /* A bigger block goes alone, as does one that finds the batch
-             * full (a handler freed in the middle of a put): after it. */
+             * full (a handler that freed in the middle of a change to it):
+             * the waiting batch first, if it may go, then this block. */
             n = hm_drained_put(h) + 1;
             void *b = bin->head;
             bin->head = *(void **)b;
