@@ -204,6 +204,11 @@ static void produce(size_t size, unsigned share, double seconds)
             handoff_ring[tail % HANDOFF_RING] = v[i];
             atomic_store(&handoff_tail, tail + 1);
         }
+        /* The consumer catches up before the next burst: on a loaded
+         * machine it lagged, and the producer's refills carved fresh
+         * blocks instead of taking back freed ones (its class grew). */
+        while (atomic_load(&handoff_head) != atomic_load(&handoff_tail))
+            sched_yield();
         clock_gettime(CLOCK_MONOTONIC, &t);
     } while ((double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) / 1e9 < seconds);
     atomic_store(&handoff_stop, 1);
