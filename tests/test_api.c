@@ -506,8 +506,9 @@ static void abort_handler_may_allocate(void **state)
 }
 
 /* The same while a draining bin's batch goes back: the handler's frees
- * of the class start a new batch (and put it), and the block that failed
- * its check is not looked at again. */
+ * of the class fill a new batch, then go back alone (no put runs in the
+ * slow path they re-enter), and the block that failed its check is not
+ * looked at again. */
 static void *spare_64[40];
 
 static void free_spares_and_exit(int sig)

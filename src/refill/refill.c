@@ -1385,18 +1385,25 @@ static bool drain_defers(unsigned cls)
     return hm_size_class_size(cls) <= HM_DRAIN_DEFER_MAX;
 }
 
-static void drain_defer(struct hm_heap *h, struct hm_bin *bin)
+/* Moves the block just freed from the bin to the batch, unless the batch
+ * is full (a handler filled it while a put could not run): then it stays
+ * in the bin, for the flush to send alone. */
+static bool drain_defer(struct hm_heap *h, struct hm_bin *bin)
 {
-    void *b = bin->head;            /* the block just freed */
-    bin->head = *(void **)b;
-    bin->room++;
     h->drained_busy++;
     atomic_signal_fence(memory_order_seq_cst);
     uint32_t n = h->drained_count;
-    h->drained[n] = b;
-    h->drained_count = n + 1;
+    bool room = n < HM_DRAIN_BATCH;
+    if (room) {
+        void *b = bin->head;
+        bin->head = *(void **)b;
+        bin->room++;
+        h->drained[n] = b;
+        h->drained_count = n + 1;
+    }
     atomic_signal_fence(memory_order_seq_cst);
     h->drained_busy--;
+    return room;
 }
 
 /* Whether b is a block of one of h's spans, not a hole: check_own's
@@ -1408,7 +1415,8 @@ static bool own_block(const struct hm_heap *h, const struct hm_span *sp, const v
 }
 
 /* Puts the batch back, taken whole first: a diagnostic's abort handler
- * that frees meanwhile starts a new batch instead of adding to, or
+ * that frees meanwhile fills a new batch (which no put takes while the
+ * handler runs: its frees then go back alone) instead of adding to, or
  * putting again, this one.  Not in a slow path re-entered by a handler,
  * nor while a drain_defer is under way (see above).  A block that fails
  * its check ends the process, or with `fatal` false stays out, as it is.
@@ -1477,8 +1485,7 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
     }
     if (bin->cap < 0) {
         uint32_t n;
-        if (drain_defers(cls) && h->drained_count < HM_DRAIN_BATCH) {
-            drain_defer(h, bin);
+        if (drain_defers(cls) && drain_defer(h, bin)) {
             n = hm_drained_put(h);
         } else {
             /* A bigger block goes alone, as does one that finds the batch
@@ -1525,9 +1532,9 @@ static __attribute__((noinline)) void flush_locked(struct hm_tcache *tc, unsigne
 void hm_flush(struct hm_tcache *tc, unsigned cls)
 {
     struct hm_heap *h = tc->heap;
-    if (tc->bins[cls].cap < 0 && h->drained_count < HM_DRAIN_BATCH - 1 && drain_defers(cls))
-        drain_defer(h, &tc->bins[cls]);     /* the batch's last free puts them all */
-    else
+    /* The batch's last free puts them all, under the lock. */
+    if (!(tc->bins[cls].cap < 0 && h->drained_count < HM_DRAIN_BATCH - 1 && drain_defers(cls) &&
+          drain_defer(h, &tc->bins[cls])))
         flush_locked(tc, cls);
 }
 
