@@ -126,7 +126,8 @@ void hm_span_put(struct hm_heap *h, struct hm_span *sp, void *block)
     sp->free = block;
     sp->used--;
     note_freed(sp, 1);
-    span_settle(h, sp);
+    if (sp->used == 0 || !sp->in_partial)   /* span_settle's cases, tested here: most puts need neither */
+        span_settle(h, sp);
 }
 
 /* ---- remote frees ------------------------------------------------------ */
