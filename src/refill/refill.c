@@ -1378,7 +1378,9 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * The allocator is no more async-signal-safe than malloc need be, but a
  * signal handler that frees or mallocs in the middle of a change to the
  * batch (or of a put, in a slow path it re-enters) leaves the batch
- * alone: a block may be lost then, never put twice. */
+ * alone: a block may be lost then, never put twice by the batch.  (A
+ * handler that mallocs from the same bin while its block is taken off is
+ * as unsafe as one that interrupts a bin's pop.) */
 #define HM_DRAIN_DEFER_MAX 1024u
 
 static bool drain_defers(unsigned cls)
