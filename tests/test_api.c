@@ -433,6 +433,14 @@ static void free_interior_while_draining(void)
     hakmem_trim();
 }
 
+/* Or at the process's exit, for the exiting thread's batch. */
+static void free_interior_while_draining_then_exit(void)
+{
+    char *last = drain_64();
+    hakmem_free(last + 16);
+    exit(0);
+}
+
 /* A 4 KiB bin holds 20 blocks (or up to 30 after a whole free list): the
  * free that overflows it moves the 11 (or up to 16) newest into the
  * class's stash, where a second free of one must still be found. */
@@ -554,6 +562,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_interior_of_a_stash_class, "invalid pointer (found in a thread cache)");
     expect_abort(free_twice_while_draining, "hakmem: free(): double free detected 0x");
     expect_abort(free_interior_while_draining, "hakmem: free(): invalid pointer 0x");
+    expect_abort(free_interior_while_draining_then_exit, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_twice_from_the_stash, "hakmem: free(): double free detected 0x");
     expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");
 }

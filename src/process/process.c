@@ -139,8 +139,12 @@ __attribute__((constructor)) static void hm_on_load(void)
     hm_ace_loaded();
 }
 
+/* At exit (or an unload): the exiting thread's drained batch goes back,
+ * so that an invalid free waiting there is diagnosed, and the counters
+ * below see it.  Other threads' batches stay: they may be in use. */
 __attribute__((destructor)) static void hm_on_unload(void)
 {
+    hm_drained_put_at_exit(hm_tcache_self());
     if (hm_options.stats)
         hakmem_stats_print(hm_options.stats_fd >= 0 ? hm_options.stats_fd : STDERR_FILENO);
 }

@@ -1810,6 +1810,16 @@ static void trim_exited_bins(void)
     exited_leave(&saved);
 }
 
+void hm_drained_put_at_exit(struct hm_tcache *tc)
+{
+    struct hm_heap *h = tc->heap;
+    if (!h || !h->drained_count)
+        return;
+    hm_heap_lock(h);
+    hm_drained_put(h);
+    hm_heap_unlock(h);
+}
+
 /* malloc_trim: this thread's cached blocks go back (spans left empty go to
  * their segments), its empty segments are unmapped, and every free page of
  * every segment goes back to the OS now. */

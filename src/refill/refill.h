@@ -145,6 +145,11 @@ size_t hm_usable_size(void *p, const char *call);
  * segment it holds.  True when memory went back to the OS. */
 bool hm_trim(struct hm_tcache *tc);
 
+/* At the process's exit: the exiting thread's drained frees waiting in
+ * its heap's batch go back to their spans (a block that fails its check
+ * then gets its diagnostic, as it would have at a later put). */
+void hm_drained_put_at_exit(struct hm_tcache *tc);
+
 /* The process-wide purge's share of the heaps: tidies those whose threads
  * entered no slow path for delay_ns (their stashes, nearly empty spans and
  * remote frees; see hm_heaps_tidy_idle_step). */
