@@ -515,6 +515,28 @@ static void busy_batch_is_left_alone(void **state)
     hakmem_trim();
 }
 
+/* At the process's exit the exiting thread's batch goes back, but not at
+ * the price of waiting for ever on its heap's lock: here a tidier's hold
+ * that nobody will let go (a child forked without the fork handlers
+ * inherits such a word).  The child must exit, leaving the batch. */
+static void exit_does_not_wait_for_a_stuck_tidier(void **state)
+{
+    (void)state;
+    pid_t pid = fork();
+    if (pid == 0) {
+        static void *a[4000];
+        start_draining(a, 4000, 48, 3);
+        if (!hm_heap_trylock(hm_tcache_self()->heap))
+            _exit(3);
+        alarm(10);                      /* a hang dies of SIGALRM */
+        exit(0);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 /* A draining bin of a class above HM_DRAIN_DEFER_MAX hands each free back
  * at once, as before the batches: nothing waits. */
 static void drained_big_blocks_go_back_at_once(void **state)
@@ -1388,6 +1410,7 @@ int main(void)
         cmocka_unit_test(drained_frees_go_back_a_batch_at_a_time),
         cmocka_unit_test(drained_big_blocks_go_back_at_once),
         cmocka_unit_test(busy_batch_is_left_alone),
+        cmocka_unit_test(exit_does_not_wait_for_a_stuck_tidier),
         cmocka_unit_test(cache_bound_covers_the_caches),
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),
         cmocka_unit_test(segments_with_room_come_first),

@@ -701,6 +701,25 @@ void hm_heap_lock_wait(struct hm_heap *h)
         lock_backoff(spins);
 }
 
+/* The owner's lock at the process's exit, if it can be had: not when it
+ * is the owner's already (a handler that exits), nor after about 10 ms
+ * of a tidier's holding it.  A tidier may never let go then: one whose
+ * thread's signal handler called exit too (a second exit blocks), or one
+ * of the parent's, in a child forked without our handlers. */
+bool hm_heap_lock_at_exit(struct hm_heap *h)
+{
+    for (unsigned spins = 0; spins < 128 + 500; spins++) {      /* 500 naps of 20 us */
+        if (hm_heap_lock_take(h, HM_HEAP_OWNER)) {
+            h->entries++;
+            return true;
+        }
+        if (atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_OWNER)
+            return false;
+        lock_backoff(spins);
+    }
+    return false;
+}
+
 static void give_up_all(struct hm_heap *h);
 static void heap_retire(struct hm_heap *h);
 

@@ -140,6 +140,7 @@ enum { HM_HEAP_FREE, HM_HEAP_OWNER, HM_HEAP_TIDIER };
 /* The owner's lock: one uncontended compare-exchange.  Contended only
  * while a tidier holds it, for one step of bounded work. */
 void hm_heap_lock_wait(struct hm_heap *h);
+bool hm_heap_lock_at_exit(struct hm_heap *h);
 static inline void hm_heap_lock(struct hm_heap *h)
 {
     uint32_t seen = HM_HEAP_FREE;

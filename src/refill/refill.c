@@ -1813,9 +1813,8 @@ static void trim_exited_bins(void)
 void hm_drained_put_at_exit(struct hm_tcache *tc)
 {
     struct hm_heap *h = tc->heap;
-    if (!h || !h->drained_count)
-        return;
-    hm_heap_lock(h);
+    if (!h || !h->drained_count || !hm_heap_lock_at_exit(h))
+        return;                 /* the batch stays, as at any exit before */
     hm_drained_put(h);
     hm_heap_unlock(h);
 }

@@ -147,7 +147,8 @@ bool hm_trim(struct hm_tcache *tc);
 
 /* At the process's exit: the exiting thread's drained frees waiting in
  * its heap's batch go back to their spans (a block that fails its check
- * then gets its diagnostic, as it would have at a later put). */
+ * then gets its diagnostic, as it would have at a later put), unless its
+ * heap's lock cannot be had soon (see hm_heap_lock_at_exit). */
 void hm_drained_put_at_exit(struct hm_tcache *tc);
 
 /* The process-wide purge's share of the heaps: tidies those whose threads
