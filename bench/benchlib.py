@@ -15,7 +15,7 @@ LIBDIR = Path(os.environ.get("HAKMEM_BENCH_PEER_DIR") or "/usr/lib/x86_64-linux-
 
 PROGRAMS = ["tiny_hot", "random_mixed", "mid_large_mt", "larson", "xmalloc",
             "cache_scratch", "realloc_grow", "large", "thread_churn", "phase_server",
-            "tail_latency", "big_heap", "program"]
+            "tail_latency", "big_heap", "teardown", "program"]
 
 PEERS = {  # name: (library, Debian package)
     "jemalloc": (LIBDIR / "libjemalloc.so.2", "libjemalloc2"),
