@@ -67,8 +67,10 @@ struct hakmem_class_info {
                                  * as their last refill or overflow left them */
     uint64_t ace_events;        /* refill events the ACE thread received */
     uint64_t ace_drops;         /* refill events dropped (queue full) */
-    uint64_t blocks_drained;    /* frees handed straight to their spans while
-                                 * the class's live set shrank */
+    uint64_t blocks_drained;    /* frees handed back to their spans while the
+                                 * class's live set shrank (those of up to
+                                 * 1 KiB counted when their thread's batch
+                                 * of at most 16 goes back) */
 };
 
 struct hakmem_stats {

@@ -529,9 +529,9 @@ static void free_spares_and_exit(int sig)
 
 static void interior_while_draining_with_handler(void)
 {
-    char *last = drain_64();
-    for (int i = 0; i < 40; i++)
+    for (int i = 0; i < 40; i++)        /* before: their mallocs cannot end the drain */
         spare_64[i] = hakmem_malloc(64);
+    char *last = drain_64();
     signal(SIGABRT, free_spares_and_exit);
     alarm(20);
     hakmem_free(last + 16);

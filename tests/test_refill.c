@@ -361,7 +361,7 @@ static unsigned spans_holding_most(void **a, size_t n, unsigned *total)
 }
 
 /* A class whose live set shrinks (three frees for each malloc) starts
- * draining: frees go straight back to their spans and mallocs are served
+ * draining: frees go back to their spans and mallocs are served
  * by refills, so the blocks that survive the shrink gather in few spans
  * and the others empty.  A cache that reused the last freed blocks would
  * scatter them over every span.  Back in balance, the bin caches again. */

@@ -34,9 +34,6 @@ struct hm_remote_batch {
  * pointers, newest last (see "the stash" in refill.c).  They count as used
  * by their spans, like a bin's. */
 #define HM_STASH_MAX 16
-
-/* Frees into draining bins go back to their spans this many at a time. */
-#define HM_DRAIN_BATCH 16
 struct hm_stash {
     uint32_t count;                 /* written under the heap's lock, read by reports */
     void *slot[HM_STASH_MAX];
@@ -103,9 +100,11 @@ struct hm_heap {
     struct hm_remote_batch remote[HM_NUM_CLASSES + 1];
     uint64_t remote_open[2];                /* bit per class: batch not empty */
     size_t remote_held;                     /* bytes in all batches */
-    /* Frees into draining bins, waiting to go back to their spans together
-     * (see drain_defer): its thread adds to them without the lock; puts
-     * hold it.  They count as used by their spans, like a bin's blocks. */
+    /* Frees into draining bins, waiting to go back to their spans together,
+     * at most HM_DRAIN_BATCH (see drain_defer): its thread adds to them
+     * without the lock; puts hold it.  They count as used by their spans,
+     * like a bin's blocks. */
+#define HM_DRAIN_BATCH 16
     uint32_t drained_count;
     uint32_t drained_busy;                  /* drain_defers in progress */
     void *drained[HM_DRAIN_BATCH];

@@ -1370,8 +1370,9 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * program that frees most of what it built (a cache dropped, a phase
  * over) drains every class.  Only this thread touches the batch, so it
  * needs no lock; it holds fewer than HM_DRAIN_BATCH blocks until the next
- * put (the batch's last free, a refill, the thread's exit or its
- * malloc_trim, or a tidier's exit of its heap for a thread gone).  The
+ * put (the batch's last free, a draining free of a bigger class, a
+ * refill, the thread's exit or its malloc_trim, exit() for the thread
+ * that calls it, or a tidier's exit of its heap for a thread gone).  The
  * classes above HM_DRAIN_DEFER_MAX go back one at a time as before: an
  * idle thread's batch pins its blocks' spans, at most 15 KiB of blocks.
  *
