@@ -1101,13 +1101,36 @@ static void allocation_in_key_destructors_after_ours(void **state)
 enum { GONE = 4, GONE_STACK = 256 << 10 };
 static pthread_key_t gone_key;
 
-static void last_round_dtor(void *v)
+/* A key destructor's round: false (and the key set again, for the next
+ * round) until glibc's last, the 4th. */
+static bool last_round(pthread_key_t key, void *v)
 {
     long round = (long)v;
-    if (round < 4) {                        /* glibc's rounds: this is the 4th */
-        pthread_setspecific(gone_key, (void *)(round + 1));
+    if (round < 4)
+        pthread_setspecific(key, (void *)(round + 1));
+    return round >= 4;
+}
+
+/* Runs a thread that only sets `key`, on a stack of its own (returned,
+ * for the caller to unmap once reports no longer read it), to its end. */
+static void *run_key_thread(pthread_key_t *key)
+{
+    void *stack = mmap(NULL, GONE_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                       -1, 0);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstack(&attr, stack, GONE_STACK);
+    pthread_t t;
+    pthread_create(&t, &attr, set_dtor_key_only_of, key);
+    pthread_join(t, NULL);
+    pthread_attr_destroy(&attr);
+    return stack;
+}
+
+static void last_round_dtor(void *v)
+{
+    if (!last_round(gone_key, v))
         return;
-    }
     void *p[100];
     for (int i = 0; i < 100; i++)
         p[i] = hakmem_malloc(100);
@@ -1148,17 +1171,8 @@ static void reports_after_last_round_threads(void)
     hakmem_stats(&s0);
     uint64_t base = all_blocks_cached();
     void *stacks[GONE];
-    for (int i = 0; i < GONE; i++) {
-        stacks[i] = mmap(NULL, GONE_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                         -1, 0);
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setstack(&attr, stacks[i], GONE_STACK);
-        pthread_t t;
-        pthread_create(&t, &attr, set_dtor_key_only_of, &gone_key);
-        pthread_join(t, NULL);
-        pthread_attr_destroy(&attr);
-    }
+    for (int i = 0; i < GONE; i++)
+        stacks[i] = run_key_thread(&gone_key);
     hakmem_stats(&s1);
     if (s1.threads_live != s0.threads_live + GONE)  /* the case this test is about */
         _exit(3);
@@ -1214,11 +1228,8 @@ static pid_t gone_tid;
 
 static void draining_last_round_dtor(void *v)
 {
-    long round = (long)v;
-    if (round < 4) {                        /* glibc's rounds: this is the 4th */
-        pthread_setspecific(drain_key, (void *)(round + 1));
+    if (!last_round(drain_key, v))
         return;
-    }
     enum { DCLS = 2, SIZE = 48, N = 4000 };
     static void *blocks[N];
     for (int i = 0; i < N; i++)
@@ -1237,15 +1248,7 @@ static void drained_batch_of_a_gone_thread(void)
 {
     hakmem_free(hakmem_malloc(1));          /* hakmem's exit key comes first */
     pthread_key_create(&drain_key, draining_last_round_dtor);
-    void *stack = mmap(NULL, GONE_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstack(&attr, stack, GONE_STACK);
-    pthread_t t;
-    pthread_create(&t, &attr, set_dtor_key_only_of, &drain_key);
-    pthread_join(t, NULL);
-    pthread_attr_destroy(&attr);
+    void *stack = run_key_thread(&drain_key);
     if (gone_pending != 5)
         _exit(3);
     /* The kernel clears the joined thread's id before the thread is gone

@@ -1245,11 +1245,6 @@ int32_t hm_bin_cap(unsigned cls, uint32_t want, uint32_t got)
     return (int32_t)(wide > base ? wide : base);
 }
 
-static bool stash_takes(const struct hm_bin *bin, unsigned cls, uint32_t n, uint32_t room)
-{
-    return cls < HM_NUM_CLASSES && bin->cap >= 0 && n <= room;
-}
-
 static void stash_set_count(struct hm_stash *st, uint32_t n)
 {
     __atomic_store_n(&st->count, n, __ATOMIC_RELAXED);
@@ -1389,6 +1384,24 @@ static bool drain_defers(unsigned cls)
     return hm_size_class_size(cls) <= HM_DRAIN_DEFER_MAX;
 }
 
+/* The block just freed, which overflowed a draining bin, off the bin. */
+static void *bin_take_freed(struct hm_bin *bin)
+{
+    void *b = bin->head;
+    bin->head = *(void **)b;
+    bin->room++;
+    return b;
+}
+
+/* A drained free back to its span (checked), counted. */
+static void put_drained(struct hm_heap *h, struct hm_span *sp, void *b)
+{
+    struct hm_heap_class_stats *s = &h->stats[sp->size_class];
+    s->blocks_drained++;
+    s->drain_frees++;
+    hm_span_put(h, sp, b);
+}
+
 /* Moves the block just freed from the bin to the batch, unless the batch
  * is full (a handler filled it while a put could not run): then it stays
  * in the bin, for the flush to send alone. */
@@ -1399,10 +1412,7 @@ static bool drain_defer(struct hm_heap *h, struct hm_bin *bin)
     uint32_t n = h->drained_count;
     bool room = n < HM_DRAIN_BATCH;
     if (room) {
-        void *b = bin->head;
-        bin->head = *(void **)b;
-        bin->room++;
-        h->drained[n] = b;
+        h->drained[n] = bin_take_freed(bin);
         h->drained_count = n + 1;
     }
     atomic_signal_fence(memory_order_seq_cst);
@@ -1442,18 +1452,15 @@ static uint32_t drained_put(struct hm_heap *h, bool fatal)
     for (uint32_t i = 0; i < n; i++) {      /* all before the puts: see check_blocks */
         if (fatal)
             check_own(h, spans[i], blocks[i], "invalid pointer");
-        else if (!own_block(h, spans[i], blocks[i])) {
+        else if (!own_block(h, spans[i], blocks[i]))
             spans[i] = NULL;
-            continue;
-        }
-        struct hm_heap_class_stats *s = &h->stats[spans[i]->size_class];
-        s->blocks_drained++;
-        s->drain_frees++;
-        put++;
     }
-    for (uint32_t i = 0; i < n; i++)
-        if (spans[i])
-            hm_span_put(h, spans[i], blocks[i]);
+    for (uint32_t i = 0; i < n; i++) {
+        if (spans[i]) {             /* held by its own block until this put */
+            put_drained(h, spans[i], blocks[i]);
+            put++;
+        }
+    }
     return put;
 }
 
@@ -1496,12 +1503,8 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
              * full (a handler that freed in the middle of a change to it):
              * the waiting batch first, if it may go, then this block. */
             n = hm_drained_put(h) + 1;
-            void *b = bin->head;
-            bin->head = *(void **)b;
-            bin->room++;
-            hm_span_put(h, check_own(h, span_of_block(b), b, "invalid pointer"), b);
-            s->blocks_drained++;
-            s->drain_frees++;
+            void *b = bin_take_freed(bin);
+            put_drained(h, check_own(h, span_of_block(b), b, "invalid pointer"), b);
         }
         slow_path_ticks(h, tc, n);
         return;
@@ -1515,8 +1518,8 @@ static void flush(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
         /* Read once: it shrinks as threads start (see share_scaled), and
          * a spill sized by a smaller room than the check's would take
          * more than the stash holds. */
-        uint32_t room = cls < HM_NUM_CLASSES ? stash_room(cls) : 0;
-        if (stash_takes(bin, cls, n, room))
+        uint32_t room = cls < HM_NUM_CLASSES ? stash_room(cls) : 0;   /* page blocks: none */
+        if (n <= room)
             stash_put(h, bin, cls, keep, n, room);
         else
             bin_trim(h, tc, cls, keep);
