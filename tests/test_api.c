@@ -416,11 +416,24 @@ static void *drain_64(void)
     return last;
 }
 
+/* Both frees wait in the batch, unread (see drain_defer): the put finds
+ * the second by the key the first one's check wrote. */
 static void free_twice_while_draining(void)
 {
     void *last = drain_64();
     hakmem_free(last);
     hakmem_free(last);
+    hakmem_trim();
+}
+
+/* The first free went back to the span's list before the second. */
+static void free_twice_while_draining_after_a_put(void)
+{
+    void *last = drain_64();
+    hakmem_free(last);
+    hakmem_trim();
+    hakmem_free(last);
+    hakmem_trim();
 }
 
 /* Caught when the draining bin's frees go back to their spans (the
@@ -561,6 +574,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_interior_then_trim, "invalid pointer (found in a thread cache)");
     expect_abort(free_interior_of_a_stash_class, "invalid pointer (found in a thread cache)");
     expect_abort(free_twice_while_draining, "hakmem: free(): double free detected 0x");
+    expect_abort(free_twice_while_draining_after_a_put, "hakmem: free(): double free detected 0x");
     expect_abort(free_interior_while_draining, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_interior_while_draining_then_exit, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_twice_from_the_stash, "hakmem: free(): double free detected 0x");

@@ -81,13 +81,12 @@ static inline void *bin_pop(bin_ref *bin)
     return p;
 }
 
-/* hm_bin_push, for a bin reached through %fs. */
-static inline bool bin_push(bin_ref *bin, void *p, uintptr_t key)
+/* hm_bin_link, for a bin reached through %fs. */
+static inline void bin_link(bin_ref *bin, void *p, uintptr_t key)
 {
     ((void **)p)[0] = bin->head;
     ((uintptr_t *)p)[1] = key;
     bin->head = p;
-    return --bin->room < 0;
 }
 
 /* An empty bin: refill it, or serve set-up's own re-entrant calls. */
@@ -176,13 +175,27 @@ void hakmem_free(void *p)
         tc_ref *tc = tc_fast();
         /* The page's tag XOR our heap id: the bin's offset when the page
          * is a span of this thread's (see hm_pagemap), else >= the heap
-         * alignment.  Then a block that does not look free already. */
+         * alignment. */
         uintptr_t bin_offset =
             atomic_load_explicit(&hm_pagemap.table[page], memory_order_relaxed) ^ tc->owner;
-        if (likely(bin_offset < HM_HEAP_ALIGN && ((uintptr_t *)p)[1] != tc->key)) {
-            if (unlikely(bin_push(bin_at(bin_offset), p, tc->key)))
+        if (likely(bin_offset < HM_HEAP_ALIGN)) {
+            bin_ref *bin = bin_at(bin_offset);
+            /* Room first: a bin with none (full, or draining) hands the
+             * block to the flush unread, and a draining bin's frees then
+             * read their blocks a batch at a time, their cache misses
+             * overlapping (see drain_defer), not one free at a time. */
+            if (unlikely(--bin->room < 0)) {
                 hm_flush(&hm_tc, (unsigned)((bin_offset - offsetof(struct hm_tcache, bins)) /
-                                            sizeof(struct hm_bin)));
+                                            sizeof(struct hm_bin)),
+                         p);
+                return;
+            }
+            /* A block that does not look free already. */
+            if (likely(((uintptr_t *)p)[1] != tc->key)) {
+                bin_link(bin, p, tc->key);
+                return;
+            }
+            hm_free_counted(&hm_tc, bin_offset, p);
             return;
         }
     }

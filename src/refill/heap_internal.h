@@ -20,7 +20,9 @@ struct hm_heap_class_stats {
      * reports read: never the bin itself, which is in its thread's TLS and
      * may be unmapped once the thread is gone (see hm_class_counters). */
     uint32_t bin_blocks;
-    uint32_t drain_frees, drain_allocs;   /* a draining bin's current window */
+    /* A draining bin's current window: its allocations, and its frees
+     * since blocks_drained (low 32 bits) was drain_frees_at. */
+    uint32_t drain_frees_at, drain_allocs;
     uint64_t blocks_drained;
 };
 

@@ -20,7 +20,8 @@
  * word.  A free block's second word holds hm_free_key, which lets free()
  * notice a likely double free with one compare.  The bin counts the room
  * left below its cap rather than its blocks, so free() pays one decrement
- * for both: when room goes negative the bin holds cap + 1.
+ * for both: when room goes negative the block freed is one over the cap,
+ * and the flush takes it.
  *
  * A draining bin (cap HM_BIN_DRAINING) takes no frees: its room stays far
  * below zero, so every free overflows and the flush hands the block
@@ -62,14 +63,14 @@ static inline void hm_prefetch_write(const void *p)
 #endif
 }
 
-/* Pushes a free block, marked with the free key; true when the bin went
- * one over its cap (the caller flushes it). */
-static inline bool hm_bin_push(struct hm_bin *bin, void *p, uintptr_t key)
+/* Links a free block into the bin, marked with the free key.  The caller
+ * counted it in the bin's room first (and flushes instead when there was
+ * none: see hm_flush). */
+static inline void hm_bin_link(struct hm_bin *bin, void *p, uintptr_t key)
 {
     ((void **)p)[0] = bin->head;
     ((uintptr_t *)p)[1] = key;
     bin->head = p;
-    return --bin->room < 0;
 }
 
 struct hm_heap;
@@ -128,14 +129,22 @@ void *hm_alloc_pages(struct hm_tcache *tc, size_t size);
  * that follow it, or shrinks it, in place.  False: move it. */
 bool hm_realloc_pages(struct hm_tcache *tc, void *p, size_t size);
 
-/* tc's bin for cls went one over its cap: its older blocks go to their
- * spans, or to the class's stash. */
-void hm_flush(struct hm_tcache *tc, unsigned cls);
+/* p, freed into tc's bin for cls, found no room there: the bin's room
+ * counts it already (one over the cap), but p is neither read nor linked
+ * yet.  A full bin's older blocks go to their spans, or to the class's
+ * stash, and p joins the bin; a draining bin's free goes back to its
+ * span, a batch at a time (its checks, the double free's too, then). */
+void hm_flush(struct hm_tcache *tc, unsigned cls, void *p);
 
 /* Every free the fast path did not take: NULL, large blocks, blocks of other
  * threads' spans, invalid pointers and suspected double frees.  `call` names
  * the API for the diagnostic ("free", "realloc", ...). */
 void hm_free_slow(struct hm_tcache *tc, void *p, const char *call);
+
+/* hm_free_slow for a block that free() counted in a bin of tc's (which
+ * had room) before it found the block marked free already: bin_offset is
+ * the bin's offset in the thread cache, from the block's page tag. */
+void hm_free_counted(struct hm_tcache *tc, uintptr_t bin_offset, void *p);
 
 /* Usable size of a block we own; aborts with a diagnostic naming `call`
  * for a pointer we do not own.  0 for NULL. */
