@@ -70,7 +70,7 @@ struct hakmem_class_info {
     uint64_t blocks_drained;    /* frees handed back to their spans while the
                                  * class's live set shrank (those of up to
                                  * 1 KiB counted when their thread's batch
-                                 * of at most 16 goes back) */
+                                 * of at most 32 goes back) */
 };
 
 struct hakmem_stats {

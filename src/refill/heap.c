@@ -23,6 +23,7 @@
  * hint_owner), so its memory stays mapped for good. */
 #define HEAP_CHUNK (256 * 1024)
 #define HEAP_BYTES hm_round_up(sizeof(struct hm_heap), HM_HEAP_ALIGN)
+_Static_assert(sizeof(struct hm_heap) <= (20 << 10), "a heap is 20 KiB (README, docs/contracts.md)");
 
 static pthread_mutex_t heaps_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct hm_heap *heaps_live;

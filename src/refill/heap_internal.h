@@ -106,14 +106,14 @@ struct hm_heap {
      * at most HM_DRAIN_BATCH (see drain_defer): its thread adds to them
      * without the lock; puts hold it.  They count as used by their spans,
      * like a bin's blocks. */
-#define HM_DRAIN_BATCH 16
+#define HM_DRAIN_BATCH 32
     uint32_t drained_count;
     uint32_t drained_busy;                  /* drain_defers in progress */
     void *drained[HM_DRAIN_BATCH];
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
     /* What the caches can hold until each class's next slow path, per
      * class (blocks) and in all (bytes): see hm_cache_bound_note. */
-    uint32_t cache_bound_blocks[HM_NUM_CLASSES];
+    uint16_t cache_bound_blocks[HM_NUM_CLASSES];     /* saturated: see cache_bound_set */
     uint64_t cache_bound;
     /* Set when other threads' frees may wait in the heap's segments: by a
      * remote free that announced a span on a segment's empty pending

@@ -610,6 +610,12 @@ static uint64_t cached_bytes(struct hm_heap *h, struct hm_tcache *tc)
  * either, bounds what the caches hold at any time. */
 static void cache_bound_set(struct hm_heap *h, unsigned cls, uint32_t n)
 {
+    /* A bin's cap is at most a few thousand blocks (a refill count of up
+     * to 256 and a span's whole free list); a 16-bit count keeps the heap
+     * within 20 KiB with the drained batch at 32.  Were n ever bigger,
+     * the bound would count less than the cache holds, not corrupt. */
+    if (n > UINT16_MAX)
+        n = UINT16_MAX;
     h->cache_bound += ((int64_t)n - (int64_t)h->cache_bound_blocks[cls]) *
                       (int64_t)hm_size_class_size(cls);
     h->cache_bound_blocks[cls] = n;
@@ -1384,7 +1390,7 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * malloc_trim, exit() for the thread that calls it, or a tidier's exit of
  * its heap for a thread gone).  The classes above HM_DRAIN_DEFER_MAX go
  * back at once, as a batch of their own: an idle thread's batch pins its
- * blocks' spans, at most 15 KiB of blocks.
+ * blocks' spans, at most 31 KiB of blocks.
  *
  * A block waiting in the batch does not carry the free key: a second
  * free of it by this thread is found at the put (by the key that the
@@ -1581,6 +1587,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls, void *p)
         /* The batch's last free puts them all, under the lock. */
         if (h->drained_count < HM_DRAIN_BATCH - 1 && drain_defers(cls) && drain_defer(h, p)) {
             bin->room++;                /* p does not stay in the bin */
+            hm_prefetch_write(p);       /* for the put, while the next frees run */
             return;
         }
     } else if (((uintptr_t *)p)[1] == hm_free_key) {
