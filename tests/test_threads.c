@@ -1441,6 +1441,66 @@ static void remote_page_block_twice(void)
     free_on_thread(p);
 }
 
+/* A second free by another thread of a block waiting, unread, in its
+ * owner's drained batch: the other thread finds no free key, so the block
+ * goes to its span's remote list too.  Its span holds nothing else, and
+ * the pages below are pinned, so that once a collection counts the remote
+ * free, the span empties and a page block starts at the block.  The owner
+ * must meet the block at its batch's put before that collection: else
+ * the put would free the live page block, and the next malloc of its
+ * size would hand it out again. */
+static void *drained_victim;
+static atomic_int drained_victim_go;
+
+static void *free_drained_victim(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&drained_victim_go))
+        sched_yield();
+    hakmem_free(drained_victim);
+    return NULL;
+}
+
+static void drained_then_remote(void)
+{
+    enum { N = 12 * 1024 };
+    static void *blk[N];
+    pthread_t b;                        /* first: its start allocates */
+    pthread_create(&b, NULL, free_drained_victim, NULL);
+    for (int i = 0; i < N; i++)
+        blk[i] = hakmem_malloc(64);
+    /* A block at a page's start, past the first page (where earlier
+     * tests' blocks of the class may be): a span of its own.  Should the
+     * layout have none, any block still tests the diagnostic. */
+    int victim = N / 2;
+    for (int i = N / 4; i < N; i++) {
+        if (((uintptr_t)blk[i] & (HM_PAGE_SIZE - 1)) == 0) {
+            victim = i;
+            break;
+        }
+    }
+    uintptr_t page = (uintptr_t)blk[victim] >> HM_PAGE_SHIFT;
+    static bool pinned[64];
+    for (int i = 0; i < N; i++) {
+        uintptr_t pg = (uintptr_t)blk[i] >> HM_PAGE_SHIFT;
+        if (i == victim || (pg < page && pg + 64 > page && !pinned[page - pg])) {
+            pinned[page - pg] = true;
+            continue;
+        }
+        hakmem_free(blk[i]);
+    }
+    hakmem_trim();
+    drained_victim = blk[victim];
+    hakmem_free(drained_victim);        /* into the draining class's batch */
+    atomic_store(&drained_victim_go, 1);
+    pthread_join(b, NULL);              /* its exit sends its remote frees */
+    void *q = hakmem_malloc(150000);    /* collects remote frees */
+    hakmem_trim();
+    void *r = hakmem_malloc(150000);
+    if (r == q)
+        _exit(3);                       /* one live block, handed out twice */
+}
+
 /* The first free of each is fine: the block is live. */
 static void remote_frees_of_reused_blocks(void)
 {
@@ -1460,6 +1520,7 @@ static void double_frees_across_threads_abort(void **state)
     expect_abort(local_then_remote, "hakmem: free(): double free detected 0x");
     expect_abort(remote_then_local, "hakmem: free(): double free detected 0x");
     expect_abort(remote_page_block_twice, "hakmem: free(): ");
+    expect_abort(drained_then_remote, "hakmem: free(): double free detected 0x");
     char buf[512];
     int status = run_child(remote_frees_of_reused_blocks, buf, sizeof buf);
     assert_true(WIFEXITED(status));

@@ -710,7 +710,10 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     /* The count is read here (Contract B), and where a never-refilled bin
      * is set up (bin_set_up). */
     uint32_t count = hm_refill_count_load(cls), want = slow_start(s, count);
-    bool draining = bin->cap < 0 && still_draining(s);
+    /* A batch the put above had to leave (a handler's refill) keeps the
+     * bin draining: its blocks carry no free key yet, so a second free of
+     * one must come to the batch too, not into a bin that caches it. */
+    bool draining = bin->cap < 0 && (h->drained_count || still_draining(s));
 
     void *list = NULL;
     size_t carve = HM_CARVE_BYTES;
@@ -845,6 +848,11 @@ void *hm_refill(struct hm_tcache *tc, unsigned cls)
 static void *alloc_pages(struct hm_heap *h, struct hm_tcache *tc, size_t size)
 {
     unsigned pages = (unsigned)((size + HM_PAGE_SIZE - 1) >> HM_PAGE_SHIFT);
+    /* The drained batch first, as a refill does: a second free of a block
+     * waiting there, by another thread, must meet the block at the put,
+     * before a collection counts it free and a new span may cover it
+     * (see put_checked). */
+    uint32_t put = hm_drained_put(h);
     /* Page blocks freed by other threads may have left whole spans free. */
     hm_heap_collect(h);
     struct hm_span *sp = hm_heap_new_pages(h, pages);
@@ -855,7 +863,7 @@ static void *alloc_pages(struct hm_heap *h, struct hm_tcache *tc, size_t size)
     ((uintptr_t *)sp->start)[1] = 0;    /* handed out: not free (see hm_free_slow) */
     h->stats[HM_PAGES_CLASS].refills++;
     HM_TRACE_REFILL(HM_PAGES_CLASS, 1, 1, h->id);
-    slow_path_tick(h, tc);
+    slow_path_ticks(h, tc, put + 1);
     return sp->start;
 }
 
@@ -1392,11 +1400,16 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * back at once, as a batch of their own: an idle thread's batch pins its
  * blocks' spans, at most 31 KiB of blocks.
  *
- * A block waiting in the batch does not carry the free key: a second
- * free of it by this thread is found at the put (by the key that the
- * first one's check wrote), but one by another thread only if that
- * thread's remote batch went to the span before the put (see
- * put_checked).
+ * A block waiting in the batch does not carry the free key yet.  A
+ * second free of it by this thread comes to the batch too (the bin
+ * drains until a refill, which puts the batch first) and is found at the
+ * put, by the key that the first one's check wrote.  One by another
+ * thread finds no key, so it writes the key and sends the block to its
+ * span as a remote free; the put finds that key.  Our slow paths that
+ * collect remote frees or take new spans put the batch first, so the
+ * block is still ours to meet there; only the tidier of an idle thread's
+ * heap may collect that remote free first, and if the block's span then
+ * empties, the put reports an invalid pointer instead.
  *
  * The allocator is no more async-signal-safe than malloc need be, but a
  * signal handler that frees or mallocs in the middle of a change to the
@@ -1441,9 +1454,12 @@ static inline __attribute__((always_inline)) bool own_block(const struct hm_heap
  * ours, whose second word must not hold the free key.  The key there is
  * a second free: of a block that was free already (a span's list, a
  * bin, another thread's remote free), or of one earlier in this batch,
- * since each block checked gets the key, as a free block carries it.  A
- * block that fails ends the process, or with `fatal` false stays out, as
- * it is.  Returns how many went. */
+ * since each block checked gets the key, as a free block carries it.
+ * Unlike hm_free_slow, the lists are not asked (another thread's second
+ * free may be in none yet), so a program's own value equal to the key
+ * (one chance in 2^64) ends the process too.  A block that fails ends
+ * the process, or with `fatal` false stays out, as it is.  Returns how
+ * many went. */
 static uint32_t put_checked(struct hm_heap *h, void *const *blocks, uint32_t n, bool fatal)
 {
     struct hm_span *spans[HM_DRAIN_BATCH];
@@ -1578,7 +1594,7 @@ static __attribute__((noinline)) void flush_locked(struct hm_tcache *tc, unsigne
 
 /* The deferred drain in a few instructions, the rest out of line.  A
  * full bin's block gets free()'s check here, which its fast path left
- * (the slow path tells a double free from a program's own value). */
+ * (hm_free_slow tells a double free from a program's own value). */
 void hm_flush(struct hm_tcache *tc, unsigned cls, void *p)
 {
     struct hm_heap *h = tc->heap;
