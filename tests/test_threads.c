@@ -1461,7 +1461,9 @@ static void *free_drained_victim(void *arg)
     return NULL;
 }
 
-static void drained_then_remote(void)
+/* Frees the victim into its draining class's batch, then has the other
+ * thread free it again and exit. */
+static void drained_victim_freed_twice(void)
 {
     enum { N = 12 * 1024 };
     static void *blk[N];
@@ -1494,11 +1496,34 @@ static void drained_then_remote(void)
     hakmem_free(drained_victim);        /* into the draining class's batch */
     atomic_store(&drained_victim_go, 1);
     pthread_join(b, NULL);              /* its exit sends its remote frees */
-    void *q = hakmem_malloc(150000);    /* collects remote frees */
+}
+
+/* A page block's malloc (which collects remote frees), then the batch's
+ * put (the trim), then the same malloc again. */
+static void page_blocks_around_the_put(bool in_a_handler)
+{
+    struct hm_heap *h = hm_tcache_self()->heap;
+    h->drained_busy = in_a_handler;     /* a handler's malloc, in a drain_defer */
+    void *q = hakmem_malloc(150000);
+    h->drained_busy = 0;
     hakmem_trim();
     void *r = hakmem_malloc(150000);
     if (r == q)
         _exit(3);                       /* one live block, handed out twice */
+}
+
+static void drained_then_remote(void)
+{
+    drained_victim_freed_twice();
+    page_blocks_around_the_put(false);
+}
+
+/* The same when the page block's malloc is a handler's, which may not
+ * put the batch: it must not collect either. */
+static void drained_then_remote_then_a_handler(void)
+{
+    drained_victim_freed_twice();
+    page_blocks_around_the_put(true);
 }
 
 /* The first free of each is fine: the block is live. */
@@ -1521,6 +1546,7 @@ static void double_frees_across_threads_abort(void **state)
     expect_abort(remote_then_local, "hakmem: free(): double free detected 0x");
     expect_abort(remote_page_block_twice, "hakmem: free(): ");
     expect_abort(drained_then_remote, "hakmem: free(): double free detected 0x");
+    expect_abort(drained_then_remote_then_a_handler, "hakmem: free(): double free detected 0x");
     char buf[512];
     int status = run_child(remote_frees_of_reused_blocks, buf, sizeof buf);
     assert_true(WIFEXITED(status));

@@ -1153,7 +1153,7 @@ static struct hm_span *new_span(struct hm_heap *h, struct span_shape s)
         if (adopted == 8 || !adopt_segment(h))
             break;
         /* Its remote frees may fill our lists, or empty (and free) it. */
-        hm_heap_collect(h);
+        hm_heap_collect_own(h);
         if (s.cls < HM_NUM_CLASSES && h->partial[s.cls])
             return h->partial[s.cls];
     }

@@ -237,6 +237,7 @@ void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, unsigned
 /* refill.c */
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
+void hm_heap_collect_own(struct hm_heap *h);
 /* Takes over, to drain it, an abandoned segment that the heap's thread
  * frees into, when the heap can; false: free remotely as to a live owner. */
 bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg);

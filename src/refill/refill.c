@@ -322,6 +322,20 @@ static void settle_abandoned(void *ctx, struct hm_span *sp, uint32_t n)
         hm_span_release(hm_segment_of_span(sp), sp);
 }
 
+/* The owner's collection, in a slow path that took new spans or
+ * pages after it: not while drained frees wait in the batch, which
+ * happens only when the put before it had to leave them (a handler
+ * re-entered the slow path).  A second free of a waiting block by
+ * another thread, on its span's remote list, would then count the block
+ * free twice, and the span could empty and be reused while the block
+ * waits: the put would free a live block.  The hint stays set, so the
+ * next collection takes them.  See put_checked. */
+void hm_heap_collect_own(struct hm_heap *h)
+{
+    if (!h->drained_count)
+        hm_heap_collect(h);
+}
+
 void hm_segment_collect_abandoned(struct hm_segment *seg, uint64_t *collected)
 {
     collect_pending(seg, settle_abandoned, collected);
@@ -721,7 +735,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     while (got < want && (carve || !got)) {
         struct hm_span *sp = h->partial[cls];
         if (!sp) {
-            hm_heap_collect(h);
+            hm_heap_collect_own(h);
             sp = h->partial[cls];
         }
         if (!sp) {
@@ -854,7 +868,7 @@ static void *alloc_pages(struct hm_heap *h, struct hm_tcache *tc, size_t size)
      * (see put_checked). */
     uint32_t put = hm_drained_put(h);
     /* Page blocks freed by other threads may have left whole spans free. */
-    hm_heap_collect(h);
+    hm_heap_collect_own(h);
     struct hm_span *sp = hm_heap_new_pages(h, pages);
     if (!sp)
         return NULL;
@@ -1406,10 +1420,13 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * put, by the key that the first one's check wrote.  One by another
  * thread finds no key, so it writes the key and sends the block to its
  * span as a remote free; the put finds that key.  Our slow paths that
- * collect remote frees or take new spans put the batch first, so the
- * block is still ours to meet there; only the tidier of an idle thread's
- * heap may collect that remote free first, and if the block's span then
- * empties, the put reports an invalid pointer instead.
+ * collect remote frees or take new spans put the batch first (or, when a
+ * handler's re-entry keeps them from it, do not collect: see
+ * hm_heap_collect_own), so the block is still ours to meet there; only
+ * another thread that tidies or trims this heap (an idle thread's
+ * tidier, another thread's malloc_trim) may collect that remote free
+ * first, and if the block's span then empties, the put reports an
+ * invalid pointer instead.
  *
  * The allocator is no more async-signal-safe than malloc need be, but a
  * signal handler that frees or mallocs in the middle of a change to the
