@@ -1494,18 +1494,45 @@ static void drained_victim_freed_twice(void)
     hakmem_trim();
     drained_victim = blk[victim];
     hakmem_free(drained_victim);        /* into the draining class's batch */
+    struct hm_heap *h = hm_tcache_self()->heap;
+    if (!h->drained_count || h->drained[h->drained_count - 1] != drained_victim)
+        _exit(4);                       /* not waiting in the batch: no test */
     atomic_store(&drained_victim_go, 1);
     pthread_join(b, NULL);              /* its exit sends its remote frees */
 }
 
-/* A page block's malloc (which collects remote frees), then the batch's
+/* Where a signal handler's calls run, played by the marks they would
+ * find: none; in a drain_defer (busy); in the put of the batch that
+ * holds the victim (the batch taken, the put under way). */
+enum handler_at { NO_HANDLER, IN_A_DEFER, IN_A_PUT };
+
+static void handler_enter(struct hm_heap *h, enum handler_at at)
+{
+    h->drained_busy = at == IN_A_DEFER;
+    h->drained_putting = at == IN_A_PUT;
+    if (at == IN_A_PUT)
+        h->drained_count--;             /* the victim, last in: taken by the put */
+}
+
+static void handler_leave(struct hm_heap *h, enum handler_at at)
+{
+    if (at == IN_A_PUT)
+        h->drained_count++;
+    h->drained_busy = 0;
+    h->drained_putting = 0;
+}
+
+/* A page block's malloc (which collects remote frees; after a trim of
+ * the caller's own, which collects too, when `trims`), then the batch's
  * put (the trim), then the same malloc again. */
-static void page_blocks_around_the_put(bool in_a_handler)
+static void page_blocks_around_the_put(enum handler_at at, bool trims)
 {
     struct hm_heap *h = hm_tcache_self()->heap;
-    h->drained_busy = in_a_handler;     /* a handler's malloc, in a drain_defer */
+    handler_enter(h, at);
+    if (trims)
+        hakmem_trim();
     void *q = hakmem_malloc(150000);
-    h->drained_busy = 0;
+    handler_leave(h, at);
     hakmem_trim();
     void *r = hakmem_malloc(150000);
     if (r == q)
@@ -1515,15 +1542,28 @@ static void page_blocks_around_the_put(bool in_a_handler)
 static void drained_then_remote(void)
 {
     drained_victim_freed_twice();
-    page_blocks_around_the_put(false);
+    page_blocks_around_the_put(NO_HANDLER, false);
 }
 
 /* The same when the page block's malloc is a handler's, which may not
- * put the batch: it must not collect either. */
+ * put the batch (or whose put is the one it interrupted): it must not
+ * collect either, nor a trim before it. */
 static void drained_then_remote_then_a_handler(void)
 {
     drained_victim_freed_twice();
-    page_blocks_around_the_put(true);
+    page_blocks_around_the_put(IN_A_DEFER, false);
+}
+
+static void drained_then_remote_then_a_handler_in_the_put(void)
+{
+    drained_victim_freed_twice();
+    page_blocks_around_the_put(IN_A_PUT, false);
+}
+
+static void drained_then_remote_then_a_handler_trims(void)
+{
+    drained_victim_freed_twice();
+    page_blocks_around_the_put(IN_A_DEFER, true);
 }
 
 /* The first free of each is fine: the block is live. */
@@ -1547,6 +1587,10 @@ static void double_frees_across_threads_abort(void **state)
     expect_abort(remote_page_block_twice, "hakmem: free(): ");
     expect_abort(drained_then_remote, "hakmem: free(): double free detected 0x");
     expect_abort(drained_then_remote_then_a_handler, "hakmem: free(): double free detected 0x");
+    expect_abort(drained_then_remote_then_a_handler_in_the_put,
+                 "hakmem: free(): double free detected 0x");
+    expect_abort(drained_then_remote_then_a_handler_trims,
+                 "hakmem: free(): double free detected 0x");
     char buf[512];
     int status = run_child(remote_frees_of_reused_blocks, buf, sizeof buf);
     assert_true(WIFEXITED(status));

@@ -108,7 +108,8 @@ struct hm_heap {
      * like a bin's blocks. */
 #define HM_DRAIN_BATCH 32
     uint32_t drained_count;
-    uint32_t drained_busy;                  /* drain_defers in progress */
+    uint16_t drained_busy;                  /* drain_defers in progress */
+    uint16_t drained_putting;               /* a put of drained frees in progress */
     void *drained[HM_DRAIN_BATCH];
     struct hm_heap_class_stats stats[HM_NUM_CLASSES + 1];   /* + page blocks */
     /* What the caches can hold until each class's next slow path, per
@@ -238,6 +239,18 @@ void hm_heap_segment_changed(struct hm_heap *h, struct hm_segment *seg, unsigned
 void hm_free_key_init(void);
 void hm_heap_collect(struct hm_heap *h);
 void hm_heap_collect_own(struct hm_heap *h);
+
+/* Whether drained frees may wait unput, with no free key yet: in the
+ * batch, or on their way in (a drain_defer) or out (a put) when a handler
+ * re-entered the allocator.  The owner's slow paths then neither collect
+ * remote frees (see hm_heap_collect_own) nor end a bin's drain.  A
+ * handler that leaves a drain_defer or a put by siglongjmp (which no
+ * malloc need survive) leaves its mark for good: the thread then never
+ * collects other threads' frees of its blocks again. */
+static inline bool hm_drained_waiting(const struct hm_heap *h)
+{
+    return h->drained_count || h->drained_busy || h->drained_putting;
+}
 /* Takes over, to drain it, an abandoned segment that the heap's thread
  * frees into, when the heap can; false: free remotely as to a live owner. */
 bool hm_heap_reclaim(struct hm_heap *h, struct hm_segment *seg);

@@ -323,16 +323,16 @@ static void settle_abandoned(void *ctx, struct hm_span *sp, uint32_t n)
 }
 
 /* The owner's collection, in a slow path that took new spans or
- * pages after it: not while drained frees wait in the batch, which
- * happens only when the put before it had to leave them (a handler
- * re-entered the slow path).  A second free of a waiting block by
+ * pages after it: not while drained frees wait unput, which happens only
+ * when the put before it had to leave them, or a handler re-entered a
+ * put or a drain_defer (see hm_drained_waiting).  A second free of a waiting block by
  * another thread, on its span's remote list, would then count the block
  * free twice, and the span could empty and be reused while the block
  * waits: the put would free a live block.  The hint stays set, so the
  * next collection takes them.  See put_checked. */
 void hm_heap_collect_own(struct hm_heap *h)
 {
-    if (!h->drained_count)
+    if (!hm_drained_waiting(h))
         hm_heap_collect(h);
 }
 
@@ -727,7 +727,7 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     /* A batch the put above had to leave (a handler's refill) keeps the
      * bin draining: its blocks carry no free key yet, so a second free of
      * one must come to the batch too, not into a bin that caches it. */
-    bool draining = bin->cap < 0 && (h->drained_count || still_draining(s));
+    bool draining = bin->cap < 0 && (hm_drained_waiting(h) || still_draining(s));
 
     void *list = NULL;
     size_t carve = HM_CARVE_BYTES;
@@ -1408,9 +1408,9 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  *
  * Only this thread touches the batch, so it needs no lock; it holds fewer
  * than HM_DRAIN_BATCH blocks until the next put (the batch's last free, a
- * draining free of a bigger class, a refill, the thread's exit or its
- * malloc_trim, exit() for the thread that calls it, or a tidier's exit of
- * its heap for a thread gone).  The classes above HM_DRAIN_DEFER_MAX go
+ * draining free of a bigger class, a refill, a page block's malloc, the
+ * thread's exit or its malloc_trim, exit() for the thread that calls it,
+ * or a tidier's exit of its heap for a thread gone).  The classes above HM_DRAIN_DEFER_MAX go
  * back at once, as a batch of their own: an idle thread's batch pins its
  * blocks' spans, at most 31 KiB of blocks.
  *
@@ -1511,6 +1511,19 @@ static uint32_t put_checked(struct hm_heap *h, void *const *blocks, uint32_t n, 
     return put;
 }
 
+/* put_checked, marked as under way: until the blocks carry the free key
+ * and are back in their spans, a handler that re-enters the allocator
+ * must treat them as waiting (see hm_drained_waiting). */
+static uint32_t put_marked(struct hm_heap *h, void *const *blocks, uint32_t n, bool fatal)
+{
+    h->drained_putting++;
+    atomic_signal_fence(memory_order_seq_cst);
+    uint32_t put = put_checked(h, blocks, n, fatal);
+    atomic_signal_fence(memory_order_seq_cst);
+    h->drained_putting--;
+    return put;
+}
+
 /* Puts the batch back, taken whole first: a diagnostic's abort handler
  * that frees meanwhile fills a new batch (which no put takes while the
  * handler runs: its frees then go back alone) instead of adding to, or
@@ -1527,7 +1540,7 @@ static uint32_t drained_put(struct hm_heap *h, bool fatal)
         blocks[i] = h->drained[i];
     atomic_signal_fence(memory_order_seq_cst);
     h->drained_count = 0;
-    return put_checked(h, blocks, n, fatal);
+    return put_marked(h, blocks, n, fatal);
 }
 
 uint32_t hm_drained_put(struct hm_heap *h)
@@ -1565,7 +1578,7 @@ static void flush_drained(struct hm_heap *h, struct hm_tcache *tc, unsigned cls,
     } else {
         n = hm_drained_put(h);
         void *one[1] = { p };
-        n += put_checked(h, one, 1, true);
+        n += put_marked(h, one, 1, true);
     }
     slow_path_ticks(h, tc, n);
 }
@@ -1649,9 +1662,8 @@ void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
 /* Not its batches of remote frees (the owner's free path fills them
  * without the lock; they hold at most REMOTE_HELD_MAX) nor its bins (the
  * fast paths'). */
-void hm_heap_tidy_caches(struct hm_heap *h)
+static void stashes_return(struct hm_heap *h)
 {
-    hm_heap_collect(h);
     for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
         uint32_t n = h->stash[c].count;
         if (n) {
@@ -1662,6 +1674,12 @@ void hm_heap_tidy_caches(struct hm_heap *h)
             cache_bound_set(h, c, bound > n ? bound - n : 0);
         }
     }
+}
+
+void hm_heap_tidy_caches(struct hm_heap *h)
+{
+    hm_heap_collect(h);
+    stashes_return(h);
 }
 
 size_t hm_heap_tidy(struct hm_heap *h, size_t budget)
@@ -1695,7 +1713,8 @@ static uint64_t trim_generation(void)
 static void trim_own(struct hm_heap *h, uint64_t gen)
 {
     hm_drained_put(h);
-    hm_heap_tidy_caches(h);
+    hm_heap_collect_own(h);
+    stashes_return(h);
     struct hm_compact_cursor at = { 0, 0 };
     compact_pass(h, hm_clock_ns(), 0, 0, 1, SIZE_MAX, &at);
     if (h->trim_gen < gen) {
