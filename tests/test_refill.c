@@ -522,9 +522,8 @@ static void busy_batch_is_left_alone(void **state)
  * when the window says the shrink is over: the waiting blocks carry no
  * free key, so a second free of one must come to the batch, not into a
  * bin that caches it and hands it out. */
-static void refill_leaving_the_batch_keeps_draining(void **state)
+static void refill_keeps_draining(bool in_a_put)
 {
-    (void)state;
     enum { DCLS = 2, SIZE = 48, N = 4000 };
     struct hm_tcache *tc = hm_tcache_self();
     struct hm_heap *h = tc->heap;
@@ -534,21 +533,41 @@ static void refill_leaving_the_batch_keeps_draining(void **state)
     s->drain_allocs = 1000;                     /* a window of mallocs only */
     s->drain_frees_at = (uint32_t)s->blocks_drained;
     uint64_t refills = s->refills;
-    h->drained_busy = 1;
+    if (in_a_put) {                             /* the batch taken, its put under way */
+        h->drained_putting = 1;
+        h->drained_count = 0;
+    } else {
+        h->drained_busy = 1;                    /* a drain_defer under way */
+    }
     int j = 0;
     while (s->refills == refills && j < i)
         a[j++] = hakmem_malloc(SIZE);
     int32_t cap = tc->bins[DCLS].cap;
     uint32_t waiting = h->drained_count;
     h->drained_busy = 0;                        /* before the checks */
+    h->drained_putting = 0;
+    if (in_a_put)
+        h->drained_count = 3;
     assert_true(s->refills > refills);
-    assert_int_equal(waiting, 3);
+    assert_int_equal(waiting, in_a_put ? 0 : 3);
     assert_int_equal(cap, HM_BIN_DRAINING);
     while (j)
         hakmem_free(a[--j]);
     while (i < N)
         hakmem_free(a[i++]);
     hakmem_trim();
+}
+
+static void refill_leaving_the_batch_keeps_draining(void **state)
+{
+    (void)state;
+    refill_keeps_draining(false);
+}
+
+static void refill_inside_a_put_keeps_draining(void **state)
+{
+    (void)state;
+    refill_keeps_draining(true);
 }
 
 /* At the process's exit the exiting thread's batch goes back, but not at
@@ -1447,6 +1466,7 @@ int main(void)
         cmocka_unit_test(drained_big_blocks_go_back_at_once),
         cmocka_unit_test(busy_batch_is_left_alone),
         cmocka_unit_test(refill_leaving_the_batch_keeps_draining),
+        cmocka_unit_test(refill_inside_a_put_keeps_draining),
         cmocka_unit_test(exit_does_not_wait_for_a_stuck_tidier),
         cmocka_unit_test(cache_bound_covers_the_caches),
         cmocka_unit_test(a_free_into_an_unused_bin_sets_it_up),

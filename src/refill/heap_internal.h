@@ -246,7 +246,9 @@ void hm_heap_collect_own(struct hm_heap *h);
  * remote frees (see hm_heap_collect_own) nor end a bin's drain.  A
  * handler that leaves a drain_defer or a put by siglongjmp (which no
  * malloc need survive) leaves its mark for good: the thread then never
- * collects other threads' frees of its blocks again. */
+ * collects other threads' frees of its blocks again, its draining bins
+ * never stop draining, and after a drain_defer its batch never goes
+ * back (its frees then go back one at a time). */
 static inline bool hm_drained_waiting(const struct hm_heap *h)
 {
     return h->drained_count || h->drained_busy || h->drained_putting;

@@ -325,11 +325,11 @@ static void settle_abandoned(void *ctx, struct hm_span *sp, uint32_t n)
 /* The owner's collection, in a slow path that took new spans or
  * pages after it: not while drained frees wait unput, which happens only
  * when the put before it had to leave them, or a handler re-entered a
- * put or a drain_defer (see hm_drained_waiting).  A second free of a waiting block by
- * another thread, on its span's remote list, would then count the block
- * free twice, and the span could empty and be reused while the block
- * waits: the put would free a live block.  The hint stays set, so the
- * next collection takes them.  See put_checked. */
+ * put or a drain_defer (see hm_drained_waiting).  A second free of a
+ * waiting block by another thread, on its span's remote list, would then
+ * count the block free twice, and the span could empty and be reused
+ * while the block waits: the put would free a live block.  The hint
+ * stays set, so the next collection takes them.  See put_checked. */
 void hm_heap_collect_own(struct hm_heap *h)
 {
     if (!hm_drained_waiting(h))
@@ -724,9 +724,11 @@ static void *refill(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, struc
     /* The count is read here (Contract B), and where a never-refilled bin
      * is set up (bin_set_up). */
     uint32_t count = hm_refill_count_load(cls), want = slow_start(s, count);
-    /* A batch the put above had to leave (a handler's refill) keeps the
-     * bin draining: its blocks carry no free key yet, so a second free of
-     * one must come to the batch too, not into a bin that caches it. */
+    /* Drained frees still unput (a handler's refill: the put above had to
+     * leave them, or the refill interrupted a drain_defer or a put; see
+     * hm_drained_waiting) keep the bin draining: they carry no free key
+     * yet, so a second free of one must come to the batch too, not into a
+     * bin that caches it. */
     bool draining = bin->cap < 0 && (hm_drained_waiting(h) || still_draining(s));
 
     void *list = NULL;
@@ -1410,9 +1412,9 @@ static void bin_set_up(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)
  * than HM_DRAIN_BATCH blocks until the next put (the batch's last free, a
  * draining free of a bigger class, a refill, a page block's malloc, the
  * thread's exit or its malloc_trim, exit() for the thread that calls it,
- * or a tidier's exit of its heap for a thread gone).  The classes above HM_DRAIN_DEFER_MAX go
- * back at once, as a batch of their own: an idle thread's batch pins its
- * blocks' spans, at most 31 KiB of blocks.
+ * or a tidier's exit of its heap for a thread gone).  The classes above
+ * HM_DRAIN_DEFER_MAX go back at once, as a batch of their own: an idle
+ * thread's batch pins its blocks' spans, at most 31 KiB of blocks.
  *
  * A block waiting in the batch does not carry the free key yet.  A
  * second free of it by this thread comes to the batch too (the bin
@@ -1513,11 +1515,16 @@ static uint32_t put_checked(struct hm_heap *h, void *const *blocks, uint32_t n, 
 
 /* put_checked, marked as under way: until the blocks carry the free key
  * and are back in their spans, a handler that re-enters the allocator
- * must treat them as waiting (see hm_drained_waiting). */
-static uint32_t put_marked(struct hm_heap *h, void *const *blocks, uint32_t n, bool fatal)
+ * must treat them as waiting (see hm_drained_waiting).  The mark comes
+ * first, then the batch they were taken from (`taken`, or NULL) is
+ * emptied, so that no instruction in between shows neither. */
+static uint32_t put_marked(struct hm_heap *h, void *const *blocks, uint32_t n, bool fatal,
+                           uint32_t *taken)
 {
     h->drained_putting++;
     atomic_signal_fence(memory_order_seq_cst);
+    if (taken)
+        *taken = 0;
     uint32_t put = put_checked(h, blocks, n, fatal);
     atomic_signal_fence(memory_order_seq_cst);
     h->drained_putting--;
@@ -1539,8 +1546,7 @@ static uint32_t drained_put(struct hm_heap *h, bool fatal)
     for (uint32_t i = 0; i < n; i++)
         blocks[i] = h->drained[i];
     atomic_signal_fence(memory_order_seq_cst);
-    h->drained_count = 0;
-    return put_marked(h, blocks, n, fatal);
+    return put_marked(h, blocks, n, fatal, &h->drained_count);
 }
 
 uint32_t hm_drained_put(struct hm_heap *h)
@@ -1578,7 +1584,7 @@ static void flush_drained(struct hm_heap *h, struct hm_tcache *tc, unsigned cls,
     } else {
         n = hm_drained_put(h);
         void *one[1] = { p };
-        n += put_marked(h, one, 1, true);
+        n += put_marked(h, one, 1, true, NULL);
     }
     slow_path_ticks(h, tc, n);
 }
