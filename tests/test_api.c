@@ -520,9 +520,7 @@ static void abort_handler_may_allocate(void **state)
 {
     (void)state;
     char buf[512];
-    int status = run_child(interior_trim_with_handler, buf, sizeof buf);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 42);
+    expect_exit(interior_trim_with_handler, 42, buf, sizeof buf);
     assert_non_null(strstr(buf, "invalid pointer (found in a thread cache)"));
 }
 
@@ -555,9 +553,7 @@ static void abort_handler_may_free_into_a_draining_bin(void **state)
 {
     (void)state;
     char buf[512];
-    int status = run_child(interior_while_draining_with_handler, buf, sizeof buf);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 42);
+    expect_exit(interior_while_draining_with_handler, 42, buf, sizeof buf);
     char *first = strstr(buf, "hakmem: free(): invalid pointer 0x");
     assert_non_null(first);
     assert_null(strstr(first + strlen("hakmem: free(): invalid pointer"), "invalid pointer"));

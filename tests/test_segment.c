@@ -448,9 +448,7 @@ static void lock_held_at_fork_is_free_in_the_child(void **state)
     uint32_t gen = atomic_load(&hm_fork_generation);
     atomic_store(&seg->lock, gen);          /* as if another thread held it */
     char buf[64];
-    int status = run_child(usage_in_child, buf, sizeof buf);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 0);
+    expect_exit(usage_in_child, 0, buf, sizeof buf);
     assert_int_equal(atomic_load(&hm_fork_generation), gen);
     hm_segment_purge_all(hm_clock_ns(), 0, HM_PURGE_ALL);
     assert_true(seg->dirty_pages != 0);     /* held: passed by */

@@ -1213,10 +1213,7 @@ static void heaps_of_gone_threads(void **state)
     skip();
 #endif
     char buf[256];
-    int status = run_child(reports_after_last_round_threads, buf, sizeof buf);
-    if (!WIFEXITED(status))
-        fail_msg("child died of signal %d: %s", WTERMSIG(status), buf);
-    assert_int_equal(WEXITSTATUS(status), 0);
+    expect_exit(reports_after_last_round_threads, 0, buf, sizeof buf);
 }
 
 /* Frees into a draining bin wait in a batch in the heap (drain_defer):
@@ -1277,10 +1274,7 @@ static void drained_frees_of_gone_threads_go_back(void **state)
     skip();
 #endif
     char buf[256];
-    int status = run_child(drained_batch_of_a_gone_thread, buf, sizeof buf);
-    if (!WIFEXITED(status))
-        fail_msg("child died of signal %d: %s", WTERMSIG(status), buf);
-    assert_int_equal(WEXITSTATUS(status), 0);
+    expect_exit(drained_batch_of_a_gone_thread, 0, buf, sizeof buf);
 }
 
 /* A vfork child shares our memory, not our thread ids: a tidier that ran
@@ -1363,9 +1357,7 @@ static void signal_handler_allocates_after_thread_exit(void **state)
     skip();
 #endif
     char buf[256];
-    int status = run_child(signals_while_allocating_after_exit, buf, sizeof buf);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 0);
+    expect_exit(signals_while_allocating_after_exit, 0, buf, sizeof buf);
 }
 
 /* A thread whose very first call is free(): its cache is not set up, so
@@ -1592,9 +1584,7 @@ static void double_frees_across_threads_abort(void **state)
     expect_abort(drained_then_remote_then_a_handler_trims,
                  "hakmem: free(): double free detected 0x");
     char buf[512];
-    int status = run_child(remote_frees_of_reused_blocks, buf, sizeof buf);
-    assert_true(WIFEXITED(status));
-    assert_int_equal(WEXITSTATUS(status), 0);
+    expect_exit(remote_frees_of_reused_blocks, 0, buf, sizeof buf);
     assert_string_equal(buf, "");
 }
 

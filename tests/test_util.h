@@ -96,6 +96,17 @@ static inline int run_child(void (*fn)(void), char *buf, size_t len)
     return status;
 }
 
+/* Runs fn in a child, which must exit with `code`, not die of a signal;
+ * what it wrote to stderr is left in buf (and shown if it did not). */
+static inline void expect_exit(void (*fn)(void), int code, char *buf, size_t len)
+{
+    int status = run_child(fn, buf, len);
+    if (!WIFEXITED(status))
+        fail_msg("child died of signal %d: %s", WTERMSIG(status), buf);
+    if (WEXITSTATUS(status) != code)
+        fail_msg("child exited with %d, not %d: %s", WEXITSTATUS(status), code, buf);
+}
+
 /* Runs fn in a child, which must die of SIGABRT having said `message`. */
 static inline void expect_abort(void (*fn)(void), const char *message)
 {

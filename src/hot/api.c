@@ -185,9 +185,7 @@ void hakmem_free(void *p)
              * read their blocks a batch at a time, their cache misses
              * overlapping (see drain_defer), not one free at a time. */
             if (unlikely(--bin->room < 0)) {
-                hm_flush(&hm_tc, (unsigned)((bin_offset - offsetof(struct hm_tcache, bins)) /
-                                            sizeof(struct hm_bin)),
-                         p);
+                hm_flush(&hm_tc, hm_bin_class(bin_offset), p);
                 return;
             }
             /* A block that does not look free already. */

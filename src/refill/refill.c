@@ -1106,10 +1106,26 @@ static bool is_hole(const struct hm_span *sp, const void *b)
     return hm_span_holes(sp)[i / 64] >> (i % 64) & 1;
 }
 
+/* Whether b is the start of a block of sp, a span of h's. */
+static inline __attribute__((always_inline)) bool block_of_ours(const struct hm_heap *h,
+                                                                const struct hm_span *sp,
+                                                                const void *b)
+{
+    return sp && hm_span_owner(sp) == h->id && hm_span_is_block(sp, (uintptr_t)b);
+}
+
+/* Whether b is a block of one of h's spans, not a hole: check_own's
+ * conditions, for a caller that must not end the process. */
+static inline __attribute__((always_inline)) bool own_block(const struct hm_heap *h,
+                                                            const struct hm_span *sp, const void *b)
+{
+    return block_of_ours(h, sp, b) && !(sp->holes && is_hole(sp, b));
+}
+
 static struct hm_span *check_own(struct hm_heap *h, struct hm_span *sp, void *b,
                                  const char *what)
 {
-    if (!sp || hm_span_owner(sp) != h->id || !hm_span_is_block(sp, (uintptr_t)b))
+    if (!block_of_ours(h, sp, b))
         hm_fatal("free", what, b);
     if (sp->holes && is_hole(sp, b))
         hm_fatal("free", "double free detected", b);
@@ -1458,15 +1474,6 @@ static bool drain_defer(struct hm_heap *h, void *p)
     return room;
 }
 
-/* Whether b is a block of one of h's spans, not a hole: check_own's
- * conditions, for a caller that must not end the process. */
-static inline __attribute__((always_inline)) bool own_block(const struct hm_heap *h,
-                                                            const struct hm_span *sp, const void *b)
-{
-    return sp && hm_span_owner(sp) == h->id && hm_span_is_block(sp, (uintptr_t)b) &&
-           !(sp->holes && is_hole(sp, b));
-}
-
 /* Drained frees back to their spans.  Their span headers and blocks are
  * fetched first, all of them, so that the misses overlap; then every
  * block is checked before the first put (see check_blocks): a block of
@@ -1578,11 +1585,9 @@ static bool drained_holds(const struct hm_heap *h, const void *p)
 static void flush_drained(struct hm_heap *h, struct hm_tcache *tc, unsigned cls, void *p)
 {
     tc->bins[cls].room++;               /* p does not stay in the bin */
-    uint32_t n;
-    if (drain_defers(cls) && drain_defer(h, p)) {
-        n = hm_drained_put(h);
-    } else {
-        n = hm_drained_put(h);
+    bool deferred = drain_defers(cls) && drain_defer(h, p);
+    uint32_t n = hm_drained_put(h);
+    if (!deferred) {
         void *one[1] = { p };
         n += put_marked(h, one, 1, true, NULL);
     }
@@ -1628,6 +1633,15 @@ static __attribute__((noinline)) void flush_locked(struct hm_tcache *tc, unsigne
     hm_heap_unlock(tc->heap);
 }
 
+/* A free that found p marked free already, after counting it in cls's
+ * bin: the count goes back, and the slow path tells a double free from
+ * a program's own value. */
+static void free_uncounted(struct hm_tcache *tc, unsigned cls, void *p)
+{
+    tc->bins[cls].room++;
+    hm_free_slow(tc, p, "free");
+}
+
 /* The deferred drain in a few instructions, the rest out of line.  A
  * full bin's block gets free()'s check here, which its fast path left
  * (hm_free_slow tells a double free from a program's own value). */
@@ -1643,8 +1657,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls, void *p)
             return;
         }
     } else if (((uintptr_t *)p)[1] == hm_free_key) {
-        bin->room++;
-        hm_free_slow(tc, p, "free");
+        free_uncounted(tc, cls, p);
         return;
     }
     flush_locked(tc, cls, p);
@@ -1652,8 +1665,7 @@ void hm_flush(struct hm_tcache *tc, unsigned cls, void *p)
 
 void hm_free_counted(struct hm_tcache *tc, uintptr_t bin_offset, void *p)
 {
-    tc->bins[(bin_offset - offsetof(struct hm_tcache, bins)) / sizeof(struct hm_bin)].room++;
-    hm_free_slow(tc, p, "free");
+    free_uncounted(tc, hm_bin_class(bin_offset), p);
 }
 
 void hm_bin_return_all(struct hm_heap *h, struct hm_tcache *tc, unsigned cls)

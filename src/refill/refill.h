@@ -114,6 +114,12 @@ struct hm_tcache {
 /* Page-map tags carry a bin's offset below the heap id's alignment. */
 _Static_assert(sizeof(struct hm_tcache) <= HM_HEAP_ALIGN, "bin offsets fit a page-map tag");
 
+/* The class of the bin at bin_offset in a thread cache (a page tag's). */
+static inline unsigned hm_bin_class(uintptr_t bin_offset)
+{
+    return (unsigned)((bin_offset - offsetof(struct hm_tcache, bins)) / sizeof(struct hm_bin));
+}
+
 extern uintptr_t hm_free_key;
 
 /* Fills tc's bin for cls and returns one block, or NULL when out of memory.
