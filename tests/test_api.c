@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 
 #include "hakmem.h"
+#include "size_class/size_class.h"
 
 static bool aligned(const void *p, size_t a)
 {
@@ -114,9 +115,10 @@ static void realloc_keeps_content(void **state)
     hakmem_free(p);
 }
 
-/* A block grown a byte at a time moves to half again its size at least
- * (up to the page blocks' 2 MiB), so it moves about log1.5 times, not once
- * per size class (72 of them up to 128 KiB); a shrink within half keeps it. */
+/* A block grown a byte at a time moves to the class of the size asked
+ * for up to 8 KiB, then to half again its size at least (up to the page
+ * blocks' 2 MiB), so it moves once per class (56 up to 8 KiB) and then
+ * about log1.5 times, not once per size class (16 more up to 128 KiB). */
 static void realloc_growth_moves_by_half_again(void **state)
 {
     (void)state;
@@ -131,7 +133,11 @@ static void realloc_growth_moves_by_half_again(void **state)
         assert_true(check(q, n, 5));
         if (q != p) {
             moves++;
-            assert_true(hakmem_malloc_usable_size(q) >= old_usable + old_usable / 2);
+            if (n + 1 <= 8192)
+                assert_int_equal(hakmem_malloc_usable_size(q),
+                                 hm_size_class_size(hm_size_class(n + 1)));
+            else
+                assert_true(hakmem_malloc_usable_size(q) >= old_usable + old_usable / 2);
         }
         q[n] = (char)(5 * 31u + n * 7u);    /* what fill() puts at n */
         p = q;
@@ -142,7 +148,25 @@ static void realloc_growth_moves_by_half_again(void **state)
         }
     }
     print_message("grown 16 B -> 1 MiB: %u moves\n", moves);
-    assert_true(moves <= 26);       /* log1.5(65536) = 27.4, from usable sizes */
+    assert_true(moves <= 55 + 12);  /* 56 classes, the first one p's; log1.5(128) = 12.0 */
+    hakmem_free(p);
+}
+
+/* A buffer grown to a few KiB a step at a time and kept (a listpack, a
+ * string) holds the class of its size, not half again its size: 15
+ * steps of 515 bytes end in the 8 KiB class (12 KiB with half again). */
+static void realloc_grown_and_kept_holds_its_class(void **state)
+{
+    (void)state;
+    char *p = NULL;
+    for (size_t n = 515; n <= 15 * 515; n += 515) {
+        p = hakmem_realloc(p, n);
+        assert_non_null(p);
+        memset(p + n - 515, (int)(n / 515), 515);
+    }
+    assert_int_equal(hakmem_malloc_usable_size(p), 8192);
+    for (size_t i = 0; i < 15 * 515; i++)
+        assert_int_equal((unsigned char)p[i], i / 515 + 1);
     hakmem_free(p);
 }
 
@@ -586,6 +610,7 @@ int main(void)
         cmocka_unit_test(calloc_zeroes_reused_blocks),
         cmocka_unit_test(realloc_keeps_content),
         cmocka_unit_test(realloc_growth_moves_by_half_again),
+        cmocka_unit_test(realloc_grown_and_kept_holds_its_class),
         cmocka_unit_test(realloc_edge_cases),
         cmocka_unit_test(large_realloc_grows_by_the_size_asked_when_short_of_room),
         cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
