@@ -237,6 +237,19 @@ static size_t address_space_used(void)
     return pages * 4096;
 }
 
+/* Leaves `spare` bytes of address space (RLIMIT_AS); *old to restore. */
+static void limit_address_space(size_t spare, struct rlimit *old)
+{
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    skip();                     /* their shadow memory takes address space too */
+#endif
+    struct rlimit tight;
+    getrlimit(RLIMIT_AS, old);
+    tight.rlim_cur = address_space_used() + spare;
+    tight.rlim_max = old->rlim_max;
+    assert_int_equal(setrlimit(RLIMIT_AS, &tight), 0);
+}
+
 /* A large block grows by half again, but where the address space left
  * (RLIMIT_AS) holds only what was asked for, it grows by that in place:
  * the growth by half again failed, and a copy needed a second mapping.
@@ -246,17 +259,11 @@ static size_t address_space_used(void)
 static void large_realloc_grows_by_the_size_asked_when_short_of_room(void **state)
 {
     (void)state;
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    skip();                     /* their shadow memory takes address space too */
-#endif
     char *p = hakmem_malloc(8u << 20);
     memset(p, 5, 8u << 20);
     size_t usable = hakmem_malloc_usable_size(p);
-    struct rlimit old, tight;
-    getrlimit(RLIMIT_AS, &old);
-    tight.rlim_cur = address_space_used() + (3u << 20);
-    tight.rlim_max = old.rlim_max;
-    assert_int_equal(setrlimit(RLIMIT_AS, &tight), 0);
+    struct rlimit old;
+    limit_address_space(3u << 20, &old);
     char *q = hakmem_realloc(p, usable + (2u << 20));
     setrlimit(RLIMIT_AS, &old);
     assert_non_null(q);
@@ -264,6 +271,30 @@ static void large_realloc_grows_by_the_size_asked_when_short_of_room(void **stat
         assert_int_equal(q[i], 5);
     assert_true(hakmem_malloc_usable_size(q) >= usable + (2u << 20));
     hakmem_free(q);
+}
+
+/* A block that realloc grows past 2 MiB may take a cached block (of up
+ * to eight times its size) and grow it to half again; where the address
+ * space left (RLIMIT_AS) refuses that growth, the cached block, already
+ * big enough, serves as it is (it was taken out of the cache and
+ * registered, and was lost: realloc failed with ENOMEM, and the block's
+ * old pointer passed as a live one). */
+static void realloc_takes_a_cached_block_when_short_of_room(void **state)
+{
+    (void)state;
+    char *cached = hakmem_malloc(3u << 20);
+    memset(cached, 1, 3u << 20);
+    hakmem_free(cached);
+    char *q = hakmem_malloc(1u << 20);
+    fill(q, 1u << 20, 9);
+    struct rlimit old;
+    limit_address_space(0, &old);
+    char *r = hakmem_realloc(q, 5u << 19);
+    setrlimit(RLIMIT_AS, &old);
+    assert_ptr_equal(r, cached);
+    assert_true(check(r, 1u << 20, 9));
+    assert_true(hakmem_malloc_usable_size(r) >= (5u << 19));
+    hakmem_free(r);
 }
 
 static void realloc_edge_cases(void **state)
@@ -613,6 +644,7 @@ int main(void)
         cmocka_unit_test(realloc_grown_and_kept_holds_its_class),
         cmocka_unit_test(realloc_edge_cases),
         cmocka_unit_test(large_realloc_grows_by_the_size_asked_when_short_of_room),
+        cmocka_unit_test(realloc_takes_a_cached_block_when_short_of_room),
         cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),

@@ -1567,6 +1567,58 @@ static void remote_frees_of_reused_blocks(void)
     }
 }
 
+/* Two threads free one large block at once.  The later of the two finds
+ * it unregistered ("invalid pointer"), or, when both found it registered,
+ * loses the exchange that unregisters it ("double free detected"); both
+ * getting through cached it twice, and the next two mallocs of its size
+ * returned the same block (about one race in twelve here). */
+static atomic_int race_ready, race_go;
+
+/* Spins rather than sleeps at the start line: a thread woken from a
+ * futex comes microseconds late, and the two frees never meet. */
+static void *free_at_the_start(void *p)
+{
+    atomic_fetch_add(&race_ready, 1);
+    while (!atomic_load(&race_go))
+        ;
+    hakmem_free(p);
+    return NULL;
+}
+
+static void large_freed_by_two_at_once(void)
+{
+    hakmem_free(hakmem_malloc(3u << 20));       /* the cache holds one: the frees' puts are alike */
+    char *p = hakmem_malloc(3u << 20);
+    memset(p, 1, 4096);
+    pthread_t t;
+    pthread_create(&t, NULL, free_at_the_start, p);
+    while (!atomic_load(&race_ready))
+        ;
+    atomic_store(&race_go, 1);
+    hakmem_free(p);
+    pthread_join(t, NULL);
+    void *a = hakmem_malloc(3u << 20), *b = hakmem_malloc(3u << 20);
+    fprintf(stderr, "both frees passed: %p and %p\n", a, b);
+    _exit(1);
+}
+
+static void large_block_freed_by_two_threads_at_once(void **state)
+{
+    (void)state;
+#ifdef __SANITIZE_THREAD__      /* TSan cannot start threads in a forked child */
+    skip();
+#endif
+    int races = 0;
+    for (int i = 0; i < 200; i++) {
+        char buf[512];
+        int status = run_child(large_freed_by_two_at_once, buf, sizeof buf);
+        if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGABRT || !strstr(buf, "hakmem: free(): "))
+            fail_msg("child %d: status %#x: %s", i, status, buf);
+        races += strstr(buf, "double free detected") != NULL;
+    }
+    print_message("200 children: %d frees met at once\n", races);
+}
+
 static void double_frees_across_threads_abort(void **state)
 {
     (void)state;
@@ -1598,6 +1650,7 @@ int main(void)
         cmocka_unit_test(first_call_is_free),
         cmocka_unit_test(frees_after_thread_exit_leave_no_heap),
         cmocka_unit_test(double_frees_across_threads_abort),
+        cmocka_unit_test(large_block_freed_by_two_threads_at_once),
         cmocka_unit_test(thread_churn_keeps_rss_bounded),
         cmocka_unit_test(sweeps_race_exits_frees_and_adoption),
         cmocka_unit_test(handed_on_blocks_leave_reusable_segments),

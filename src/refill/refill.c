@@ -1856,8 +1856,8 @@ void hm_free_slow(struct hm_tcache *tc, void *p, const char *call)
     struct hm_segment *large;
     struct hm_span *sp = block_of(p, call, &large);
     if (!sp) {
-        if (large)
-            hm_large_free(large);
+        if (large && !hm_large_free(large))
+            hm_fatal(call, "double free detected", p);
         return;                         /* a bootstrap block stays */
     }
     uintptr_t *words = p;

@@ -170,6 +170,13 @@ static struct hm_segment *cache_take_filled_shorter(size_t map_size, size_t alig
     return seg;
 }
 
+/* How long ago `then` was: 0 if after now (a block put by another thread
+ * after the caller read its clock). */
+static uint64_t aged_ns(uint64_t now_ns, uint64_t then_ns)
+{
+    return now_ns > then_ns ? now_ns - then_ns : 0;
+}
+
 /* Takes out what must go (expired, while less than `budget` bytes went;
  * or beyond the bounds once `incoming` bytes join); the caller unmaps them
  * outside the lock. */
@@ -178,7 +185,7 @@ static unsigned cache_evict(uint64_t now_ns, uint64_t delay_ns, size_t budget,
 {
     unsigned n = 0;
     size_t in_mapped = in.seg ? in.seg->map_size : 0, bytes = 0;
-    while (cache_count && ((now_ns - cache[0].freed_ns >= delay_ns && (!n || bytes < budget)) ||
+    while (cache_count && ((aged_ns(now_ns, cache[0].freed_ns) >= delay_ns && (!n || bytes < budget)) ||
                            cache_count == CACHE_SLOTS ||
                            cache_mapped + in_mapped > CACHE_MAX_BYTES)) {
         bytes += cache[0].seg->map_size;
@@ -393,11 +400,21 @@ void *hm_large_alloc_growing(size_t size)
         struct hm_segment *seg = cache_take(map_size, 0, 8);
         if (seg) {
             large_revive(seg, offset, 0);
-            return hm_large_resize(seg, hm_round_up(map_size + map_size / 2, HM_OS_PAGE) - offset);
+            /* Growing it to half again may fail (out of address space):
+             * it holds map_size bytes already, so it serves as it is. */
+            void *p = hm_large_resize(seg, hm_round_up(map_size + map_size / 2, HM_OS_PAGE) - offset);
+            return p ? p : seg->user;
         }
     }
     bool zeroed;
     return hm_large_alloc(size, 0, &zeroed);
+}
+
+static void large_uncount(struct hm_segment *seg)
+{
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&hm_segment_counters.large_bytes, seg->map_size,
+                              memory_order_relaxed);
 }
 
 /* A live block stops being one: unregistered first, so that a second
@@ -405,16 +422,21 @@ void *hm_large_alloc_growing(size_t size)
 static void large_unregister(struct hm_segment *seg)
 {
     hm_segmap_set((uintptr_t)seg->user, NULL);
-    atomic_fetch_sub_explicit(&hm_segment_counters.large_blocks, 1, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&hm_segment_counters.large_bytes, seg->map_size,
-                              memory_order_relaxed);
+    large_uncount(seg);
 }
 
-void hm_large_free(struct hm_segment *seg)
+/* Unregistered by an exchange: of two threads that free the block at
+ * once (both found it registered), one finds it gone, and returns false
+ * (a double free, for the caller to report).  Both would otherwise cache
+ * it, and the next two mallocs of its size would get the same block. */
+bool hm_large_free(struct hm_segment *seg)
 {
-    large_unregister(seg);
+    if (!hm_segmap_clear((uintptr_t)seg->user, seg))
+        return false;
+    large_uncount(seg);
     if (!cache_put(seg))
         large_unmap(seg);
+    return true;
 }
 
 size_t hm_large_usable_size(const struct hm_segment *seg)

@@ -53,6 +53,14 @@ void hm_segmap_set(uintptr_t u, struct hm_segment *seg)
                           memory_order_release);
 }
 
+/* Clears u's entry if it still names seg; false if it did not. */
+bool hm_segmap_clear(uintptr_t u, struct hm_segment *seg)
+{
+    return atomic_compare_exchange_strong_explicit(&hm_segmap.table[u >> HM_SEGMENT_SHIFT], &seg,
+                                                   NULL, memory_order_acq_rel,
+                                                   memory_order_relaxed);
+}
+
 /* Maps `size` bytes at an address base such that base + offset is a
  * multiple of `align`.  Tries the plain mapping first: the kernel often
  * hands out addresses right below the previous mapping, which keeps

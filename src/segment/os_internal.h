@@ -20,6 +20,7 @@ void hm_os_unmap_if_marked(void *p, size_t size);
 bool hm_os_huge_pages(void *p, size_t size, bool on);
 
 void hm_segmap_set(uintptr_t u, struct hm_segment *seg);
+bool hm_segmap_clear(uintptr_t u, struct hm_segment *seg);
 /* Sets the page-map words of `pages` pages from page_address on. */
 void hm_pagemap_set(uintptr_t page_address, size_t pages, uintptr_t tag);
 void hm_count_mapped(int64_t bytes);

@@ -333,7 +333,7 @@ bool hm_fork_hold_end(void);
 void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed);
 /* For a block that realloc grows past HM_PAGES_MAX: may take a bigger cached block. */
 void *hm_large_alloc_growing(size_t size);
-void hm_large_free(struct hm_segment *seg);
+bool hm_large_free(struct hm_segment *seg);   /* false: not registered (a double free) */
 size_t hm_large_usable_size(const struct hm_segment *seg);
 /* Resizes in place or by moving the pages (mremap): the new user pointer,
  * or NULL when the OS refuses (the block is then unchanged). */
