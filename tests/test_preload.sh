@@ -9,6 +9,7 @@ bad_free=$3
 libc_names=$4
 glibc_extras=$5
 fork_join=$6
+fork_stdio=$7
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
@@ -230,6 +231,31 @@ have sort && same_ace "sort" sh -c "sort -S 8M '$work/lines' | sha256sum"
 # A fork child's first slow path may start its ACE thread: never a free's,
 # which glibc makes while holding a lock pthread_create needs.
 same_ace "fork_join" "$fork_join"
+
+# fork() while threads allocate holding a FILE's lock and fflush(NULL)
+# holds the FILE list's: the allocator's fork handler must take that list
+# lock before its own, as glibc's malloc takes its own after it.  Also a
+# single-threaded process's fork (glibc leaves the list lock alone then).
+# Without MALLOC_PERTURB_ (meson sets it): glibc's malloc then fills each
+# 3 MiB block while holding stdout's lock, and the plain run crawls.
+for mode in threads single; do
+    same "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
+    same_ace "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
+done
+
+# --- the report at exit goes to stderr, not a file on its copy's number ------
+# HAKMEM_STATS=1 keeps a copy of stderr (fd 100 or above) for the report; a
+# program that closes it and opens a file on that number (a daemon that
+# closes every descriptor) must not find the report in its file.
+LD_PRELOAD=$lib HAKMEM_STATS=1 bash -c 'exec 100>&- 100>"$1"; echo data >&100' _ "$work/fd100" \
+    2>"$work/fd100.err"
+if grep -q 'hakmem stats' "$work/fd100"; then
+    not_ok "stats report: written into the program's file on fd 100"
+elif ! grep -q 'hakmem stats: totals' "$work/fd100.err"; then
+    not_ok "stats report: not on stderr"
+else
+    ok "stats report: on stderr, not in a file reusing its descriptor"
+fi
 
 # --- bad frees die with a diagnostic ----------------------------------------
 for mode in invalid double offset; do

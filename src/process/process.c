@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/single_threaded.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../../include/hakmem.h"
@@ -32,15 +34,38 @@ static bool env_flag(const char *name)
     return v && v[0] == '1' && v[1] == '\0';
 }
 
+/* glibc's lock of its list of open FILEs (recursive; GLIBC_2.2.5).
+ * Weak: a C library without them leaves them NULL. */
+extern void _IO_list_lock(void) __attribute__((weak));
+extern void _IO_list_unlock(void) __attribute__((weak));
+
+/* Whether the outer fork's prepare took the FILE list lock, and whether
+ * glibc's fork takes it too (it does in a process that has had a second
+ * thread, as it reads __libc_single_threaded before the prepare
+ * handlers), and then resets it in the child before the child handlers. */
+static bool io_list_taken, io_list_reset_in_child;
+
 /* Every lock of the allocator is held across fork(), so the child finds
  * none taken by a thread it does not have.  The registry lock also keeps
  * the purger (which holds it while it holds segment locks) out.  Other
  * libraries' fork handlers that run while they are held may allocate (see
- * hm_fork_hold_begin). */
+ * hm_fork_hold_begin).
+ *
+ * glibc's FILE list lock comes first.  glibc's fork takes it after the
+ * prepare handlers, and its own malloc's locks after it, since a thread
+ * may allocate while it holds a FILE's lock (getdelim, a stream's first
+ * buffer) and fflush(NULL) holds the list lock while it takes each FILE's.
+ * Taking ours first made a cycle: the forking thread held ours and
+ * waited for the list lock, held by a thread in fflush(NULL) waiting for
+ * stdout's lock, held by a thread in malloc waiting for ours. */
 static void fork_prepare(void)
 {
     if (hm_fork_hold_nested())
         return;
+    io_list_taken = _IO_list_lock && _IO_list_unlock;
+    io_list_reset_in_child = !__libc_single_threaded;
+    if (io_list_taken)
+        _IO_list_lock();
     hm_refill_fork_prepare();
     hm_segment_fork_prepare();
     hm_large_fork_prepare();
@@ -59,8 +84,11 @@ static void release_locks(void)
 
 static void fork_parent(void)
 {
-    if (hm_fork_hold_end())
+    if (hm_fork_hold_end()) {
         release_locks();
+        if (io_list_taken)
+            _IO_list_unlock();
+    }
 }
 
 /* Every reset before the locks go: they wake threads that an earlier
@@ -76,8 +104,11 @@ static void fork_child(void)
     hm_ace_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
-    if (outer)
+    if (outer) {
         release_locks();
+        if (io_list_taken && !io_list_reset_in_child)
+            _IO_list_unlock();
+    }
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */
@@ -90,6 +121,29 @@ static uint64_t env_u64(const char *name, uint64_t def)
     for (; *v >= '0' && *v <= '9' && n < ((uint64_t)1 << 40); v++)
         n = n * 10 + (uint64_t)(*v - '0');
     return n;
+}
+
+/* What the copy of stderr is, so that the report at exit goes there only
+ * if the descriptor still is that: a daemon that closes every descriptor
+ * and opens its own files may reuse its number, and the report would land
+ * in one of them. */
+static struct stat stats_file;
+
+static void stats_file_note(void)
+{
+    if (hm_options.stats_fd >= 0 && fstat(hm_options.stats_fd, &stats_file) != 0) {
+        close(hm_options.stats_fd);
+        hm_options.stats_fd = -1;
+    }
+}
+
+static int stats_file_fd(void)
+{
+    struct stat now;
+    if (hm_options.stats_fd >= 0 && fstat(hm_options.stats_fd, &now) == 0 &&
+        now.st_dev == stats_file.st_dev && now.st_ino == stats_file.st_ino)
+        return hm_options.stats_fd;
+    return STDERR_FILENO;
 }
 
 static void phase1(void)
@@ -105,6 +159,7 @@ static void phase1(void)
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */
     hm_options.stats_fd = hm_options.stats ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 100) : -1;
+    stats_file_note();
     hm_refill_module_init();
     hm_ace_module_init();
     if (hm_init_test_hook)
@@ -146,7 +201,7 @@ __attribute__((destructor)) static void hm_on_unload(void)
 {
     hm_drained_put_at_exit(hm_tcache_self());
     if (hm_options.stats)
-        hakmem_stats_print(hm_options.stats_fd >= 0 ? hm_options.stats_fd : STDERR_FILENO);
+        hakmem_stats_print(stats_file_fd());
 }
 
 /* ---- bootstrap arena --------------------------------------------------- */

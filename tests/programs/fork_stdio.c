@@ -1,0 +1,111 @@
+/* fork() while other threads use stdio and allocate, and stdio in the child.
+ *
+ *   fork_stdio threads   one thread allocates while it holds stdout's lock
+ *                        (as getdelim, or a stream's first buffer, does),
+ *                        another calls fflush(NULL) (which holds the FILE
+ *                        list lock while it takes each FILE's lock), and
+ *                        main forks.  An allocator whose fork handler
+ *                        takes its locks and then waits for the list lock
+ *                        (glibc's fork takes it after the handlers) makes
+ *                        a cycle with those two: the first fork hangs.
+ *   fork_stdio single    a process that never had a second thread forks:
+ *                        glibc then neither takes nor resets the list lock
+ *                        itself, so whoever took it in a handler must let
+ *                        it go in the child too.
+ *
+ * Each child starts a thread that opens a file and flushes every stream,
+ * joins it, flushes again and exits: a list lock left held, or released
+ * twice, hangs it.  A child that does not end within 3 s is killed (and
+ * counted); the whole run ends within 20 s however it goes.
+ *
+ * Prints "fork_stdio MODE: N forks, H hung" and exits 1 if any hung. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum { FORKS = 200 };
+
+static atomic_int stop;
+
+static void *lock_and_allocate(void *arg)
+{
+    while (!atomic_load(&stop)) {
+        flockfile(stdout);
+        void *volatile p = malloc(3u << 20);
+        free(p);
+        p = malloc(100);
+        free(p);
+        funlockfile(stdout);
+    }
+    return arg;
+}
+
+static void *flush_all(void *arg)
+{
+    while (!atomic_load(&stop))
+        fflush(NULL);
+    return arg;
+}
+
+static void *open_and_flush(void *arg)
+{
+    FILE *f = fopen("/dev/null", "w");
+    if (f) {
+        fputs("x", f);
+        fclose(f);
+    }
+    fflush(NULL);
+    return arg;
+}
+
+static void child(void)
+{
+    alarm(3);
+    pthread_t t;
+    if (pthread_create(&t, NULL, open_and_flush, NULL) != 0)
+        _exit(2);
+    pthread_join(t, NULL);
+    fflush(NULL);
+    _exit(0);
+}
+
+int main(int argc, char **argv)
+{
+    bool threads = argc > 1 && strcmp(argv[1], "threads") == 0;
+    if (argc != 2 || (!threads && strcmp(argv[1], "single") != 0)) {
+        fprintf(stderr, "usage: fork_stdio threads|single\n");
+        return 2;
+    }
+    alarm(20);
+    pthread_t t[2];
+    if (threads) {
+        pthread_create(&t[0], NULL, lock_and_allocate, NULL);
+        pthread_create(&t[1], NULL, flush_all, NULL);
+    }
+    int hung = 0, failed = 0;
+    for (int i = 0; i < FORKS; i++) {
+        pid_t pid = fork();
+        if (pid < 0)
+            return 2;
+        if (pid == 0)
+            child();
+        int status;
+        waitpid(pid, &status, 0);
+        hung += WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM;
+        failed += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    }
+    atomic_store(&stop, 1);
+    if (threads) {
+        pthread_join(t[0], NULL);
+        pthread_join(t[1], NULL);
+    }
+    printf("fork_stdio %s: %d forks, %d hung, %d failed\n", argv[1], FORKS, hung, failed);
+    return hung || failed;
+}
