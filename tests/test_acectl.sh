@@ -247,10 +247,13 @@ for _ in $(seq 200); do
     sleep 0.01
 done
 expect_rc "freeze a stopped process times out" 7 "$acectl" freeze "$wl"
+# Interrupted while it waits (Ctrl-C, a timeout's signal): withdrawn too.
+timeout -s INT 0.5 "$acectl" freeze "$wl" >/dev/null 2>&1
+check "an interrupted request ends acectl by its signal" $? -eq 124
 kill -CONT "$wl"
 sleep 0.3
 snap "$wl"
-check "the withdrawn request was never applied" "$(top frozen)" == false
+check "the withdrawn requests were never applied" "$(top frozen)" == false
 expect_rc "requests work again after the timeout" 0 "$acectl" pin "$wl" "$hot_class" 2
 expect_rc "reset" 0 "$acectl" reset "$wl" all
 

@@ -1442,6 +1442,32 @@ static void purge_steps_read_a_few_segments_each(void **state)
     run_thread(purge_steps_resume, NULL);
 }
 
+/* A fork child's ACE starts afresh (hm_ace_fork_child zeroes its queue's
+ * drops and its counters), so the per-class drops it reports start at 0
+ * too, not at its parent's (acectl showed the parent's 430 drops in a
+ * child whose ACE line said 0). */
+static void fork_child_reports_no_parent_drops(void **state)
+{
+    (void)state;
+    struct hm_tcache *tc = hm_tcache_self();
+    hakmem_free(hakmem_malloc(64));          /* the heap exists */
+    unsigned cls = hm_size_class(64);
+    tc->heap->stats[cls].ace_drops += 7;
+    struct hakmem_class_info ci;
+    assert_int_equal(hakmem_class_info(cls, &ci), 0);
+    assert_true(ci.ace_drops >= 7);
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct hakmem_class_info child;
+        _exit(hakmem_class_info(cls, &child) == 0 && child.ace_drops == 0 ? 0 : 1);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    tc->heap->stats[cls].ace_drops -= 7;
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1475,6 +1501,7 @@ int main(void)
         cmocka_unit_test(purge_steps_read_a_few_segments_each),
         cmocka_unit_test(purge_steps_go_on_where_they_ran_out),
         cmocka_unit_test(process_purge_steps_read_a_few_segments_each),
+        cmocka_unit_test(fork_child_reports_no_parent_drops),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

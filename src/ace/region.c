@@ -261,7 +261,9 @@ static void write_snapshot(void)
     h->ace_drops = s->ace_drops;
     h->ace_decisions = s->ace_decisions;
     h->ace_changes = s->ace_changes;
-    memcpy((char *)h + h->header_size, s->cls, sizeof s->cls);
+    /* Our own layout, never a field read back: anyone who can write the
+     * file could otherwise point this write anywhere. */
+    memcpy((char *)h + sizeof *h, s->cls, sizeof s->cls);
 
     __atomic_store_n(&h->seq, ++region_seq, __ATOMIC_RELEASE);
 }

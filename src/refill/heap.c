@@ -1382,4 +1382,11 @@ void hm_refill_fork_child(struct hm_tcache *self)
         }
     }
     atomic_fetch_sub_explicit(&threads_live, n, memory_order_relaxed);
+    /* The child's ACE starts afresh (its queue, its counters): the events
+     * its parent's queue dropped are not the child's to report. */
+    for (struct hm_heap *h = heaps_live; h; h = h->next_live)
+        for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+            h->stats[c].ace_drops = 0;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++)
+        retired[c].ace_drops = 0;
 }

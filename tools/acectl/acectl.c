@@ -763,10 +763,41 @@ static bool wait_answer(const struct region *r, uint64_t id, uint64_t deadline, 
     }
 }
 
+/* The same compare-and-swap the ACE thread claims a request with: true
+ * if the request was still pending (it never will be applied now). */
+static bool withdraw(struct hakmem_region_header *h, uint64_t id)
+{
+    uint64_t expect = id;
+    return __atomic_compare_exchange_n(&h->req_seq, &expect, id + 1, false,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+/* The request this run is waiting on: a signal that would end acectl
+ * (Ctrl-C, a `timeout`'s SIGTERM, a closed terminal) withdraws it first,
+ * or the process would apply it whenever it next looked, unconfirmed.
+ * (SIGKILL cannot be caught: such a request stays pending.) */
+static struct hakmem_region_header *volatile pending_region;
+static volatile uint64_t pending_id;
+
+static void on_end_signal(int sig)
+{
+    if (pending_region)
+        withdraw(pending_region, pending_id);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static const int end_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT };
+
+static void watch_end_signals(bool on)
+{
+    for (size_t i = 0; i < sizeof end_signals / sizeof end_signals[0]; i++)
+        signal(end_signals[i], on ? on_end_signal : SIG_DFL);
+}
+
 /* Writes one request and waits for the answer.  On timeout the request is
- * withdrawn (the same compare-and-swap the ACE thread claims it with), so a
- * timed-out request is never applied later; if the thread had claimed it
- * already, its answer comes soon and is waited for. */
+ * withdrawn, so a timed-out request is never applied later; if the thread
+ * had claimed it already, its answer comes soon and is waited for. */
 static int send_request(struct region *r, uint32_t cmd, uint32_t cls, uint32_t value,
                         struct answer *a)
 {
@@ -775,20 +806,26 @@ static int send_request(struct region *r, uint32_t cmd, uint32_t cls, uint32_t v
         return rc;
     struct hakmem_region_header *h = r->h;
     uint64_t id = (__atomic_load_n(&h->req_seq, __ATOMIC_ACQUIRE) & ~1ull) + 2;
+    pending_id = id;
+    pending_region = h;
+    watch_end_signals(true);
     post_request(h, id, cmd, cls, value);
 
     bool gone = false;
     bool answered = wait_answer(r, id, clock_ms(CLOCK_MONOTONIC) + ANSWER_WAIT_MS, &gone);
     if (!answered && !gone) {
-        uint64_t expect = id;
-        if (__atomic_compare_exchange_n(&h->req_seq, &expect, id + 1, false,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        if (withdraw(h, id)) {
+            pending_region = NULL;
+            watch_end_signals(false);
             return fail(EXIT_TIMEOUT, "process %d did not answer within %d ms (stopped?); "
                         "the request was withdrawn", (int)r->pid, ANSWER_WAIT_MS);
+        }
         /* Taken: a trim may still be at work. */
         int more_ms = cmd == HAKMEM_REGION_CMD_TRIM ? TRIM_WAIT_MS : 1000;
         answered = wait_answer(r, id, clock_ms(CLOCK_MONOTONIC) + more_ms, &gone);
     }
+    pending_region = NULL;
+    watch_end_signals(false);
     if (gone)
         return fail(EXIT_NO_PROCESS, "process %d exited before it answered", (int)r->pid);
     if (!answered)
