@@ -5,6 +5,7 @@
 #include <malloc.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 
 #include "hakmem.h"
@@ -295,6 +296,32 @@ static void realloc_takes_a_cached_block_when_short_of_room(void **state)
     assert_true(check(r, 1u << 20, 9));
     assert_true(hakmem_malloc_usable_size(r) >= (5u << 19));
     hakmem_free(r);
+}
+
+/* A large block whose growth in place is blocked (a mapping right after
+ * it) moves; the in-place attempt's ENOMEM must not stay in errno (a
+ * getline loop that checks errno at EOF read it as a read error). */
+static void realloc_that_moves_keeps_errno(void **state)
+{
+    (void)state;
+    char *p = hakmem_malloc(3u << 20);
+    memset(p, 7, 3u << 20);
+    char *end = p + hakmem_malloc_usable_size(p);
+    void *wall = mmap(end, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                      -1, 0);
+    if (wall != end) {
+        hakmem_free(p);
+        skip();                             /* something else is there already */
+    }
+    errno = 0;
+    char *q = hakmem_realloc(p, 12u << 20);
+    assert_non_null(q);
+    assert_int_equal(errno, 0);
+    assert_true(q != p);
+    for (size_t i = 0; i < (3u << 20); i += 4096)
+        assert_int_equal(q[i], 7);
+    hakmem_free(q);
+    munmap(wall, 4096);
 }
 
 static void realloc_edge_cases(void **state)
@@ -645,6 +672,7 @@ int main(void)
         cmocka_unit_test(realloc_edge_cases),
         cmocka_unit_test(large_realloc_grows_by_the_size_asked_when_short_of_room),
         cmocka_unit_test(realloc_takes_a_cached_block_when_short_of_room),
+        cmocka_unit_test(realloc_that_moves_keeps_errno),
         cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),

@@ -3,11 +3,16 @@
  * arena instead of recursing or deadlocking. */
 #include "test_util.h"
 
+#include <errno.h>
+
 #include "hakmem.h"
 #include "process/process.h"
 
 static void *during_init[3];
 static size_t during_init_usable;
+static void *aligned_during_init[2];
+static void *too_big_during_init = (void *)1;
+static int too_big_errno;
 
 static void reenter(void)
 {
@@ -15,6 +20,14 @@ static void reenter(void)
     during_init[1] = hakmem_calloc(10, 10);
     during_init[2] = hakmem_malloc(1 << 20);        /* a large size too */
     during_init_usable = hakmem_malloc_usable_size(during_init[0]);
+    /* Aligned: from the arena too, aligned as asked (they were 16-aligned
+     * class blocks of the arena). */
+    aligned_during_init[0] = hakmem_memalign(4096, 100);
+    aligned_during_init[1] = hakmem_aligned_alloc(1024, 200);
+    /* More than the arena holds: NULL and ENOMEM (errno was left alone). */
+    errno = 0;
+    too_big_during_init = hakmem_malloc(100000);
+    too_big_errno = errno;
 }
 
 /* Runs before the library's own load-time set-up. */
@@ -33,6 +46,12 @@ static void reentrant_malloc_uses_bootstrap_arena(void **state)
         assert_int_equal((uintptr_t)during_init[i] % 16, 0);
     }
     assert_true(during_init_usable >= 100);
+    assert_non_null(aligned_during_init[0]);
+    assert_int_equal((uintptr_t)aligned_during_init[0] % 4096, 0);
+    assert_non_null(aligned_during_init[1]);
+    assert_int_equal((uintptr_t)aligned_during_init[1] % 1024, 0);
+    assert_null(too_big_during_init);
+    assert_int_equal(too_big_errno, ENOMEM);
     unsigned char *z = during_init[1];
     for (int i = 0; i < 100; i++)
         assert_int_equal(z[i], 0);

@@ -3,6 +3,7 @@
  * segments of exited threads at once. */
 #include "test_util.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -10,6 +11,8 @@
 #include "hakmem.h"
 #include "hot/hot.h"
 #include "refill/heap_internal.h"
+#include "process/process.h"
+#include "segment/segment.h"
 
 enum { BLOCKS = 50 * 1024, BLOCK = 1000 };   /* about 50 MiB */
 static void *blocks[BLOCKS];
@@ -1079,6 +1082,50 @@ static void trim_reaches_other_threads_heaps(void **state)
     end_owner(t);
 }
 
+/* malloc, free and realloc keep errno when they succeed, though the
+ * calls they make to give memory back may fail: in a process that locked
+ * its memory (mlockall) every MADV_DONTNEED fails with EINVAL, and a
+ * malloc whose slow path purged left it in errno.  In a child, with no
+ * purge delay, so that the slow paths give pages back all the time. */
+static void locked_process_keeps_errno(void)
+{
+    if (mlockall(MCL_CURRENT | MCL_FUTURE) != 0)
+        _exit(3);                           /* not allowed here: nothing to test */
+    hm_options.purge_delay_ns = 0;
+    void *p[64] = { 0 };
+    for (int round = 0; round < 200; round++) {
+        for (int i = 0; i < 64; i++) {
+            errno = 0;
+            hakmem_free(p[i]);
+            p[i] = hakmem_malloc(i % 2 ? 200u << 10 : 20u << 10);
+            if (!p[i] || errno != 0)
+                _exit(1);
+        }
+    }
+    for (int i = 0; i < 64; i++) {
+        errno = 0;
+        hakmem_free(p[i]);
+        if (errno != 0)
+            _exit(2);
+    }
+    _exit(0);
+}
+
+static void successful_calls_keep_errno_when_giving_back_fails(void **state)
+{
+    (void)state;
+    char buf[512];
+    int status = run_child(locked_process_keeps_errno, buf, sizeof buf);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 3)
+        skip();
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("child status %#x: %s", status, buf);
+    char word[8];
+    errno = 0;
+    assert_false(hm_os_advise(word + 1, 4096, MADV_DONTNEED));     /* misaligned: EINVAL */
+    assert_int_equal(errno, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1103,6 +1150,7 @@ int main(void)
         cmocka_unit_test(trim_gives_back_free_pages_of_pinned_spans),
         cmocka_unit_test(trim_reaches_other_threads_heaps),
         cmocka_unit_test(double_free_of_a_hole_aborts),
+        cmocka_unit_test(successful_calls_keep_errno_when_giving_back_fails),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -89,6 +89,16 @@ static inline void bin_link(bin_ref *bin, void *p, uintptr_t key)
     bin->head = p;
 }
 
+/* A block of the bootstrap arena, for a call that set-up makes again
+ * itself; ENOMEM when it has no room left. */
+static void *bootstrap_alloc(size_t size, size_t alignment)
+{
+    void *p = hm_bootstrap_alloc(size, alignment);
+    if (!p)
+        errno = ENOMEM;
+    return p;
+}
+
 /* An empty bin: refill it, or serve set-up's own re-entrant calls. */
 __attribute__((noinline)) static void *alloc_refill(unsigned cls)
 {
@@ -96,7 +106,7 @@ __attribute__((noinline)) static void *alloc_refill(unsigned cls)
     if (likely(p))
         return p;
     if (!hm_process_init())
-        return hm_bootstrap_alloc(hm_size_class_size(cls), 16);
+        return bootstrap_alloc(hm_size_class_size(cls), 16);
     errno = ENOMEM;
     return NULL;
 }
@@ -120,7 +130,7 @@ static void *alloc_large(size_t size, size_t alignment, bool *zeroed)
     /* Re-entered during set-up: large blocks need only the segment map. */
     if (!hm_process_init() && !hm_segmap.entries) {
         *zeroed = true;                       /* static, never used before */
-        return hm_bootstrap_alloc(size, alignment);
+        return bootstrap_alloc(size, alignment);
     }
     return hm_large_alloc(size, alignment, zeroed);   /* sets ENOMEM itself */
 }
@@ -274,7 +284,21 @@ static size_t realloc_grown(size_t old_size, size_t size)
                ? grown : size;
 }
 
+static void *realloc_block(void *p, size_t size);
+
+/* errno as it was when realloc succeeds: a way tried first and given up
+ * for another (a large block's growth in place, then a move) must not
+ * leave its failure behind. */
 void *hakmem_realloc(void *p, size_t size)
+{
+    int saved = errno;
+    void *q = realloc_block(p, size);
+    if (q)
+        errno = saved;
+    return q;
+}
+
+static void *realloc_block(void *p, size_t size)
 {
     if (!p)
         return hakmem_malloc(size);
@@ -299,11 +323,9 @@ void *hakmem_realloc(void *p, size_t size)
         return move_to(hm_large_alloc_growing(size), p, old_size);
     size_t grown = realloc_grown(old_size, size);
     if (grown != size) {
-        int saved = errno;
         void *q = realloc_move(p, old_size, grown);
         if (q)
-            return q;
-        errno = saved;                      /* the exact size may still fit */
+            return q;                       /* else the exact size may still fit */
     }
     return realloc_move(p, old_size, size);
 }
@@ -330,6 +352,16 @@ size_t hakmem_malloc_usable_size(void *p)
 
 /* ---- aligned allocation ------------------------------------------------ */
 
+/* A block of a class or a page block re-entered during set-up comes
+ * from the bootstrap arena, aligned to 16 only: the arena gives an aligned
+ * one instead (the other stays, as bootstrap blocks do). */
+static void *aligned_even_in_setup(void *p, size_t alignment, size_t size)
+{
+    if (!p || ((uintptr_t)p & (alignment - 1)) == 0)
+        return p;
+    return bootstrap_alloc(size, alignment);
+}
+
 /* alignment is a power of two.  A class whose block size is a multiple of
  * the alignment gives aligned blocks, since spans start on 64 KiB pages. */
 static void *alloc_aligned(size_t alignment, size_t size)
@@ -341,11 +373,12 @@ static void *alloc_aligned(size_t alignment, size_t size)
         if (want <= HM_MAX_CLASS_SIZE) {
             for (unsigned c = hm_size_class(want); c < HM_NUM_CLASSES; c++)
                 if ((hm_size_class_size(c) & (alignment - 1)) == 0)
-                    return alloc_slot(2 * (size_t)c);
+                    return aligned_even_in_setup(alloc_slot(2 * (size_t)c), alignment, size);
         }
     }
     if (alignment <= HM_PAGE_SIZE && size <= HM_PAGES_MAX)
-        return alloc_pages(size > HM_MAX_CLASS_SIZE ? size : HM_MAX_CLASS_SIZE + 1);
+        return aligned_even_in_setup(
+            alloc_pages(size > HM_MAX_CLASS_SIZE ? size : HM_MAX_CLASS_SIZE + 1), alignment, size);
     bool zeroed;
     return alloc_large(size, alignment, &zeroed);
 }

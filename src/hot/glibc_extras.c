@@ -1,6 +1,7 @@
 /* glibc's malloc extras, exported by the shared library only, so programs
  * that call them talk to the allocator that owns their blocks. */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <malloc.h>
 #include <stdio.h>
 #include <unistd.h>
@@ -16,11 +17,14 @@ HM_EXPORT int malloc_trim(size_t pad)
     return hakmem_trim();
 }
 
+/* Accepted, as hakmem tunes itself, except where glibc refuses the value
+ * (it returns 0 then, and a program may check): a fastbin bound above
+ * its 160 bytes. */
 HM_EXPORT int mallopt(int param, int value)
 {
-    (void)param;
-    (void)value;
-    return 1;   /* accepted: hakmem tunes itself */
+    if (param == M_MXFAST)
+        return value >= 0 && value <= 160;
+    return 1;
 }
 
 /* The names glibc also exports these under (see api.c). */
@@ -29,11 +33,13 @@ HM_EXPORT int __libc_mallopt(int param, int value)
     return mallopt(param, value);
 }
 
-/* In glibc's terms: the arena is our span segments (headers included),
- * in use are their pages in spans (blocks out, and free blocks still in
- * their spans or in caches), free are their free pages, and keepcost is
- * what malloc_trim(0) would give back of those now (free pages still
- * resident).  Large blocks are glibc's mmapped chunks. */
+/* In glibc's terms: the arena is our span segments (headers included)
+ * and the freed large blocks the cache keeps mapped, in use are the
+ * segments' pages in spans (blocks out, and free blocks still in their
+ * spans or in caches), free are their free pages and those cached large
+ * blocks (so that arena - fordblks is what is in use, as in glibc), and
+ * keepcost is what malloc_trim(0) would give back of the free pages now
+ * (those still resident).  Live large blocks are glibc's mmapped chunks. */
 HM_EXPORT struct mallinfo2 mallinfo2(void)
 {
     struct hakmem_stats s;
@@ -43,7 +49,7 @@ HM_EXPORT struct mallinfo2 mallinfo2(void)
     struct mallinfo2 mi = { 0 };
     mi.arena = s.bytes_mapped - s.large_bytes;
     mi.uordblks = u.span_bytes;
-    mi.fordblks = u.free_bytes;
+    mi.fordblks = u.free_bytes + hm_large_cache_bytes();
     mi.keepcost = u.resident_free_bytes;
     mi.hblks = s.large_blocks;
     mi.hblkhd = s.large_bytes;
@@ -74,18 +80,38 @@ HM_EXPORT struct mallinfo __libc_mallinfo(void)
     return mallinfo_int();
 }
 
+/* Through the stderr stream, as glibc's: whatever the program buffered
+ * there comes first, and a freopen'd stderr gets it. */
 HM_EXPORT void malloc_stats(void)
 {
-    hakmem_stats_print(STDERR_FILENO);
+    fflush(stderr);
+    hakmem_stats_print(fileno(stderr) >= 0 ? fileno(stderr) : STDERR_FILENO);
 }
 
+/* glibc's layout (one heap, then the totals), so that a program reading
+ * its elements finds them: size classes are not glibc's bins, so the
+ * sizes element is empty; "rest" is free memory, "mmap" the live large
+ * blocks; no "max" (hakmem does not keep a peak). */
 HM_EXPORT int malloc_info(int options, FILE *fp)
 {
     if (options != 0)
-        return -1;
-    struct hakmem_stats s;
-    hakmem_stats(&s);
-    fprintf(fp, "<malloc version=\"hakmem-%s\">\n<system type=\"current\" size=\"%llu\"/>\n</malloc>\n",
-            HAKMEM_VERSION, (unsigned long long)s.bytes_mapped);
+        return EINVAL;
+    struct mallinfo2 m = mallinfo2();
+    unsigned long long mapped = m.arena + m.hblkhd;
+    fprintf(fp,
+            "<malloc version=\"1\">\n"
+            "<heap nr=\"0\">\n<sizes>\n</sizes>\n"
+            "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+            "<total type=\"rest\" count=\"0\" size=\"%zu\"/>\n"
+            "<system type=\"current\" size=\"%zu\"/>\n"
+            "<aspace type=\"total\" size=\"%zu\"/>\n"
+            "</heap>\n"
+            "<total type=\"fast\" count=\"0\" size=\"0\"/>\n"
+            "<total type=\"rest\" count=\"0\" size=\"%zu\"/>\n"
+            "<total type=\"mmap\" count=\"%zu\" size=\"%zu\"/>\n"
+            "<system type=\"current\" size=\"%llu\"/>\n"
+            "<aspace type=\"total\" size=\"%llu\"/>\n"
+            "</malloc>\n",
+            m.fordblks, m.arena, m.arena, m.fordblks, m.hblks, m.hblkhd, mapped, mapped);
     return 0;
 }

@@ -109,7 +109,9 @@ void hm_refill_module_init(void)
 static void nap_ns(long ns)
 {
     struct timespec nap = { 0, ns };
+    int saved = errno;              /* EINTR: the nap was shorter, that is all */
     syscall(SYS_nanosleep, &nap, NULL);
+    errno = saved;
 }
 
 /* A waiter's pause at its `spins`th try for a lock held for at most a few
@@ -170,7 +172,7 @@ static size_t heaps_free_decay(uint64_t delay_ns, size_t budget)
             break;
         free_unlink(h);
         done += HEAP_BYTES;
-        if (madvise(h, HEAP_BYTES, MADV_DONTNEED) != 0) {
+        if (!hm_os_advise(h, HEAP_BYTES, MADV_DONTNEED)) {
             free_push(h);
             break;
         }
@@ -789,7 +791,7 @@ static size_t give_up_forked(size_t budget)
         struct hm_heap *h = heaps_forked;
         heaps_forked = h->next_free;
         give_up_all(h);
-        madvise(h, HEAP_BYTES, MADV_DONTNEED);     /* never reused: see above */
+        hm_os_advise(h, HEAP_BYTES, MADV_DONTNEED);     /* never reused: see above */
         done += HM_ORPHAN_COST;
     }
     return done;

@@ -128,14 +128,16 @@ static bool mostly_resident(const struct hm_segment *seg)
 {
     size_t pages = seg->map_size / HM_OS_PAGE, need = (pages + 1) / 2, resident = 0;
     unsigned char vec[256];
+    int saved = errno;              /* a failed mincore is an answer, not an error */
     for (size_t at = 0; at < pages && resident < need; at += sizeof vec) {
         size_t n = pages - at < sizeof vec ? pages - at : sizeof vec;
         if (resident + (pages - at) < need ||
             mincore(seg->map_base + at * HM_OS_PAGE, n * HM_OS_PAGE, vec) != 0)
-            return false;
+            break;
         for (size_t i = 0; i < n; i++)
             resident += vec[i] & 1;
     }
+    errno = saved;
     return resident >= need;
 }
 
@@ -224,7 +226,7 @@ static void renew(struct hm_segment *seg, uint64_t now_ns)
         return;
     char header[HM_LARGE_HEADER_SIZE];
     memcpy(header, seg, sizeof header);
-    if (madvise(seg->map_base, seg->map_size, MADV_DONTNEED) != 0)
+    if (!hm_os_advise(seg->map_base, seg->map_size, MADV_DONTNEED))
         return;                     /* nothing went: it stays as it was */
     memcpy(seg, header, sizeof header);
     seg->fresh_ns = now_ns;
@@ -268,6 +270,14 @@ size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget)
         bytes += victims[i]->map_size;
         large_unmap(victims[i]);
     }
+    return bytes;
+}
+
+size_t hm_large_cache_bytes(void)
+{
+    hm_mutex_lock(&cache_lock);
+    size_t bytes = cache_mapped;
+    hm_mutex_unlock(&cache_lock);
     return bytes;
 }
 
@@ -456,11 +466,13 @@ static void *large_grow(struct hm_segment *seg, size_t offset, size_t new_map)
 {
     size_t old_map = seg->map_size;
     /* Grow in place when the address space after the block is free. */
+    int saved = errno;
     if (mremap(seg->map_base, old_map, new_map, 0) != MAP_FAILED) {
         seg->map_size = new_map;
         large_resized((int64_t)(new_map - old_map));
         return seg->user;
     }
+    errno = saved;                  /* a move may still do */
     /* Move the pages (no copy) to a place with the same alignment: reserve
      * it, then let mremap replace the reservation. */
     char *dest = hm_os_map(new_map, large_map_align(seg->alignment),

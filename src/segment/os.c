@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "os_internal.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -129,9 +130,25 @@ void hm_os_unmap_if_marked(void *p, size_t size)
         hm_os_unmap(p, size);
 }
 
+/* The calls below are ones whose callers go on whether they worked or
+ * not (a page locked by mlockall, a kernel without huge pages, a range
+ * the kernel cannot split for want of map areas), from inside malloc,
+ * free and realloc, which must not change errno when they succeed
+ * (glibc's free never does; a getline loop that checks errno after EOF
+ * read a realloc's stale ENOMEM as an error). */
 void hm_os_unmap(void *p, size_t size)
 {
+    int saved = errno;
     munmap(p, size);
+    errno = saved;
+}
+
+bool hm_os_advise(void *p, size_t size, int advice)
+{
+    int saved = errno;
+    bool ok = madvise(p, size, advice) == 0;
+    errno = saved;
+    return ok;
 }
 
 void hm_count_mapped(int64_t bytes)
@@ -142,5 +159,5 @@ void hm_count_mapped(int64_t bytes)
 
 bool hm_os_huge_pages(void *p, size_t size, bool on)
 {
-    return madvise(p, size, on ? MADV_HUGEPAGE : MADV_NOHUGEPAGE) == 0;
+    return hm_os_advise(p, size, on ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
 }

@@ -323,7 +323,7 @@ static void huge_pages_settle(struct hm_segment *seg, uint64_t gone)
 
 void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len)
 {
-    madvise(p, len, MADV_DONTNEED);
+    hm_os_advise(p, len, MADV_DONTNEED);
     size_t first = (size_t)((char *)p - (char *)seg) >> HM_PAGE_SHIFT;
     size_t last = (size_t)((char *)p + len - 1 - (char *)seg) >> HM_PAGE_SHIFT;
     huge_pages_settle(seg, page_run((unsigned)first, (unsigned)(last - first + 1)));
@@ -548,7 +548,7 @@ void hm_segment_free(struct hm_segment *seg)
     /* An announcer reads only the header: the rest goes back now, so a
      * segment that waits on the list holds no free pages resident. */
     if (announced_to(seg))
-        madvise((char *)seg + HM_PAGE_SIZE, HM_SEGMENT_SIZE - HM_PAGE_SIZE, MADV_DONTNEED);
+        hm_os_advise((char *)seg + HM_PAGE_SIZE, HM_SEGMENT_SIZE - HM_PAGE_SIZE, MADV_DONTNEED);
     hm_mutex_lock(&registry_lock);
     unmap_waiting();
     if (announced_to(seg)) {

@@ -294,6 +294,7 @@ bool hm_segment_purge_step(uint64_t now_ns, uint64_t delay_ns, size_t budget);
  * their bytes.  config sets the delay free() applies. */
 void hm_large_cache_config(uint64_t delay_ns);
 size_t hm_large_cache_purge(uint64_t now_ns, uint64_t delay_ns, size_t budget);
+size_t hm_large_cache_bytes(void);     /* what freed large blocks waiting in the cache map */
 
 /* Fork: the registry and cache locks are held across fork(), and let go
  * (release) by the parent's and the child's handlers alike; the child's
@@ -333,6 +334,8 @@ bool hm_fork_hold_end(void);
 void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed);
 /* For a block that realloc grows past HM_PAGES_MAX: may take a bigger cached block. */
 void *hm_large_alloc_growing(size_t size);
+/* madvise, errno kept (see os.c); true if it worked. */
+bool hm_os_advise(void *p, size_t size, int advice);
 bool hm_large_free(struct hm_segment *seg);   /* false: not registered (a double free) */
 size_t hm_large_usable_size(const struct hm_segment *seg);
 /* Resizes in place or by moving the pages (mremap): the new user pointer,
