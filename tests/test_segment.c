@@ -869,12 +869,34 @@ static void failed_move_gives_back_its_reservation(void **state)
     hakmem_free(q);
 }
 
+/* A purge whose clock was read before another thread freed pages (the
+ * ACE thread reads it before its pass, hm_heap_purge before a tidying
+ * step) must find them young, not 2^64 ns old: the subtraction wrapped,
+ * and just-freed pages went back at once whatever the delay. */
+static void purge_with_an_earlier_clock_keeps_the_delay(void **state)
+{
+    (void)state;
+    struct hm_segment *seg = hm_segment_alloc(777, false);
+    struct hm_span *sp = hm_span_alloc(seg, 4, 72, 4 * HM_PAGE_SIZE, 777, 0);
+    memset(sp->start, 7, 4 * HM_PAGE_SIZE);
+    sp->bump = sp->end;
+    uint64_t earlier = hm_clock_ns();
+    while (hm_clock_ns() == earlier)
+        ;                                   /* the coarse clock ticks */
+    hm_span_release(seg, sp);
+    assert_int_equal(hm_segment_purge(seg, earlier, 1000000000ull, HM_PURGE_ALL), 0);
+    assert_int_equal(hm_segment_purge(seg, hm_clock_ns() + 2000000000ull, 1000000000ull,
+                                      HM_PURGE_ALL), 4 * HM_PAGE_SIZE);
+    hm_segment_free(seg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(block_check_matches_division),
         cmocka_unit_test(segmap_knows_only_our_memory),
         cmocka_unit_test(spans_take_and_return_pages),
+        cmocka_unit_test(purge_with_an_earlier_clock_keeps_the_delay),
         cmocka_unit_test(pagemap_tags_follow_spans),
         cmocka_unit_test(span_gives_back_pages_it_inherited),
         cmocka_unit_test(spans_know_how_far_their_pages_are_resident),

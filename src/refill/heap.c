@@ -104,30 +104,6 @@ void hm_refill_module_init(void)
         hm_fatal("malloc", "cannot create the thread-exit key", NULL);
 }
 
-/* A short sleep by the raw system call: glibc's nanosleep is a thread
- * cancellation point, and malloc and malloc_trim must not be. */
-static void nap_ns(long ns)
-{
-    struct timespec nap = { 0, ns };
-    int saved = errno;              /* EINTR: the nap was shorter, that is all */
-    syscall(SYS_nanosleep, &nap, NULL);
-    errno = saved;
-}
-
-/* A waiter's pause at its `spins`th try for a lock held for at most a few
- * milliseconds: it spins, then yields, then sleeps (on a machine with
- * fewer cores than threads the holder may not be running, and under
- * SCHED_FIFO a yield never lets a lower priority run). */
-static void lock_backoff(unsigned spins)
-{
-    if (spins < 64)
-        __builtin_ia32_pause();
-    else if (spins < 128)
-        sched_yield();
-    else
-        nap_ns(20000);
-}
-
 static void free_unlink(struct hm_heap *h)
 {
     if (h->prev_free)
@@ -290,7 +266,7 @@ void hm_exited_lock(void)
             exited_depth++;
             return;
         }
-        lock_backoff(spins);
+        hm_lock_backoff(spins);
     }
 }
 
@@ -701,7 +677,7 @@ void hm_heap_purge(struct hm_heap *h, uint64_t delay_ns)
 void hm_heap_lock_wait(struct hm_heap *h)
 {
     for (unsigned spins = 0; !hm_heap_lock_take(h, HM_HEAP_OWNER); spins++)
-        lock_backoff(spins);
+        hm_lock_backoff(spins);
 }
 
 /* The owner's lock at the process's exit, if it can be had: not when it
@@ -718,7 +694,7 @@ bool hm_heap_lock_at_exit(struct hm_heap *h)
         }
         if (atomic_load_explicit(&h->lock, memory_order_relaxed) == HM_HEAP_OWNER)
             return false;
-        lock_backoff(spins);
+        hm_lock_backoff(spins);
     }
     return false;
 }
@@ -932,7 +908,7 @@ void hm_heaps_trim_others(struct hm_heap *self, uint64_t gen)
         if (!more || late)
             return;
         laps += !cut;
-        nap_ns(HM_TRIM_NAP_NS);
+        hm_nap_ns(HM_TRIM_NAP_NS);
     }
 }
 

@@ -5,6 +5,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 struct hm_segmap hm_segmap;
@@ -141,6 +144,30 @@ void hm_os_unmap(void *p, size_t size)
     int saved = errno;
     munmap(p, size);
     errno = saved;
+}
+
+/* A short sleep by the raw system call: glibc's nanosleep is a thread
+ * cancellation point, and malloc and malloc_trim must not be. */
+void hm_nap_ns(long ns)
+{
+    struct timespec nap = { 0, ns };
+    int saved = errno;              /* EINTR: the nap was shorter, that is all */
+    syscall(SYS_nanosleep, &nap, NULL);
+    errno = saved;
+}
+
+/* A waiter's pause at its `spins`th try for a lock held for at most a few
+ * milliseconds: it spins, then yields, then sleeps (on a machine with
+ * fewer cores than threads the holder may not be running, and under
+ * SCHED_FIFO a yield never lets a lower priority run). */
+void hm_lock_backoff(unsigned spins)
+{
+    if (spins < 64)
+        __builtin_ia32_pause();
+    else if (spins < 128)
+        sched_yield();
+    else
+        hm_nap_ns(20000);
 }
 
 bool hm_os_advise(void *p, size_t size, int advice)

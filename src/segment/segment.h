@@ -334,6 +334,10 @@ bool hm_fork_hold_end(void);
 void *hm_large_alloc(size_t size, size_t alignment, bool *zeroed);
 /* For a block that realloc grows past HM_PAGES_MAX: may take a bigger cached block. */
 void *hm_large_alloc_growing(size_t size);
+/* A sleep that is no cancellation point, errno kept; a lock waiter's
+ * pause at its `spins`th try (spin, yield, then sleep). */
+void hm_nap_ns(long ns);
+void hm_lock_backoff(unsigned spins);
 /* madvise, errno kept (see os.c); true if it worked. */
 bool hm_os_advise(void *p, size_t size, int advice);
 bool hm_large_free(struct hm_segment *seg);   /* false: not registered (a double free) */
