@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <malloc.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -324,6 +325,38 @@ static void realloc_that_moves_keeps_errno(void **state)
     munmap(wall, 4096);
 }
 
+/* malloc_usable_size of a block of a one-page class reads the class from
+ * its page's tag, whoever owns the span: another thread's blocks, every
+ * class and both ends of the span's page, give the class size. */
+static void *allocate_every_class(void *arg)
+{
+    void **out = arg;
+    for (unsigned c = 0; c < hakmem_class_count(); c++)
+        out[c] = hakmem_malloc(hm_size_class_size(c));
+    return NULL;
+}
+
+static void usable_size_of_another_threads_blocks(void **state)
+{
+    (void)state;
+    void *blocks[HM_NUM_CLASSES];
+    pthread_t t;
+    pthread_create(&t, NULL, allocate_every_class, blocks);
+    pthread_join(t, NULL);
+    for (unsigned c = 0; c < hakmem_class_count(); c++) {
+        assert_int_equal(hakmem_malloc_usable_size(blocks[c]), hm_size_class_size(c));
+        hakmem_free(blocks[c]);
+    }
+    /* The last block of a one-page span of 3 KiB blocks: 21 fit in 64 KiB. */
+    void *p[21];
+    for (int i = 0; i < 21; i++)
+        p[i] = hakmem_malloc(3072);
+    for (int i = 0; i < 21; i++) {
+        assert_int_equal(hakmem_malloc_usable_size(p[i]), 3072);
+        hakmem_free(p[i]);
+    }
+}
+
 static void realloc_edge_cases(void **state)
 {
     (void)state;
@@ -576,6 +609,14 @@ static void usable_size_of_foreign(void)
     hakmem_malloc_usable_size(p);
 }
 
+/* 16 bytes into a block of a one-page class: the page's tag gives the
+ * class, but the offset is no block start, so the walk diagnoses it. */
+static void usable_size_of_interior(void)
+{
+    char *p = hakmem_malloc(64);
+    hakmem_malloc_usable_size(p + 16);
+}
+
 /* A diagnostic raised inside a slow path (here trim's check of the cache)
  * aborts while the thread holds its heap's lock; an abort handler that
  * allocates (a crash reporter) re-enters the allocator on that thread and
@@ -657,6 +698,7 @@ static void invalid_frees_abort(void **state)
     expect_abort(free_interior_while_draining_then_exit, "hakmem: free(): invalid pointer 0x");
     expect_abort(free_twice_from_the_stash, "hakmem: free(): double free detected 0x");
     expect_abort(usable_size_of_foreign, "hakmem: malloc_usable_size(): invalid pointer 0x");
+    expect_abort(usable_size_of_interior, "hakmem: malloc_usable_size(): invalid pointer 0x");
 }
 
 int main(void)
@@ -673,6 +715,7 @@ int main(void)
         cmocka_unit_test(large_realloc_grows_by_the_size_asked_when_short_of_room),
         cmocka_unit_test(realloc_takes_a_cached_block_when_short_of_room),
         cmocka_unit_test(realloc_that_moves_keeps_errno),
+        cmocka_unit_test(usable_size_of_another_threads_blocks),
         cmocka_unit_test(realloc_appends_past_2_mib_reuse_one_block),
         cmocka_unit_test(posix_memalign_rules),
         cmocka_unit_test(aligned_alloc_memalign_valloc),

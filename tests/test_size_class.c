@@ -60,12 +60,27 @@ static void spans_hold_enough_blocks(void **state)
     assert_int_equal(hm_class_span_pages[HM_NUM_CLASSES - 1], 4);   /* 128 KiB: two */
 }
 
+/* malloc_usable_size's check of a block start in a one-page span
+ * multiplies by ceil(2^32 / size) instead of dividing: for every class and
+ * every 16-byte offset into a 64 KiB page, the quotient it gives is the
+ * division's. */
+static void reciprocals_divide_exactly_within_a_page(void **state)
+{
+    (void)state;
+    for (unsigned c = 0; c < HM_NUM_CLASSES; c++) {
+        uint32_t size = hm_class_size[c];
+        for (uint32_t off = 0; off < 65536; off += 16)
+            assert_int_equal((uint32_t)(((uint64_t)off * hm_class_recip32[c]) >> 32), off / size);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(classes_grow_by_an_eighth_then_a_quarter),
         cmocka_unit_test(every_size_maps_to_the_smallest_class_that_fits),
         cmocka_unit_test(spans_hold_enough_blocks),
+        cmocka_unit_test(reciprocals_divide_exactly_within_a_page),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

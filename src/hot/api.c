@@ -243,6 +243,31 @@ void *hakmem_calloc(size_t n, size_t size)
     return p;
 }
 
+/* The size of p's block from its page's tag alone, for a class whose
+ * spans are one page (blocks up to 16 KiB): the tag's low bits are the
+ * offset of the bin of its class whoever owns the span, and the span
+ * starts at the page, so a block start is an offset that the class size
+ * divides (checked by a multiplication).  0 for any other pointer, which
+ * hm_usable_size walks to: the segment map, the segment's header, its
+ * page's span and the span, four dependent loads.  redis asks the size of
+ * every block it allocates and frees: 4.8% of its time went there. */
+static inline size_t usable_from_tag(uintptr_t u)
+{
+    uintptr_t page = u >> HM_PAGE_SHIFT;
+    if ((u & (HM_ALIGNMENT - 1)) || page >= hm_pagemap.entries)
+        return 0;
+    uintptr_t bin_offset =
+        atomic_load_explicit(&hm_pagemap.table[page], memory_order_relaxed) & (HM_HEAP_ALIGN - 1);
+    if (bin_offset < offsetof(struct hm_tcache, bins))
+        return 0;                           /* no span's page (its tag is 0) */
+    unsigned cls = hm_bin_class(bin_offset);
+    if (cls >= HM_NUM_CLASSES || hm_class_span_pages[cls] != 1)
+        return 0;
+    uint32_t size = hm_class_size[cls], off = (uint32_t)(u & (HM_PAGE_SIZE - 1));
+    uint32_t index = (uint32_t)(((uint64_t)off * hm_class_recip32[cls]) >> 32);
+    return index * size == off && off + size <= HM_PAGE_SIZE ? size : 0;
+}
+
 /* p's first n bytes into q, which replaces it (NULL: p stays valid). */
 static void *move_to(void *q, void *p, size_t n)
 {
@@ -306,7 +331,9 @@ static void *realloc_block(void *p, size_t size)
         hakmem_free(p);
         return NULL;
     }
-    size_t old_size = hm_usable_size(p, "realloc");
+    size_t old_size = usable_from_tag((uintptr_t)p);
+    if (!old_size)
+        old_size = hm_usable_size(p, "realloc");
     if (hm_bootstrap_owns(p))
         return realloc_move(p, old_size, size);
     struct hm_segment *seg = hm_segment_of((uintptr_t)p);
@@ -347,7 +374,8 @@ int hakmem_trim(void)
 
 size_t hakmem_malloc_usable_size(void *p)
 {
-    return hm_usable_size(p, "malloc_usable_size");
+    size_t size = usable_from_tag((uintptr_t)p);
+    return likely(size) ? size : hm_usable_size(p, "malloc_usable_size");
 }
 
 /* ---- aligned allocation ------------------------------------------------ */

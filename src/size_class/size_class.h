@@ -26,6 +26,7 @@
 extern const uint8_t  hm_small_bin_slot[65] __attribute__((visibility("hidden")));
 extern const uint32_t hm_class_size[HM_NUM_CLASSES];
 extern const uint8_t  hm_class_span_pages[HM_NUM_CLASSES];
+extern const uint32_t hm_class_recip32[HM_NUM_CLASSES];   /* ceil(2^32 / size) */
 
 /* The bin slot (class times two) of a size of at most HM_SMALL_LOOKUP_MAX:
  * one table load. */
