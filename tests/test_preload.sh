@@ -238,7 +238,8 @@ same_ace "fork_join" "$fork_join"
 # single-threaded process's fork (glibc leaves the list lock alone then).
 # Without MALLOC_PERTURB_ (meson sets it): glibc's malloc then fills each
 # 3 MiB block while holding stdout's lock, and the plain run crawls.
-for mode in threads single; do
+# "nested": another library's prepare handler forks inside ours.
+for mode in threads single nested; do
     same "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
     same_ace "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
 done

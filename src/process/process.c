@@ -42,8 +42,11 @@ extern void _IO_list_unlock(void) __attribute__((weak));
 /* Whether the outer fork's prepare took the FILE list lock, and whether
  * glibc's fork takes it too (it does in a process that has had a second
  * thread, as it reads __libc_single_threaded before the prepare
- * handlers), and then resets it in the child before the child handlers. */
-static bool io_list_taken, io_list_reset_in_child;
+ * handlers), and then resets it in the child before the child handlers.
+ * The same of a fork made from another library's handler inside ours
+ * (nested): its child finds the lock we hold reset too, when glibc
+ * resets it. */
+static bool io_list_taken, io_list_reset_in_child, nested_reset_in_child;
 
 /* Every lock of the allocator is held across fork(), so the child finds
  * none taken by a thread it does not have.  The registry lock also keeps
@@ -60,8 +63,10 @@ static bool io_list_taken, io_list_reset_in_child;
  * stdout's lock, held by a thread in malloc waiting for ours. */
 static void fork_prepare(void)
 {
-    if (hm_fork_hold_nested())
+    if (hm_fork_hold_nested()) {
+        nested_reset_in_child = !__libc_single_threaded;
         return;
+    }
     io_list_taken = _IO_list_lock && _IO_list_unlock;
     io_list_reset_in_child = !__libc_single_threaded;
     if (io_list_taken)
@@ -101,6 +106,11 @@ static void fork_parent(void)
 static void fork_child(void)
 {
     bool outer = hm_fork_hold_end();
+    /* A nested fork's child, where glibc reset the lock: the outer fork's
+     * handlers that this process runs next must not let it go again (its
+     * count would fall below zero, and it would never be free again). */
+    if (!outer && nested_reset_in_child)
+        io_list_taken = false;
     hm_ace_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
@@ -137,13 +147,21 @@ static void stats_file_note(void)
     }
 }
 
-static int stats_file_fd(void)
+static bool is_stats_file(int fd)
 {
     struct stat now;
-    if (hm_options.stats_fd >= 0 && fstat(hm_options.stats_fd, &now) == 0 &&
-        now.st_dev == stats_file.st_dev && now.st_ino == stats_file.st_ino)
+    return fd >= 0 && fstat(fd, &now) == 0 && now.st_dev == stats_file.st_dev &&
+           now.st_ino == stats_file.st_ino;
+}
+
+/* Our copy if it still is stderr's file, else descriptor 2 if that is
+ * (a program that closed ours), else none: a daemon that closed both may
+ * have a file of its own on either number.  -1: no report. */
+static int stats_file_fd(void)
+{
+    if (is_stats_file(hm_options.stats_fd))
         return hm_options.stats_fd;
-    return STDERR_FILENO;
+    return is_stats_file(STDERR_FILENO) ? STDERR_FILENO : -1;
 }
 
 static void phase1(void)
@@ -200,8 +218,9 @@ __attribute__((constructor)) static void hm_on_load(void)
 __attribute__((destructor)) static void hm_on_unload(void)
 {
     hm_drained_put_at_exit(hm_tcache_self());
-    if (hm_options.stats)
-        hakmem_stats_print(stats_file_fd());
+    int fd = hm_options.stats ? stats_file_fd() : -1;
+    if (fd >= 0)
+        hakmem_stats_print(fd);
 }
 
 /* ---- bootstrap arena --------------------------------------------------- */

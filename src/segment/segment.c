@@ -142,11 +142,10 @@ static bool seg_trylock(struct hm_segment *seg)
                                                    memory_order_relaxed);
 }
 
-/* Held for a few bit operations only (no system call under it: see
- * purge), but its holder may be preempted: the waiter backs off as the
- * heap lock's do, or under SCHED_FIFO it spun until the kernel's
- * real-time throttling stopped it (0.8 s against a thread in
- * malloc_trim on the same CPU). */
+/* Its holder may be preempted, or in a purge's madvise: the waiter backs
+ * off as the heap locks' do, or under SCHED_FIFO it spun until the
+ * kernel's real-time throttling stopped it (0.8 s of CPU for one malloc
+ * and free against a thread in malloc_trim on the same CPU). */
 static void seg_lock(struct hm_segment *seg)
 {
     for (unsigned spins = 0; !seg_trylock(seg); spins++) {
@@ -309,28 +308,17 @@ static void huge_pages_touched(struct hm_segment *seg, uint64_t run)
     }
 }
 
-/* Pages `gone` went back: an asking half that a span still uses stops
- * asking.  Returns the halves that stopped, for huge_pages_stop (a system
- * call each: after the segment lock, if the caller holds it). */
-static unsigned huge_pages_stopping(struct hm_segment *seg, uint64_t gone)
+/* Pages `gone` went back: an asking half that a span still uses stops. */
+static void huge_pages_settle(struct hm_segment *seg, uint64_t gone)
 {
-    unsigned hit = asking_halves(seg, gone), stopped = 0;
+    unsigned hit = asking_halves(seg, gone);
     uint64_t free_pages = __atomic_load_n(&seg->free_pages, __ATOMIC_RELAXED);
     for (unsigned i = 0; hit; i++, hit >>= 1) {
         uint64_t half = half_pages(i);
         if (!(hit & 1) || (free_pages & half) == half)
             continue;                        /* no span in it: stays huge */
         if (atomic_fetch_and_explicit(&seg->huge_halves, ~(1u << i), memory_order_relaxed) &
-            (1u << i))
-            stopped |= 1u << i;
-    }
-    return stopped;
-}
-
-static void huge_pages_stop(struct hm_segment *seg, unsigned halves)
-{
-    for (unsigned i = 0; halves; i++, halves >>= 1) {
-        if (halves & 1) {
+            (1u << i)) {
             hm_os_huge_pages((char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE, false);
             atomic_fetch_sub_explicit(&hm_segment_counters.huge_halves, 1, memory_order_relaxed);
         }
@@ -342,8 +330,7 @@ void hm_segment_give_back(struct hm_segment *seg, void *p, size_t len)
     hm_os_advise(p, len, MADV_DONTNEED);
     size_t first = (size_t)((char *)p - (char *)seg) >> HM_PAGE_SHIFT;
     size_t last = (size_t)((char *)p + len - 1 - (char *)seg) >> HM_PAGE_SHIFT;
-    huge_pages_stop(seg, huge_pages_stopping(seg, page_run((unsigned)first,
-                                                           (unsigned)(last - first + 1))));
+    huge_pages_settle(seg, page_run((unsigned)first, (unsigned)(last - first + 1)));
 }
 
 /* ---- page state and the decay purge ------------------------------------ */
@@ -366,21 +353,18 @@ static void take_pages(struct hm_segment *seg, uint64_t run)
     huge_pages_touched(seg, run);
 }
 
-/* Chooses the segment's dirty free pages to give back, once the oldest
- * has waited delay_ns (whole asking halves, then runs until `budget`
- * bytes), and takes them out of the free pages, so that no span takes
- * them while they go back.  Caller holds the lock.  Returns them, and
- * their bytes in *bytes. */
-static uint64_t purge_choose(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
-                             size_t budget, size_t *bytes)
+/* Gives back the segment's dirty free pages, once the oldest has waited
+ * delay_ns, run by run until `budget` bytes went.  Caller holds the lock. */
+static size_t purge_locked(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
+                           size_t budget)
 {
-    uint64_t since = seg->dirty_since_ns;
-    *bytes = 0;
     /* A clock read before another thread dirtied the segment is older
      * than its age: that is no age at all, not 2^64 ns. */
+    uint64_t since = seg->dirty_since_ns;
     if (!since || now_ns < since || now_ns - since < delay_ns || !budget)
         return 0;
-    uint64_t dirty = seg->dirty_pages & seg->free_pages, chosen = 0;
+    uint64_t dirty = seg->dirty_pages & seg->free_pages;
+    size_t bytes = 0;
     /* An asking half with no span goes whole, past the budget if need be:
      * giving back one huge page is one quick call, and a half given back in
      * steps would sit partly resident meanwhile (see huge pages). */
@@ -388,21 +372,24 @@ static uint64_t purge_choose(struct hm_segment *seg, uint64_t now_ns, uint64_t d
     for (unsigned i = 0; hit; i++, hit >>= 1) {
         uint64_t half = half_pages(i);
         if ((hit & 1) && (dirty & half) == half) {
-            chosen |= half;
-            *bytes += HM_HUGE_PAGE;
+            hm_segment_give_back(seg, (char *)seg + i * HM_HUGE_PAGE, HM_HUGE_PAGE);
+            forget_resident(seg, half);
+            bytes += HM_HUGE_PAGE;
             dirty &= ~half;
         }
     }
-    while (dirty && *bytes < budget) {
+    while (dirty && bytes < budget) {
         unsigned first = (unsigned)__builtin_ctzll(dirty);
         uint64_t rest = ~(dirty >> first);
         unsigned run = rest ? (unsigned)__builtin_ctzll(rest) : 64 - first;
-        size_t left = budget - *bytes;      /* in pages, rounded up */
+        size_t left = budget - bytes;       /* in pages, rounded up */
         left = left / HM_PAGE_SIZE + (left % HM_PAGE_SIZE != 0);
         if (run > left)
             run = (unsigned)left;
-        chosen |= page_run(first, run);
-        *bytes += (size_t)run * HM_PAGE_SIZE;
+        hm_segment_give_back(seg, (char *)seg + (size_t)first * HM_PAGE_SIZE,
+                             (size_t)run * HM_PAGE_SIZE);
+        forget_resident(seg, page_run(first, run));
+        bytes += (size_t)run * HM_PAGE_SIZE;
         dirty &= ~page_run(first, run);
     }
     /* Still dirty: the pages past the budget (their age stays, so the next
@@ -410,55 +397,20 @@ static uint64_t purge_choose(struct hm_segment *seg, uint64_t now_ns, uint64_t d
     set_pages(&seg->dirty_pages, dirty);
     if (!dirty)
         __atomic_store_n(&seg->dirty_since_ns, 0, __ATOMIC_RELAXED);
-    set_pages(&seg->free_pages, seg->free_pages & ~chosen);
-    return chosen;
-}
-
-/* Gives back the segment's dirty free pages (see purge_choose).  The
- * pages are chosen under the lock, given back without it, and made free
- * (and clean) under it again: never a system call under the lock, where
- * a signal handler that allocates (it is not re-entrant) spun on it for
- * ever, and other threads' span allocations waited on the call.  Meanwhile
- * the pages are neither free nor in a span; the segment stays mapped (its
- * owner, who frees it, is here, or a purge pass holds registry_lock,
- * which its free waits for).  With `wait` false a busy lock is its owner
- * at work: tried next time. */
-static size_t purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns, size_t budget,
-                    bool wait)
-{
-    if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
-        return 0;
-    if (wait)
-        seg_lock(seg);
-    else if (!seg_trylock(seg))
-        return 0;
-    size_t bytes;
-    uint64_t chosen = purge_choose(seg, now_ns, delay_ns, budget, &bytes);
-    seg_unlock(seg);
-    if (!chosen)
-        return 0;
-    for (uint64_t left = chosen; left;) {
-        unsigned first = (unsigned)__builtin_ctzll(left);
-        uint64_t rest = ~(left >> first);
-        unsigned run = rest ? (unsigned)__builtin_ctzll(rest) : 64 - first;
-        hm_os_advise((char *)seg + (size_t)first * HM_PAGE_SIZE, (size_t)run * HM_PAGE_SIZE,
-                     MADV_DONTNEED);
-        left &= ~page_run(first, run);
-    }
-    seg_lock(seg);
-    set_pages(&seg->free_pages, seg->free_pages | chosen);
-    forget_resident(seg, chosen);
-    unsigned stopped = huge_pages_stopping(seg, chosen);
-    seg_unlock(seg);
-    huge_pages_stop(seg, stopped);
-    hm_count_purged(bytes);
+    if (bytes)
+        hm_count_purged(bytes);
     return bytes;
 }
 
 size_t hm_segment_purge(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
                         size_t budget)
 {
-    return purge(seg, now_ns, delay_ns, budget, true);
+    if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
+        return 0;
+    seg_lock(seg);
+    size_t bytes = purge_locked(seg, now_ns, delay_ns, budget);
+    seg_unlock(seg);
+    return bytes;
 }
 
 static void unmap_waiting(void);
@@ -467,7 +419,14 @@ static void unmap_waiting(void);
 static size_t purge_visit(struct hm_segment *seg, uint64_t now_ns, uint64_t delay_ns,
                           size_t budget)
 {
-    return purge(seg, now_ns, delay_ns, budget, false);
+    if (!__atomic_load_n(&seg->dirty_since_ns, __ATOMIC_RELAXED))
+        return 0;
+    /* A busy segment is its owner at work: try it next time. */
+    if (!seg_trylock(seg))
+        return 0;
+    size_t bytes = purge_locked(seg, now_ns, delay_ns, budget);
+    seg_unlock(seg);
+    return bytes;
 }
 
 /* A pass over the registry from seg, at most `visits` segments, until

@@ -12,10 +12,19 @@
  *                        glibc then neither takes nor resets the list lock
  *                        itself, so whoever took it in a handler must let
  *                        it go in the child too.
+ *   fork_stdio nested    a library's prepare handler (nest_atfork.c, run
+ *                        inside the allocator's) forks once: in that
+ *                        nested child glibc resets the list lock, and the
+ *                        outer fork's handlers the child runs next must
+ *                        not let it go again.  Each of the four processes
+ *                        (this one, the nested child, and each one's
+ *                        child of the outer fork) checks stdio from a new
+ *                        thread.
  *
- * Each child starts a thread that opens a file and flushes every stream,
- * joins it, flushes again and exits: a list lock left held, or released
- * twice, hangs it.  A child that does not end within 3 s is killed (and
+ * Each child opens a file and flushes every stream, then starts a thread
+ * that does the same, joins it, flushes again and exits: a list lock left
+ * held, or released twice (its count below zero, so that the first taker
+ * never lets it go), hangs it.  A child that does not end within 3 s is killed (and
  * counted); the whole run ends within 20 s however it goes.
  *
  * Prints "fork_stdio MODE: N forks, H hung" and exits 1 if any hung. */
@@ -31,6 +40,9 @@
 #include <unistd.h>
 
 enum { FORKS = 200 };
+
+void nest_atfork_arm(void);
+pid_t nest_atfork_child(void);
 
 static atomic_int stop;
 
@@ -68,6 +80,7 @@ static void *open_and_flush(void *arg)
 static void child(void)
 {
     alarm(3);
+    open_and_flush(NULL);               /* this thread's stdio, then another's */
     pthread_t t;
     if (pthread_create(&t, NULL, open_and_flush, NULL) != 0)
         _exit(2);
@@ -76,11 +89,57 @@ static void child(void)
     _exit(0);
 }
 
+/* stdio from a new thread: false if it does not come back within 3 s. */
+static bool stdio_from_a_thread(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        child();
+    int status;
+    return waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+static int nested(void)
+{
+    pthread_t t;
+    pthread_create(&t, NULL, open_and_flush, NULL);     /* a second thread: glibc resets */
+    pthread_join(t, NULL);
+    alarm(20);
+    nest_atfork_arm();
+    pid_t pid = fork();
+    if (pid == 0) {                                     /* either process's outer child */
+        alarm(3);
+        open_and_flush(NULL);                           /* this thread's, then another's */
+        pthread_create(&t, NULL, open_and_flush, NULL);
+        pthread_join(t, NULL);
+        _exit(0);
+    }
+    int status;
+    bool ok = waitpid(pid, &status, 0) == pid && WIFEXITED(status) && !WEXITSTATUS(status);
+    alarm(3);
+    open_and_flush(NULL);                               /* and this process's own */
+    pthread_create(&t, NULL, open_and_flush, NULL);
+    pthread_join(t, NULL);
+    alarm(20);
+    pid_t inner = nest_atfork_child();
+    if (inner == 0) {
+        fflush(stdout);
+        _exit(ok ? 0 : 1);                              /* the nested child */
+    }
+    ok = ok && inner > 0 && waitpid(inner, &status, 0) == inner && WIFEXITED(status) &&
+         !WEXITSTATUS(status);
+    ok = ok && stdio_from_a_thread();
+    printf("fork_stdio nested: %s\n", ok ? "every process's stdio works" : "FAILED");
+    return !ok;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 2 && strcmp(argv[1], "nested") == 0)
+        return nested();
     bool threads = argc > 1 && strcmp(argv[1], "threads") == 0;
     if (argc != 2 || (!threads && strcmp(argv[1], "single") != 0)) {
-        fprintf(stderr, "usage: fork_stdio threads|single\n");
+        fprintf(stderr, "usage: fork_stdio threads|single|nested\n");
         return 2;
     }
     alarm(20);

@@ -783,16 +783,29 @@ static void on_end_signal(int sig)
 {
     if (pending_region)
         withdraw(pending_region, pending_id);
-    signal(sig, SIG_DFL);
+    signal(sig, SIG_DFL);       /* then ends by it, as it would have */
     raise(sig);
 }
 
 static const int end_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT };
+static struct sigaction end_saved[sizeof end_signals / sizeof end_signals[0]];
 
+/* A signal the caller ignores (nohup's SIGHUP, a background job's SIGINT)
+ * stays ignored: it would not have ended acectl.  Each goes back to what
+ * it was. */
 static void watch_end_signals(bool on)
 {
-    for (size_t i = 0; i < sizeof end_signals / sizeof end_signals[0]; i++)
-        signal(end_signals[i], on ? on_end_signal : SIG_DFL);
+    for (size_t i = 0; i < sizeof end_signals / sizeof end_signals[0]; i++) {
+        if (!on) {
+            sigaction(end_signals[i], &end_saved[i], NULL);
+            continue;
+        }
+        struct sigaction sa = { .sa_handler = on_end_signal };
+        sigemptyset(&sa.sa_mask);
+        sigaction(end_signals[i], NULL, &end_saved[i]);
+        if (end_saved[i].sa_handler != SIG_IGN)
+            sigaction(end_signals[i], &sa, NULL);
+    }
 }
 
 /* Writes one request and waits for the answer.  On timeout the request is
