@@ -238,8 +238,9 @@ same_ace "fork_join" "$fork_join"
 # single-threaded process's fork (glibc leaves the list lock alone then).
 # Without MALLOC_PERTURB_ (meson sets it): glibc's malloc then fills each
 # 3 MiB block while holding stdout's lock, and the plain run crawls.
-# "nested": another library's prepare handler forks inside ours.
-for mode in threads single nested; do
+# "nested": another library's prepare handler forks inside ours; "first":
+# a prepare handler run before ours starts the process's first thread.
+for mode in threads single nested first; do
     same "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
     same_ace "fork_stdio $mode" env -u MALLOC_PERTURB_ "$fork_stdio" "$mode"
 done
@@ -256,6 +257,12 @@ elif ! grep -q 'hakmem stats: totals' "$work/fd100.err"; then
     not_ok "stats report: not on stderr"
 else
     ok "stats report: on stderr, not in a file reusing its descriptor"
+fi
+# With at most 100 descriptors there is no copy above 100: stderr itself.
+if (ulimit -n 64 && LD_PRELOAD=$lib HAKMEM_STATS=1 env true) 2>&1 | grep -q 'hakmem stats: totals'; then
+    ok "stats report: on stderr under a limit of 64 descriptors"
+else
+    not_ok "stats report: lost under a limit of 64 descriptors"
 fi
 
 # --- bad frees die with a diagnostic ----------------------------------------

@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
-#include <sys/single_threaded.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -38,15 +37,18 @@ static bool env_flag(const char *name)
  * Weak: a C library without them leaves them NULL. */
 extern void _IO_list_lock(void) __attribute__((weak));
 extern void _IO_list_unlock(void) __attribute__((weak));
+extern void _IO_list_resetlock(void) __attribute__((weak));
 
-/* Whether the outer fork's prepare took the FILE list lock, and whether
- * glibc's fork takes it too (it does in a process that has had a second
- * thread, as it reads __libc_single_threaded before the prepare
- * handlers), and then resets it in the child before the child handlers.
- * The same of a fork made from another library's handler inside ours
- * (nested): its child finds the lock we hold reset too, when glibc
- * resets it. */
-static bool io_list_taken, io_list_reset_in_child, nested_reset_in_child;
+/* Whether the outer fork's prepare took the FILE list lock.  The parent
+ * handler lets it go (glibc's own take and release, if it made them, are
+ * balanced).  A child resets it, as glibc does in a process that has had
+ * a second thread: whether glibc did is decided before the prepare
+ * handlers, and one of them may start the process's first thread, so the
+ * child does not guess (resetting twice is resetting).  The child of a
+ * fork made from another library's handler inside ours resets it too,
+ * and forgets it holds it, so that the outer fork's handlers that this
+ * process runs next do not let it go a second time. */
+static bool io_list_taken;
 
 /* Every lock of the allocator is held across fork(), so the child finds
  * none taken by a thread it does not have.  The registry lock also keeps
@@ -63,12 +65,9 @@ static bool io_list_taken, io_list_reset_in_child, nested_reset_in_child;
  * stdout's lock, held by a thread in malloc waiting for ours. */
 static void fork_prepare(void)
 {
-    if (hm_fork_hold_nested()) {
-        nested_reset_in_child = !__libc_single_threaded;
+    if (hm_fork_hold_nested())
         return;
-    }
-    io_list_taken = _IO_list_lock && _IO_list_unlock;
-    io_list_reset_in_child = !__libc_single_threaded;
+    io_list_taken = _IO_list_lock && _IO_list_unlock && _IO_list_resetlock;
     if (io_list_taken)
         _IO_list_lock();
     hm_refill_fork_prepare();
@@ -106,19 +105,15 @@ static void fork_parent(void)
 static void fork_child(void)
 {
     bool outer = hm_fork_hold_end();
-    /* A nested fork's child, where glibc reset the lock: the outer fork's
-     * handlers that this process runs next must not let it go again (its
-     * count would fall below zero, and it would never be free again). */
-    if (!outer && nested_reset_in_child)
-        io_list_taken = false;
+    if (io_list_taken) {
+        _IO_list_resetlock();
+        io_list_taken = outer;          /* a nested child: see io_list_taken */
+    }
     hm_ace_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
-    if (outer) {
+    if (outer)
         release_locks();
-        if (io_list_taken && !io_list_reset_in_child)
-            _IO_list_unlock();
-    }
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */
@@ -138,20 +133,24 @@ static uint64_t env_u64(const char *name, uint64_t def)
  * and opens its own files may reuse its number, and the report would land
  * in one of them. */
 static struct stat stats_file;
+static bool stats_file_noted;
 
+/* From our copy, or from descriptor 2 itself when no copy could be made
+ * (a limit of 100 descriptors or fewer). */
 static void stats_file_note(void)
 {
     if (hm_options.stats_fd >= 0 && fstat(hm_options.stats_fd, &stats_file) != 0) {
         close(hm_options.stats_fd);
         hm_options.stats_fd = -1;
     }
+    stats_file_noted = hm_options.stats_fd >= 0 || fstat(STDERR_FILENO, &stats_file) == 0;
 }
 
 static bool is_stats_file(int fd)
 {
     struct stat now;
-    return fd >= 0 && fstat(fd, &now) == 0 && now.st_dev == stats_file.st_dev &&
-           now.st_ino == stats_file.st_ino;
+    return stats_file_noted && fd >= 0 && fstat(fd, &now) == 0 &&
+           now.st_dev == stats_file.st_dev && now.st_ino == stats_file.st_ino;
 }
 
 /* Our copy if it still is stderr's file, else descriptor 2 if that is
@@ -177,7 +176,8 @@ static void phase1(void)
     /* Programs may close stderr before exit (coreutils do): keep our own
      * copy for the report, close-on-exec so children do not inherit it. */
     hm_options.stats_fd = hm_options.stats ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 100) : -1;
-    stats_file_note();
+    if (hm_options.stats)
+        stats_file_note();
     hm_refill_module_init();
     hm_ace_module_init();
     if (hm_init_test_hook)

@@ -150,8 +150,10 @@ static void seg_lock(struct hm_segment *seg)
 {
     for (unsigned spins = 0; !seg_trylock(seg); spins++) {
         /* A fork child's handler that runs before ours: a lock of a thread
-         * the child does not have is free, as after our handler. */
-        if (spins == 1024 && fork_holds() && getpid() != fork_pid)
+         * the child does not have is free, as after our handler.  Asked
+         * before the waiter starts to sleep (no thread of the child will
+         * ever let it go), and again later. */
+        if ((spins == 63 || spins == 1024) && fork_holds() && getpid() != fork_pid)
             atomic_fetch_add_explicit(&hm_fork_generation, 1, memory_order_relaxed);
         hm_lock_backoff(spins);
     }

@@ -20,6 +20,13 @@
  *                        (this one, the nested child, and each one's
  *                        child of the outer fork) checks stdio from a new
  *                        thread.
+ *   fork_stdio first     a never-threaded process whose prepare handler
+ *                        (registered after the allocator's, so run before
+ *                        it) starts the process's first thread: glibc
+ *                        decided before the handlers not to take or reset
+ *                        the list lock, so whoever took it must let it go
+ *                        in the child without guessing from the thread
+ *                        count.
  *
  * Each child opens a file and flushes every stream, then starts a thread
  * that does the same, joins it, flushes again and exits: a list lock left
@@ -133,13 +140,36 @@ static int nested(void)
     return !ok;
 }
 
+static void start_first_thread(void)
+{
+    static bool started;
+    if (started)
+        return;
+    started = true;
+    pthread_t t;
+    pthread_create(&t, NULL, open_and_flush, NULL);
+    pthread_join(t, NULL);
+}
+
+static int first_thread_in_prepare(void)
+{
+    alarm(20);
+    free(malloc(1));                    /* the allocator is set up: ours come first */
+    pthread_atfork(start_first_thread, NULL, NULL);
+    bool ok = stdio_from_a_thread();    /* its fork makes the first thread */
+    printf("fork_stdio first: %s\n", ok ? "the child's stdio works" : "FAILED");
+    return !ok;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "nested") == 0)
         return nested();
+    if (argc == 2 && strcmp(argv[1], "first") == 0)
+        return first_thread_in_prepare();
     bool threads = argc > 1 && strcmp(argv[1], "threads") == 0;
     if (argc != 2 || (!threads && strcmp(argv[1], "single") != 0)) {
-        fprintf(stderr, "usage: fork_stdio threads|single|nested\n");
+        fprintf(stderr, "usage: fork_stdio threads|single|nested|first\n");
         return 2;
     }
     alarm(20);
