@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/single_threaded.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -37,18 +38,21 @@ static bool env_flag(const char *name)
  * Weak: a C library without them leaves them NULL. */
 extern void _IO_list_lock(void) __attribute__((weak));
 extern void _IO_list_unlock(void) __attribute__((weak));
-extern void _IO_list_resetlock(void) __attribute__((weak));
 
-/* Whether the outer fork's prepare took the FILE list lock.  The parent
- * handler lets it go (glibc's own take and release, if it made them, are
- * balanced).  A child resets it, as glibc does in a process that has had
- * a second thread: whether glibc did is decided before the prepare
- * handlers, and one of them may start the process's first thread, so the
- * child does not guess (resetting twice is resetting).  The child of a
- * fork made from another library's handler inside ours resets it too,
- * and forgets it holds it, so that the outer fork's handlers that this
- * process runs next do not let it go a second time. */
-static bool io_list_taken;
+/* Whether the outer fork's prepare took the FILE list lock, and whether
+ * glibc's fork takes it too and resets it in the child before the child
+ * handlers: it does in a process that has had a second thread, as it
+ * reads __libc_single_threaded before the prepare handlers (so a prepare
+ * handler run before ours that starts the process's first thread is
+ * misread: that child keeps the lock).  Where glibc reset it the child
+ * leaves it alone; else it lets it go, as the parent does, with a wake
+ * for a thread an earlier child handler started that waits on it.  (A
+ * reset of our own in the child took the lock from such a thread, or
+ * left it asleep: a reset stores 0 and wakes nobody.)  The same for a
+ * fork made from another library's handler inside ours (nested): its
+ * child, where glibc reset the lock we hold, forgets it holds it, so that
+ * the outer fork's handlers it runs next do not let it go again. */
+static bool io_list_taken, io_list_reset_in_child, nested_reset_in_child;
 
 /* Every lock of the allocator is held across fork(), so the child finds
  * none taken by a thread it does not have.  The registry lock also keeps
@@ -65,9 +69,12 @@ static bool io_list_taken;
  * stdout's lock, held by a thread in malloc waiting for ours. */
 static void fork_prepare(void)
 {
-    if (hm_fork_hold_nested())
+    if (hm_fork_hold_nested()) {
+        nested_reset_in_child = !__libc_single_threaded;
         return;
-    io_list_taken = _IO_list_lock && _IO_list_unlock && _IO_list_resetlock;
+    }
+    io_list_taken = _IO_list_lock && _IO_list_unlock;
+    io_list_reset_in_child = !__libc_single_threaded;
     if (io_list_taken)
         _IO_list_lock();
     hm_refill_fork_prepare();
@@ -105,15 +112,16 @@ static void fork_parent(void)
 static void fork_child(void)
 {
     bool outer = hm_fork_hold_end();
-    if (io_list_taken) {
-        _IO_list_resetlock();
-        io_list_taken = outer;          /* a nested child: see io_list_taken */
-    }
+    if (!outer && nested_reset_in_child)
+        io_list_taken = false;          /* see io_list_taken */
     hm_ace_fork_child();
     hm_segment_fork_child();
     hm_refill_fork_child(hm_tcache_self());
-    if (outer)
+    if (outer) {
         release_locks();
+        if (io_list_taken && !io_list_reset_in_child)
+            _IO_list_unlock();
+    }
 }
 
 /* A decimal number from the environment (capped at 2^40), or def. */

@@ -20,13 +20,12 @@
  *                        (this one, the nested child, and each one's
  *                        child of the outer fork) checks stdio from a new
  *                        thread.
- *   fork_stdio first     a never-threaded process whose prepare handler
- *                        (registered after the allocator's, so run before
- *                        it) starts the process's first thread: glibc
- *                        decided before the handlers not to take or reset
- *                        the list lock, so whoever took it must let it go
- *                        in the child without guessing from the thread
- *                        count.
+ *   fork_stdio in_flush  a single-threaded process forks from a stream's
+ *                        write function, inside fflush(NULL), so while it
+ *                        holds the list lock itself: the handler that took
+ *                        it again must leave the count at one in the
+ *                        child (a reset to zero made fflush's own release
+ *                        drop it below zero, and the child's threads hung).
  *
  * Each child opens a file and flushes every stream, then starts a thread
  * that does the same, joins it, flushes again and exits: a list lock left
@@ -140,24 +139,38 @@ static int nested(void)
     return !ok;
 }
 
-static void start_first_thread(void)
+static pid_t in_flush_child = -1;
+
+static ssize_t fork_in_write(void *cookie, const char *buf, size_t n)
 {
-    static bool started;
-    if (started)
-        return;
-    started = true;
-    pthread_t t;
-    pthread_create(&t, NULL, open_and_flush, NULL);
-    pthread_join(t, NULL);
+    (void)cookie;
+    (void)buf;
+    if (in_flush_child < 0)
+        in_flush_child = fork();
+    return (ssize_t)n;
 }
 
-static int first_thread_in_prepare(void)
+static int fork_in_flush(void)
 {
     alarm(20);
-    free(malloc(1));                    /* the allocator is set up: ours come first */
-    pthread_atfork(start_first_thread, NULL, NULL);
-    bool ok = stdio_from_a_thread();    /* its fork makes the first thread */
-    printf("fork_stdio first: %s\n", ok ? "the child's stdio works" : "FAILED");
+    cookie_io_functions_t io = { .write = fork_in_write };
+    FILE *f = fopencookie(NULL, "w", io);
+    fputc('x', f);
+    fflush(NULL);                       /* the list lock held while it forks */
+    if (in_flush_child == 0) {
+        alarm(3);
+        pthread_t a, b;
+        pthread_create(&a, NULL, open_and_flush, NULL);
+        pthread_create(&b, NULL, open_and_flush, NULL);
+        pthread_join(a, NULL);
+        pthread_join(b, NULL);
+        open_and_flush(NULL);
+        _exit(0);
+    }
+    int status;
+    bool ok = in_flush_child > 0 && waitpid(in_flush_child, &status, 0) == in_flush_child &&
+              WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    printf("fork_stdio in_flush: %s\n", ok ? "the child's stdio works" : "FAILED");
     return !ok;
 }
 
@@ -165,11 +178,11 @@ int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "nested") == 0)
         return nested();
-    if (argc == 2 && strcmp(argv[1], "first") == 0)
-        return first_thread_in_prepare();
+    if (argc == 2 && strcmp(argv[1], "in_flush") == 0)
+        return fork_in_flush();
     bool threads = argc > 1 && strcmp(argv[1], "threads") == 0;
     if (argc != 2 || (!threads && strcmp(argv[1], "single") != 0)) {
-        fprintf(stderr, "usage: fork_stdio threads|single|nested|first\n");
+        fprintf(stderr, "usage: fork_stdio threads|single|nested|in_flush\n");
         return 2;
     }
     alarm(20);
