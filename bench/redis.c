@@ -9,7 +9,7 @@
  *
  *   ops          requests over all tests
  *   seconds      the client's wall time
- *   peak_rss_kb  the server's VmHWM after the tests
+ *   peak_rss_kb  the server's VmHWM (read at the end)
  *   final_rss_kb its VmRSS after FLUSHALL and --idle seconds (default 2):
  *                what a server keeps once its data is gone
  *
@@ -20,12 +20,18 @@
  * malloc then comes first, as the glibc column means (without it, the
  * server would run on its own jemalloc).  A preloaded allocator must show
  * in the server's /proc/PID/maps, and under hakmem the server runs with
- * HAKMEM_STATS=1 and must print hakmem's totals at its exit.  The client
- * runs with no preload and no HAKMEM_ setting: alike in every column. */
+ * HAKMEM_STATS=1 and must print hakmem's totals at its exit; in the glibc
+ * column jemalloc must hold next to nothing of what is in use (INFO
+ * memory).  The client runs with no preload and no HAKMEM_ setting: alike
+ * in every column; the server must have served every request with no
+ * error reply (INFO stats).  A failure shows the tails of both logs. */
 #define _GNU_SOURCE
 #include "common.h"
 
 #include <errno.h>
+#include <sys/time.h>
+#include <stdarg.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -64,6 +70,11 @@ static char *mapped_library(const char *tail)
     return found;
 }
 
+/* Whether every library of an LD_PRELOAD value (entries split by ':' or
+ * spaces; a name without a '/' is looked up by ld.so, so its file name
+ * alone is asked for) is mapped in the process whose maps these are. */
+static bool maps_all(const char *maps, const char *preload);
+
 static bool file_has(const char *path, const char *what)
 {
     FILE *f = fopen(path, "r");
@@ -74,6 +85,20 @@ static bool file_has(const char *path, const char *what)
     if (f)
         fclose(f);
     return found;
+}
+
+static bool maps_all(const char *maps, const char *preload)
+{
+    char *list = strdup(preload), *save = NULL;
+    bool all = list != NULL;
+    for (char *e = list ? strtok_r(list, ": \t", &save) : NULL; e && all;
+         e = strtok_r(NULL, ": \t", &save)) {
+        char real[PATH_MAX];
+        const char *want = strchr(e, '/') ? (realpath(e, real) ? real : e) : e;
+        all = file_has(maps, want);
+    }
+    free(list);
+    return all;
 }
 
 static long status_kb(pid_t pid, const char *key)
@@ -91,19 +116,44 @@ static long status_kb(pid_t pid, const char *key)
     return kb;
 }
 
-/* One inline command to the server; its reply's first line into reply. */
+/* One inline command to the server; its reply into reply (a bulk reply
+ * whole, up to len - 1 bytes).  A second's timeout on each read, and no
+ * SIGPIPE if the server has gone. */
 static bool command(const char *sock, const char *cmd, char *reply, size_t len)
 {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     snprintf(a.sun_path, sizeof a.sun_path, "%s", sock);
-    bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-              dprintf(fd, "%s\r\n", cmd) > 0;
-    ssize_t got = ok ? read(fd, reply, len - 1) : -1;
-    reply[got > 0 ? got : 0] = '\0';
+    struct timeval tv = {1, 0};
+    char line[256];
+    int n = snprintf(line, sizeof line, "%s\r\n", cmd);
+    bool ok = fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0 &&
+              connect(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+              send(fd, line, (size_t)n, MSG_NOSIGNAL) == n;
+    size_t got = 0;
+    while (ok && got + 1 < len) {
+        ssize_t r = read(fd, reply + got, len - 1 - got);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+        reply[got] = '\0';
+        char *end = strstr(reply, "\r\n");
+        if (reply[0] != '$' || (end && got >= (size_t)(end - reply) + 2 + (size_t)atol(reply + 1)))
+            break;                      /* a line reply, or the bulk is in */
+    }
+    reply[got] = '\0';
     if (fd >= 0)
         close(fd);
     return got > 0;
+}
+
+/* The number after `key:` in an INFO reply, or -1. */
+static long long info_field(const char *info, const char *key)
+{
+    char want[64];
+    snprintf(want, sizeof want, "\n%s:", key);
+    const char *at = strstr(info, want);
+    return at ? atoll(at + strlen(want)) : -1;
 }
 
 /* Forks and execs argv with stdout and stderr into out (fd); the child
@@ -144,6 +194,62 @@ static pid_t spawn(char *const argv[], int out, bool server, const char *preload
     _exit(127);
 }
 
+/* The run's directory (server log, client log, socket): gone at the end,
+ * whether the run passed or failed. */
+static char g_dir[] = "/tmp/hakmem-redis.XXXXXX";
+static char g_server_log[sizeof g_dir + 16], g_client_log[sizeof g_dir + 16], g_sock[sizeof g_dir + 16];
+static pid_t g_server_pid;
+
+static void show_tail(const char *path, const char *what)
+{
+    FILE *f = fopen(path, "r");
+    char line[512];
+    long lines = 0;
+    while (f && fgets(line, sizeof line, f))
+        lines++;
+    if (f)
+        rewind(f);
+    for (long i = 0; f && fgets(line, sizeof line, f); i++)
+        if (i >= lines - 10)
+            fprintf(stderr, "%s: %s", what, line);
+    if (f)
+        fclose(f);
+}
+
+static void clean_up(void)
+{
+    if (g_server_pid > 0)
+        kill(g_server_pid, SIGKILL);
+    unlink(g_server_log);
+    unlink(g_client_log);
+    unlink(g_sock);
+    rmdir(g_dir);
+}
+
+__attribute__((format(printf, 1, 2))) static void redis_fail(const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    show_tail(g_server_log, "server");
+    show_tail(g_client_log, "client");
+    clean_up();
+    bench_fail("%s", msg);
+}
+
+/* Waits up to `secs` for the process; false if it is still running. */
+static bool wait_for(pid_t pid, double secs, int *status)
+{
+    for (double t = 0; t < secs; t += 0.01) {
+        if (waitpid(pid, status, WNOHANG) == pid)
+            return true;
+        sleep_sec(0.01);
+    }
+    return false;
+}
+
 int main(int argc, char **argv)
 {
     struct bench_args a = {.ops = 200000, .threads = 1, .max_threads = 1, .seed = 42};
@@ -173,62 +279,87 @@ int main(int argc, char **argv)
     if (!preload)
         bench_fail("no preload, and libc.so.6 not found in /proc/self/maps");
 
-    char dir[] = "/tmp/hakmem-redis.XXXXXX";
-    if (!mkdtemp(dir))
+    if (!mkdtemp(g_dir))
         bench_fail("mkdtemp: %s", strerror(errno));
-    char sock[sizeof dir + 16], log_path[sizeof dir + 16];
-    snprintf(sock, sizeof sock, "%s/s.sock", dir);
-    snprintf(log_path, sizeof log_path, "%s/server.log", dir);
-    int log = open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (log < 0)
-        bench_fail("%s: %s", log_path, strerror(errno));
+    snprintf(g_sock, sizeof g_sock, "%s/s.sock", g_dir);
+    snprintf(g_server_log, sizeof g_server_log, "%s/server.log", g_dir);
+    snprintf(g_client_log, sizeof g_client_log, "%s/client.log", g_dir);
+    int log = open(g_server_log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int client_log = open(g_client_log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (log < 0 || client_log < 0)
+        redis_fail("%s: %s", g_dir, strerror(errno));
 
-    char *server_argv[] = {(char *)g_server, "--port", "0", "--unixsocket", sock, "--save", "",
-                           "--appendonly", "no", "--daemonize", "no", "--dir", dir, NULL};
+    /* Redis turns transparent huge pages off for itself where the kernel
+     * backs everything with them (its disable-thp): left as the
+     * allocator chooses here, as in any other row. */
+    char *server_argv[] = {(char *)g_server, "--port", "0", "--unixsocket", g_sock, "--save", "",
+                           "--appendonly", "no", "--daemonize", "no", "--dir", g_dir,
+                           "--disable-thp", "no", NULL};
     pid_t server = spawn(server_argv, log, true, preload, hakmem);
-    char reply[256];
+    g_server_pid = server;
+    char reply[8192];
+    int status;
     bool up = false;
     for (int i = 0; i < 500 && !up; i++) {
-        up = command(sock, "PING", reply, sizeof reply) && strncmp(reply, "+PONG", 5) == 0;
+        up = command(g_sock, "PING", reply, sizeof reply) && strncmp(reply, "+PONG", 5) == 0;
+        if (!up && waitpid(server, &status, WNOHANG) == server) {
+            g_server_pid = 0;
+            redis_fail("redis-server exited at start (status %#x)", status);
+        }
         if (!up)
             sleep_sec(0.01);
     }
     if (!up)
-        bench_fail("redis-server did not answer PING within 5 s (log: %s)", log_path);
+        redis_fail("redis-server did not answer PING within 5 s");
     char maps[64];
     snprintf(maps, sizeof maps, "/proc/%d/maps", (int)server);
-    if (inherited && *inherited && !file_has(maps, inherited))
-        bench_fail("the server did not map the preload %s", inherited);
+    if (inherited && *inherited && !maps_all(maps, inherited))
+        redis_fail("the server did not map the preload %s", inherited);
 
     char n[32];
     snprintf(n, sizeof n, "%ld", a.ops);
-    char *client_argv[] = {(char *)g_client, "-s", sock, "-q", "-n", n, "-P", "16", "-t",
+    char *client_argv[] = {(char *)g_client, "-s", g_sock, "-q", "-n", n, "-P", "16", "-t",
                            "set,get,lpush,lpop,sadd,hset,zadd", "-d", "512", "-r", "200000",
                            NULL};
-    int quiet = open("/dev/null", O_WRONLY | O_CLOEXEC);
     double t0 = now_sec();
-    pid_t client = spawn(client_argv, quiet, false, NULL, false);
-    int status;
-    waitpid(client, &status, 0);
+    pid_t client = spawn(client_argv, client_log, false, NULL, false);
+    while (waitpid(client, &status, 0) < 0 && errno == EINTR)
+        ;
     double secs = now_sec() - t0;
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        bench_fail("redis-benchmark failed (status %#x)", status);
+        redis_fail("redis-benchmark failed (status %#x)", status);
+    /* Every request was served, and none failed. */
+    if (!command(g_sock, "INFO stats", reply, sizeof reply) ||
+        info_field(reply, "total_commands_processed") < a.ops * 7 ||
+        info_field(reply, "total_error_replies") != 0)
+        redis_fail("the server did not serve every request without error");
+    /* In the glibc column the server's malloc must be glibc's, not the
+     * jemalloc it links: jemalloc's own count then stays near nothing. */
+    if (!(inherited && *inherited)) {
+        if (!command(g_sock, "INFO memory", reply, sizeof reply))
+            redis_fail("INFO memory: no reply");
+        long long used = info_field(reply, "used_memory");
+        long long je = info_field(reply, "allocator_allocated");
+        if (used <= 0 || je < 0 || je > used / 8)
+            redis_fail("glibc column: the server's jemalloc holds %lld of %lld bytes in use: "
+                       "it did not run on glibc's malloc", je, used);
+    }
 
     struct bench_result r = {.threads = 1, .ops = (uint64_t)a.ops * 7, .seconds = secs};
-    r.peak_rss_kb = status_kb(server, "VmHWM");
-    if (!command(sock, "FLUSHALL", reply, sizeof reply) || strncmp(reply, "+OK", 3) != 0)
-        bench_fail("FLUSHALL: %s", reply);
+    if (!command(g_sock, "FLUSHALL", reply, sizeof reply) || strncmp(reply, "+OK", 3) != 0)
+        redis_fail("FLUSHALL: %.200s", reply);
     sleep_sec(g_idle);
     r.final_rss_kb = status_kb(server, "VmRSS");
-    command(sock, "SHUTDOWN NOSAVE", reply, sizeof reply);
-    waitpid(server, &status, 0);
+    r.peak_rss_kb = status_kb(server, "VmHWM");     /* after FLUSHALL too: a peak is the peak */
+    command(g_sock, "SHUTDOWN NOSAVE", reply, sizeof reply);
+    if (!wait_for(server, 10, &status))
+        redis_fail("redis-server did not shut down within 10 s");
+    g_server_pid = 0;
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        bench_fail("redis-server ended with status %#x (log: %s)", status, log_path);
-    if (hakmem && !file_has(log_path, "hakmem stats: totals"))
-        bench_fail("redis-server did not print hakmem's totals: it did not run on hakmem");
-    unlink(log_path);
-    unlink(sock);
-    rmdir(dir);
+        redis_fail("redis-server ended with status %#x", status);
+    if (hakmem && !file_has(g_server_log, "hakmem stats: totals"))
+        redis_fail("redis-server did not print hakmem's totals: it did not run on hakmem");
+    clean_up();
     result_print(&r, " server=%s", inherited && *inherited ? "preloaded" : "glibc");
     return 0;
 }
