@@ -72,9 +72,19 @@ static long status_field_kb(const char *text, const char *key)
  * sampled in the middle of benchmark loops. */
 void rss_read(long *rss_kb, long *hwm_kb)
 {
+    rss_read_pid(0, rss_kb, hwm_kb);
+}
+
+void rss_read_pid(pid_t pid, long *rss_kb, long *hwm_kb)
+{
+    char path[64];
+    if (pid)
+        snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    else
+        strcpy(path, "/proc/self/status");
     char buf[8192];
     ssize_t n = 0;
-    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
         ssize_t got;
         while (n < (ssize_t)sizeof buf - 1 &&
@@ -87,6 +97,16 @@ void rss_read(long *rss_kb, long *hwm_kb)
         *rss_kb = status_field_kb(buf, "VmRSS");
     if (hwm_kb)
         *hwm_kb = status_field_kb(buf, "VmHWM");
+}
+
+bool file_contains(FILE *f, const char *what)
+{
+    char line[4096];
+    rewind(f);
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, what))
+            return true;
+    return false;
 }
 
 long rss_now_kb(void)

@@ -22,7 +22,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/types.h>
 
 /* ---- RNG --------------------------------------------------------------- */
 
@@ -82,7 +84,11 @@ void sleep_sec(double s);
 
 /* Current (VmRSS) and peak (VmHWM) resident set in KiB; -1 if unknown. */
 void rss_read(long *rss_kb, long *hwm_kb);
+/* The same of another process (pid 0: this one). */
+void rss_read_pid(pid_t pid, long *rss_kb, long *hwm_kb);
 long rss_now_kb(void);
+/* Whether a line of f (read from its start) contains `what`. */
+bool file_contains(FILE *f, const char *what);
 
 /* Name of the malloc in use: hakmem, mimalloc, jemalloc, tcmalloc, glibc. */
 const char *detect_allocator(void);

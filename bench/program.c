@@ -122,16 +122,6 @@ static unsigned long long parse_scale(const char *s)
     return v;
 }
 
-static bool contains(FILE *f, const char *what)
-{
-    char line[4096];
-    rewind(f);
-    while (fgets(line, sizeof line, f))
-        if (strstr(line, what))
-            return true;
-    return false;
-}
-
 static void show(FILE *f)
 {
     char buf[4096];
@@ -244,11 +234,11 @@ int main(int argc, char **argv)
             bench_fail("%s died of signal %d", cmd[0], WTERMSIG(status));
         bench_fail("%s exited with status %d", cmd[0], WEXITSTATUS(status));
     }
-    if (contains(log, "cannot be preloaded")) {
+    if (file_contains(log, "cannot be preloaded")) {
         show(log);
         bench_fail("ld.so did not preload a library into %s", cmd[0]);
     }
-    if (hakmem && !contains(log, "hakmem stats: totals")) {
+    if (hakmem && !file_contains(log, "hakmem stats: totals")) {
         show(log);
         bench_fail("%s did not print hakmem's totals at exit: it did not run on hakmem", cmd[0]);
     }

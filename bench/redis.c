@@ -78,10 +78,7 @@ static bool maps_all(const char *maps, const char *preload);
 static bool file_has(const char *path, const char *what)
 {
     FILE *f = fopen(path, "r");
-    char line[4096];
-    bool found = false;
-    while (f && !found && fgets(line, sizeof line, f))
-        found = strstr(line, what) != NULL;
+    bool found = f && file_contains(f, what);
     if (f)
         fclose(f);
     return found;
@@ -99,21 +96,6 @@ static bool maps_all(const char *maps, const char *preload)
     }
     free(list);
     return all;
-}
-
-static long status_kb(pid_t pid, const char *key)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "r");
-    long kb = -1;
-    size_t klen = strlen(key);
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, key, klen) == 0 && line[klen] == ':')
-            kb = atol(line + klen + 1);
-    if (f)
-        fclose(f);
-    return kb;
 }
 
 /* One inline command to the server; its reply into reply (a bulk reply
@@ -349,8 +331,7 @@ int main(int argc, char **argv)
     if (!command(g_sock, "FLUSHALL", reply, sizeof reply) || strncmp(reply, "+OK", 3) != 0)
         redis_fail("FLUSHALL: %.200s", reply);
     sleep_sec(g_idle);
-    r.final_rss_kb = status_kb(server, "VmRSS");
-    r.peak_rss_kb = status_kb(server, "VmHWM");     /* after FLUSHALL too: a peak is the peak */
+    rss_read_pid(server, &r.final_rss_kb, &r.peak_rss_kb);   /* the peak after FLUSHALL too */
     command(g_sock, "SHUTDOWN NOSAVE", reply, sizeof reply);
     if (!wait_for(server, 10, &status))
         redis_fail("redis-server did not shut down within 10 s");

@@ -136,22 +136,16 @@ static uint64_t env_u64(const char *name, uint64_t def)
     return n;
 }
 
-/* What the copy of stderr is, so that the report at exit goes there only
- * if the descriptor still is that: a daemon that closes every descriptor
- * and opens its own files may reuse its number, and the report would land
- * in one of them. */
+/* What stderr was at start (our copy of it too), so that the report at
+ * exit goes to a descriptor only if it still is that: a daemon that closes
+ * every descriptor and opens its own files may reuse either number, and
+ * the report would land in one of them. */
 static struct stat stats_file;
 static bool stats_file_noted;
 
-/* From our copy, or from descriptor 2 itself when no copy could be made
- * (a limit of 100 descriptors or fewer). */
 static void stats_file_note(void)
 {
-    if (hm_options.stats_fd >= 0 && fstat(hm_options.stats_fd, &stats_file) != 0) {
-        close(hm_options.stats_fd);
-        hm_options.stats_fd = -1;
-    }
-    stats_file_noted = hm_options.stats_fd >= 0 || fstat(STDERR_FILENO, &stats_file) == 0;
+    stats_file_noted = fstat(STDERR_FILENO, &stats_file) == 0;
 }
 
 static bool is_stats_file(int fd)
